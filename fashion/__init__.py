@@ -1,0 +1,1 @@
+"""The `fashion` command and the torch-free pieces every stage shares (preprocessing contract, label schema)."""

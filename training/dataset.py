@@ -1,0 +1,81 @@
+"""Images for training: decoded once through the preprocessing contract, augmented per sample.
+
+Decoding a catalogue JPEG costs more than a training step on small inputs, so every image is decoded
+once (``ImageCache``) into the contract's uint8 array and kept in memory; augmentations then work on
+those arrays. Augmentations respect the labels: no vertical flips (a skirt upside down is not a
+skirt), horizontal flips only (they change no attribute), small affine moves with the background
+colour as fill, and no colour jitter at all when a colour is one of the targets.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from fashion.contract import ImageError, Preprocessing, preprocess_file
+from fashion.schema import LabelSchema
+
+log = logging.getLogger(__name__)
+
+
+def colour_is_a_target(schema: LabelSchema) -> bool:
+    return any("colo" in a.label.lower() for a in schema.attributes)
+
+
+@dataclass
+class ImageCache:
+    images: np.ndarray  # (n, size, size, 3) uint8
+    failed: list[tuple[str, str]]  # (path, reason) of images that could not be decoded
+
+    @classmethod
+    def build(
+        cls, paths: Sequence[str], pre: Preprocessing, *, desc: str = "decode", threads: int = 2
+    ) -> ImageCache:
+        size = pre.image_size
+        out = np.full((len(paths), size, size, 3), 255, dtype=np.uint8)
+        failed: list[tuple[str, str]] = []
+
+        def load(i: int) -> None:
+            try:
+                out[i] = preprocess_file(paths[i], pre)
+            except (ImageError, OSError) as e:
+                failed.append((paths[i], str(e)))
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(tqdm(pool.map(load, range(len(paths))), total=len(paths), desc=desc, leave=False))
+        for path, reason in failed:
+            log.warning("could not decode %s (%s); it is used as a blank image", path, reason)
+        return cls(out, failed)
+
+
+class TrainDataset(Dataset):
+    """(uint8 HWC image, int64 labels with MISSING) pairs, with label-respecting augmentation."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, *, augment: bool, colour_target: bool):
+        self.images = images
+        self.labels = torch.from_numpy(labels)
+        fill = [255, 255, 255]
+        steps: list[v2.Transform] = [
+            v2.RandomHorizontalFlip(),
+            v2.RandomAffine(degrees=10, translate=(0.08, 0.08), scale=(0.85, 1.1), fill=fill),
+        ]
+        if not colour_target:
+            steps.append(v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2))
+        self.transform = v2.Compose(steps) if augment else None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = torch.from_numpy(self.images[i])
+        if self.transform is not None:
+            image = self.transform(image.permute(2, 0, 1)).permute(1, 2, 0).contiguous()
+        return image, self.labels[i]
