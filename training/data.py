@@ -65,6 +65,7 @@ class Sample:
     image_path: str
     labels: dict[str, str | None]  # head name → class text, None when missing or not applicable
     category: str | None = None
+    row: int = 0  # line in the source table, for problem reports
 
 
 @dataclass
@@ -142,11 +143,14 @@ def read_catalogue(
 
 def _drop_missing_images(cat: Catalogue) -> None:
     kept = []
-    for i, s in enumerate(cat.samples):
+    table = cat.root / "styles.csv" if cat.format == "kaggle" else cat.root
+    if cat.format == "meesho":
+        table = cat.root / "train.csv"
+    for s in cat.samples:
         if Path(s.image_path).is_file():
             kept.append(s)
         else:
-            cat.problems.append(Problem(s.image_path, i + 2, "image file not found"))
+            cat.problems.append(Problem(str(table), s.row, f"image {s.image_path} not found"))
     cat.samples = kept
 
 
@@ -184,6 +188,7 @@ def _read_kaggle(root: Path, attributes: Sequence[str] | None) -> Catalogue:
                 id=pid,
                 image_path=str(root / "images" / f"{pid}.jpg"),
                 labels={a: _clean(row[a]) for a in chosen},
+                row=line_no,
             )
         )
     return Catalogue("kaggle", root, samples, chosen, problems)
@@ -243,6 +248,7 @@ def _read_meesho(root: Path, attributes: Sequence[str] | None, split: str) -> Ca
                 image_path=str(image_dir / f"{int(raw_id):06d}.jpg"),
                 labels=labels,
                 category=category,
+                row=line_no,
             )
         )
     return Catalogue("meesho", root, samples, heads, problems, "Category", head_category, head_label)
@@ -273,6 +279,7 @@ def _read_plain_csv(path: Path, attributes: Sequence[str] | None, image_column: 
                 id=_clean(row.get("id")) or str(i),
                 image_path=str(image_path),
                 labels={a: _clean(row[a]) for a in chosen},
+                row=i + 2,
             )
         )
     return Catalogue("csv", path, samples, chosen, problems)

@@ -1,0 +1,86 @@
+"""Fixtures that build small datasets on disk, in the real layouts, with images the tests draw."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "fashion-products-sample"
+COLOURS = {"Red": (220, 30, 30), "Blue": (30, 60, 220), "Green": (30, 170, 60)}
+
+
+def draw_product(path: Path, colour: tuple[int, int, int], shape: str, size=(120, 160), seed=0) -> None:
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", size, (245, 245, 245))
+    from PIL import ImageDraw
+
+    d = ImageDraw.Draw(image)
+    w, h = size
+    jitter = int(rng.integers(-6, 7))
+    if shape == "square":
+        d.rectangle([w * 0.2 + jitter, h * 0.25, w * 0.8 + jitter, h * 0.75], fill=colour)
+    else:
+        d.ellipse([w * 0.2 + jitter, h * 0.25, w * 0.8 + jitter, h * 0.75], fill=colour)
+    image.save(path, quality=90)
+
+
+@pytest.fixture
+def kaggle_dir(tmp_path: Path) -> Path:
+    """A Kaggle-layout folder: styles.csv with NA, empty cells, a quoted comma, an unquoted comma,
+    a broken row, and one id without an image."""
+    root = tmp_path / "kaggle"
+    (root / "images").mkdir(parents=True)
+    header = "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName"
+    lines = [header]
+    for i in range(24):
+        colour = list(COLOURS)[i % 3]
+        shape = "square" if i % 2 else "round"
+        usage = "NA" if i == 5 else "Casual"
+        season = "" if i == 6 else "Summer"
+        name = f'"Brand {i}, {colour} Tshirt"' if i == 7 else f"Brand {i} {colour} Tshirt"
+        lines.append(f"{i + 1},Men,Apparel,Topwear,{shape},{colour},{season},2011,{usage},{name}")
+        draw_product(root / "images" / f"{i + 1}.jpg", COLOURS[colour], shape, seed=i)
+    lines.append("900,Men,Apparel,Topwear,Tshirts,Red,Summer,2011,Casual,Unquoted, comma name")
+    draw_product(root / "images" / "900.jpg", COLOURS["Red"], "round")
+    lines.append("901,Men,Apparel")  # broken: too few fields
+    lines.append("902,Men,Apparel,Topwear,Tshirts,Red,Summer,2011,Casual,No image on disk")
+    (root / "styles.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture
+def meesho_dir(tmp_path: Path) -> Path:
+    """A Meesho "Visual Taxonomy" folder: two categories with different attribute lists per slot."""
+    import pandas as pd
+
+    root = tmp_path / "meesho"
+    (root / "train_images").mkdir(parents=True)
+    pd.DataFrame(
+        {
+            "Category": ["Men Tshirts", "Sarees"],
+            "Attribute_list": [["color", "neck"], ["blouse_pattern", "color", "border"]],
+            "No_of_attribute": [2, 3],
+        }
+    ).to_parquet(root / "category_attributes.parquet")
+    rows = []
+    for i in range(32):
+        if i % 2 == 0:
+            colour = ["Red", "Blue"][i // 2 % 2]
+            neck = "dummy" if i % 8 == 0 else ["round", "polo"][i // 4 % 2]
+            row = [i, "Men Tshirts", 2, colour.lower(), neck] + [""] * 8
+            draw_product(root / "train_images" / f"{i:06d}.jpg", COLOURS[colour], "square", seed=i)
+        else:
+            colour = ["Green", "Blue"][i // 2 % 2]
+            border = ["zari", "solid"][i // 4 % 2]
+            row = [i, "Sarees", 3, "same as saree", colour.lower(), border if i % 5 else ""] + [""] * 7
+            draw_product(root / "train_images" / f"{i:06d}.jpg", COLOURS[colour], "round", seed=i)
+        rows.append(row)
+    with (root / "train.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "Category", "len"] + [f"attr_{k}" for k in range(1, 11)])
+        w.writerows(rows)
+    return root
