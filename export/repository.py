@@ -1,0 +1,325 @@
+"""The Triton model repository writer: one model folder that both the NGC image and the pip Triton serve.
+
+Layout written for ``--name fashion`` (see ``model_repository/README.md``)::
+
+    <repository>/fashion/
+        config.pbtxt              platform onnxruntime_onnx, model.onnx (the production NGC image)
+        configs/cpu.pbtxt         backend python running model.onnx with ONNX Runtime (pip Triton)
+        configs/cpu_int8.pbtxt    the same for model.int8.onnx          (when exported)
+        configs/gpu_fp16.pbtxt    onnxruntime_onnx with model.fp16.onnx (when exported)
+        configs/gpu_int8.pbtxt    onnxruntime_onnx with model.int8.onnx (when exported)
+        labels_<tensor>.txt       one class per line, per output (label_filename: classification extension)
+        warmup/image              one real preprocessed image, raw uint8 HWC (model_warmup)
+        <version>/model.onnx      FP32; model.fp16.onnx, model.int8.onnx when asked
+        <version>/model.py        the python-backend model (export/triton_python_model.py)
+        <version>/metadata.json   what the gateway reads (format fashion-tagger/metadata@1)
+
+A version folder is assembled next to its final place under a name Triton ignores (``.staging-*``,
+not a number) and renamed into place, so a polling Triton never sees half a version; versions are never
+overwritten. The model-level files describe the newest version and are each replaced atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export.errors import ExportError
+from fashion.schema import LabelSchema
+
+INPUT_NAME = "image"
+PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")
+VARIANT_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+# configs/<name>.pbtxt → (precision, backend); fp16 is for GPUs only (ONNX Runtime's CPU kernels are FP32).
+CONFIG_VARIANTS = {
+    "cpu": ("fp32", "python"),
+    "cpu_int8": ("int8", "python"),
+    "gpu_fp16": ("fp16", "onnxruntime_onnx"),
+    "gpu_int8": ("int8", "onnxruntime_onnx"),
+}
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """How Triton batches and places the model; written into every config of the model folder."""
+
+    max_batch_size: int = 32
+    max_queue_delay_us: int = 2000
+    queue_timeout_us: int = 1_000_000  # a request waiting longer is rejected (HTTP 503-like), not served late
+    max_queue_size: int = 256  # bounded queue: beyond it Triton rejects at once
+    gpu_instances: int = 1
+    cpu_instances: int = 1
+    cpu_threads: int = 2  # ONNX Runtime intra-op threads per CPU instance (python backend)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_batch_size <= 1024:
+            raise ExportError(f"max_batch_size must be between 1 and 1024, got {self.max_batch_size}")
+        for name in ("max_queue_delay_us", "queue_timeout_us", "max_queue_size", "cpu_threads"):
+            if getattr(self, name) < 0:
+                raise ExportError(f"{name} must not be negative")
+        if self.gpu_instances < 1 or self.cpu_instances < 1:
+            raise ExportError("instance counts must be at least 1")
+
+    @property
+    def preferred_batch_sizes(self) -> list[int]:
+        """Powers of two from 4 up to ``max_batch_size``, plus ``max_batch_size`` itself."""
+        sizes = [s for s in (4, 8, 16, 32, 64, 128, 256, 512) if s < self.max_batch_size]
+        return [*sizes, self.max_batch_size]
+
+
+def model_config(
+    name: str,
+    schema: LabelSchema,
+    image_size: int,
+    serving: ServingConfig,
+    *,
+    backend: str = "onnxruntime_onnx",
+    model_filename: str = "model.onnx",
+    warmup: bool = True,
+) -> str:
+    """The text of a ``config.pbtxt`` (``backend`` ``onnxruntime_onnx`` or ``python``)."""
+    lines = [f'name: "{name}"']
+    if backend == "python":
+        lines.append('backend: "python"')
+    else:
+        lines += [f'platform: "{backend}"', f'default_model_filename: "{model_filename}"']
+    lines += [
+        f"max_batch_size: {serving.max_batch_size}",
+        "version_policy: { latest: { num_versions: 1 } }",
+        "input [",
+        "  {",
+        f'    name: "{INPUT_NAME}"',
+        "    data_type: TYPE_UINT8",
+        "    format: FORMAT_NHWC",
+        f"    dims: [ {image_size}, {image_size}, 3 ]",
+        "  }",
+        "]",
+        "output [",
+    ]
+    outputs = []
+    for a in schema.attributes:
+        outputs.append(
+            "  {\n"
+            f'    name: "{a.tensor}"\n'
+            "    data_type: TYPE_FP32\n"
+            f"    dims: [ {a.num_classes} ]\n"
+            f'    label_filename: "{label_filename(a.tensor)}"\n'
+            "  }"
+        )
+    lines += [",\n".join(outputs), "]"]
+    if backend == "python":
+        lines.append(f"instance_group [ {{ count: {serving.cpu_instances}, kind: KIND_CPU }} ]")
+        params = {
+            "model_filename": model_filename,
+            "intra_op_threads": str(serving.cpu_threads),
+            "inter_op_threads": "1",
+        }
+        for key, value in params.items():
+            lines.append(f'parameters: {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
+    else:
+        lines.append(f"instance_group [ {{ count: {serving.gpu_instances}, kind: KIND_GPU }} ]")
+    preferred = ", ".join(str(s) for s in serving.preferred_batch_sizes)
+    lines += [
+        "dynamic_batching {",
+        f"  preferred_batch_size: [ {preferred} ]",
+        f"  max_queue_delay_microseconds: {serving.max_queue_delay_us}",
+        "  default_queue_policy {",
+        "    timeout_action: REJECT",
+        f"    default_timeout_microseconds: {serving.queue_timeout_us}",
+        "    allow_timeout_override: true",
+        f"    max_queue_size: {serving.max_queue_size}",
+        "  }",
+        "}",
+    ]
+    if warmup:
+        lines += [
+            "model_warmup [",
+            "  {",
+            '    name: "catalogue_image"',
+            "    batch_size: 1",
+            "    inputs {",
+            f'      key: "{INPUT_NAME}"',
+            "      value: {",
+            "        data_type: TYPE_UINT8",
+            f"        dims: [ {image_size}, {image_size}, 3 ]",
+            '        input_data_file: "image"',
+            "      }",
+            "    }",
+            "  }",
+            "]",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def label_filename(tensor: str) -> str:
+    return f"labels_{tensor}.txt"
+
+
+def existing_versions(model_dir: Path) -> list[int]:
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def next_version(model_dir: Path) -> int:
+    """One more than the highest numeric version folder (1 for a new model)."""
+    versions = existing_versions(model_dir)
+    return versions[-1] + 1 if versions else 1
+
+
+@contextlib.contextmanager
+def _locked(model_dir: Path) -> Iterator[None]:
+    """Serialise writers of one model folder (two exports at once get different versions)."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    with (model_dir / ".export.lock").open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _write_atomic(path: Path, data: bytes | str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def write_model_version(
+    repository: str | Path,
+    name: str,
+    *,
+    schema: LabelSchema,
+    image_size: int,
+    model_files: Mapping[str, str | Path],
+    metadata: Mapping[str, Any],
+    warmup_image: np.ndarray,
+    serving: ServingConfig = ServingConfig(),
+    version: int | None = None,
+) -> Path:
+    """Publish a new version of model ``name`` in ``repository``; returns the version folder.
+
+    Args:
+        repository: the Triton model repository root (created when missing).
+        name: the model folder name.
+        schema: the label schema (output tensors, their classes → label files).
+        image_size: side of the square uint8 NHWC input.
+        model_files: precision (``fp32`` required, ``fp16``, ``int8``) → ONNX file to copy in.
+        metadata: the metadata document; ``model.version`` is filled in here.
+        warmup_image: one ``(size, size, 3)`` uint8 image for ``model_warmup``.
+        serving: batching, queue and instance settings.
+        version: the version number; ``None`` takes the next free one. An existing version is an error.
+    """
+    if not _NAME.match(name):
+        raise ExportError(f"model name {name!r} must be letters, digits, '_', '-' or '.'")
+    if "fp32" not in model_files:
+        raise ExportError("the FP32 model.onnx is required in every version")
+    unknown = set(model_files) - set(VARIANT_FILES)
+    if unknown:
+        raise ExportError(f"unknown precisions {sorted(unknown)}")
+    if warmup_image.shape != (image_size, image_size, 3) or warmup_image.dtype != np.uint8:
+        raise ExportError(f"the warm-up image must be uint8 {image_size}x{image_size}x3")
+    if version is not None and version < 1:
+        raise ExportError(f"--version must be a positive integer, got {version}")
+    model_dir = Path(repository) / name
+    with _locked(model_dir):
+        chosen = next_version(model_dir) if version is None else version
+        final = model_dir / str(chosen)
+        if final.exists():
+            raise ExportError(
+                f"{final} already exists: versions are never overwritten (omit --version to add "
+                f"version {next_version(model_dir)})"
+            )
+        staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".staging-{chosen}-"))
+        try:
+            for precision, src in model_files.items():
+                shutil.copyfile(src, staging / VARIANT_FILES[precision])
+            shutil.copyfile(PYTHON_MODEL, staging / "model.py")
+            for a in schema.attributes:
+                (staging / label_filename(a.tensor)).write_text("\n".join(a.classes) + "\n")
+            doc = dict(metadata)
+            doc["model"] = {**doc.get("model", {}), "name": name, "version": chosen}
+            (staging / "metadata.json").write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+            os.chmod(staging, 0o755)
+            os.rename(staging, final)  # atomic: Triton sees the whole version or none of it
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        _write_model_level(model_dir, name, schema, image_size, serving, set(model_files), warmup_image)
+    return final
+
+
+def _write_model_level(
+    model_dir: Path,
+    name: str,
+    schema: LabelSchema,
+    image_size: int,
+    serving: ServingConfig,
+    precisions: set[str],
+    warmup_image: np.ndarray,
+) -> None:
+    for a in schema.attributes:
+        _write_atomic(model_dir / label_filename(a.tensor), "\n".join(a.classes) + "\n")
+    _write_atomic(model_dir / "warmup" / "image", np.ascontiguousarray(warmup_image).tobytes())
+    _write_atomic(model_dir / "config.pbtxt", model_config(name, schema, image_size, serving))
+    for config_name, (precision, backend) in CONFIG_VARIANTS.items():
+        path = model_dir / "configs" / f"{config_name}.pbtxt"
+        if precision in precisions:
+            text = model_config(
+                name, schema, image_size, serving, backend=backend, model_filename=VARIANT_FILES[precision]
+            )
+            _write_atomic(path, text)
+        else:
+            path.unlink(missing_ok=True)  # a variant of an older version that the newest one lacks
+
+
+def write_trt_model(
+    repository: str | Path,
+    name: str,
+    version: int,
+    plan: str | Path,
+    metadata_path: str | Path,
+    max_batch_size: int,
+) -> Path:
+    """``<name>/<version>/model.plan`` + ``config.pbtxt`` (``tensorrt_plan``), as scripts/build_trt_plan.sh
+    writes them; inputs and outputs are completed by Triton from the engine."""
+    model_dir = Path(repository) / name
+    final = model_dir / str(version)
+    if final.exists():
+        raise ExportError(f"{final} already exists: versions are never overwritten")
+    model_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".staging-{version}-"))
+    shutil.copyfile(plan, staging / "model.plan")
+    shutil.copyfile(metadata_path, staging / "metadata.json")
+    os.chmod(staging, 0o755)
+    os.rename(staging, final)
+    text = (
+        f'name: "{name}"\n'
+        'platform: "tensorrt_plan"\n'
+        f"max_batch_size: {max_batch_size}\n"
+        f"version_policy: {{ specific: {{ versions: [ {version} ] }} }}\n"
+        "instance_group [ { kind: KIND_GPU, count: 1 } ]\n"
+        "dynamic_batching { }\n"
+    )
+    _write_atomic(model_dir / "config.pbtxt", text)
+    return final
+
+
+def read_labels(model_dir: Path, tensors: Sequence[str]) -> dict[str, list[str]]:
+    """The classes of each output from the model-level label files (for tests and tools)."""
+    return {t: (model_dir / label_filename(t)).read_text().splitlines() for t in tensors}

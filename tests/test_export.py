@@ -1,0 +1,356 @@
+"""Export: ONNX parity, precision variants, the Triton repository layout, and a real Triton serving it."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from export.errors import ExportError, ParityError, TensorRTUnavailable
+from export.pipeline import ExportOptions, export_checkpoint, parse_precisions
+
+SIZE = 64
+ATOL = 1e-4  # PyTorch vs ONNX Runtime vs Triton, all FP32
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny trained model (timm's test_efficientnet, 64 px, 1 epoch on 48 synthetic products)."""
+    from training.config import TrainConfig
+    from training.synth import generate
+    from training.train import train
+
+    root = tmp_path_factory.mktemp("ckpt")
+    generate(root / "synth", 48, seed=0)
+    cfg = TrainConfig(
+        data=str(root / "synth"),
+        out=str(root / "run"),
+        backbone="test_efficientnet",
+        image_size=SIZE,
+        epochs=1,
+        batch_size=16,
+        workers=0,
+        seed=0,
+    )
+    return train(cfg).run_dir / "best.pt"
+
+
+@pytest.fixture(scope="session")
+def exported(checkpoint, tmp_path_factory):
+    """One export with all CPU-buildable precisions into a fresh repository."""
+    repo = tmp_path_factory.mktemp("repo")
+    opts = ExportOptions(
+        checkpoint=checkpoint,
+        repository=repo,
+        precisions=("fp16", "int8"),
+        min_agreement=0.5,
+        calibration_images=32,
+        eval_images=24,
+        max_batch_size=16,
+    )
+    result = export_checkpoint(opts, report=lambda text: None)
+    return repo, result
+
+
+def images(count: int, seed: int = 0) -> np.ndarray:
+    from export.images import synthetic
+    from fashion.contract import Preprocessing
+
+    return synthetic(Preprocessing(image_size=SIZE, interpolation="bicubic"), count, seed).images
+
+
+def ort_probs(path: Path, batch: np.ndarray) -> list[np.ndarray]:
+    from export.onnx_export import run_onnx, session
+
+    return run_onnx(session(path), batch)
+
+
+def test_onnx_input_is_uint8_nhwc_with_a_dynamic_batch_and_matches_pytorch(exported, checkpoint):
+    from export.onnx_export import run_torch
+    from training.checkpoint import load_checkpoint
+
+    _, result = exported
+    model = onnx.load(result.files["fp32"])
+    (inp,) = model.graph.input
+    dims = inp.type.tensor_type.shape.dim
+    assert inp.name == "image"
+    assert inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [SIZE, SIZE, 3]
+    ckpt = load_checkpoint(checkpoint)
+    assert [o.name for o in model.graph.output] == [a.tensor for a in ckpt.schema.attributes]
+    for n in (1, 5):
+        batch = images(n, seed=n)
+        for got, want in zip(
+            ort_probs(result.files["fp32"], batch), run_torch(ckpt.model, batch), strict=True
+        ):
+            np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
+    assert all(r.max_abs_diff <= ATOL for r in result.parity)
+
+
+def test_export_stops_with_parity_error_and_writes_nothing_beyond_the_tolerance(checkpoint, tmp_path):
+    opts = ExportOptions(checkpoint=checkpoint, repository=tmp_path, parity_atol=1e-15, eval_images=8)
+    with pytest.raises(ParityError, match="tolerance"):
+        export_checkpoint(opts, report=lambda text: None)
+    assert not (tmp_path / "fashion").exists() or not any(
+        p.name.isdigit() for p in (tmp_path / "fashion").iterdir()
+    )
+
+
+def parse_config(path: Path):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def test_model_folder_has_production_and_pip_triton_configs_with_label_files(exported, checkpoint):
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from training.checkpoint import load_checkpoint
+
+    repo, _ = exported
+    schema = load_checkpoint(checkpoint).schema
+    folder = repo / "fashion"
+    prod = parse_config(folder / "config.pbtxt")
+    assert prod.platform == "onnxruntime_onnx" and prod.default_model_filename == "model.onnx"
+    assert prod.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    cpu = parse_config(folder / "configs" / "cpu.pbtxt")
+    assert cpu.backend == "python" and cpu.parameters["model_filename"].string_value == "model.onnx"
+    assert (
+        parse_config(folder / "configs" / "cpu_int8.pbtxt").parameters["model_filename"].string_value
+        == "model.int8.onnx"
+    )
+    assert parse_config(folder / "configs" / "gpu_fp16.pbtxt").default_model_filename == "model.fp16.onnx"
+    for config in (prod, cpu):
+        assert config.name == "fashion" and config.max_batch_size == 16
+        assert config.version_policy.latest.num_versions == 1
+        (inp,) = config.input
+        assert (inp.name, inp.data_type, list(inp.dims)) == ("image", mc.TYPE_UINT8, [SIZE, SIZE, 3])
+        assert [(o.name, list(o.dims)) for o in config.output] == [
+            (a.tensor, [a.num_classes]) for a in schema.attributes
+        ]
+        batching = config.dynamic_batching
+        assert max(batching.preferred_batch_size) == 16 and batching.max_queue_delay_microseconds == 2000
+        assert batching.default_queue_policy.timeout_action == mc.ModelQueuePolicy.REJECT
+        assert batching.default_queue_policy.max_queue_size > 0
+        warmup = config.model_warmup[0].inputs["image"]
+        assert (folder / "warmup" / warmup.input_data_file).stat().st_size == SIZE * SIZE * 3
+        for out, attribute in zip(config.output, schema.attributes, strict=True):
+            assert (folder / out.label_filename).read_text().splitlines() == list(attribute.classes)
+    assert {p.name for p in (folder / "1").iterdir()} >= {
+        "model.onnx",
+        "model.fp16.onnx",
+        "model.int8.onnx",
+        "model.py",
+        "metadata.json",
+    }
+
+
+def test_metadata_carries_the_contract_outputs_training_run_and_checks(exported, checkpoint):
+    from training.checkpoint import load_checkpoint
+
+    repo, _ = exported
+    ckpt = load_checkpoint(checkpoint)
+    meta = json.loads((repo / "fashion" / "1" / "metadata.json").read_text())
+    assert meta["format"] == "fashion-tagger/metadata@1"
+    assert meta["model"] == {
+        "name": "fashion",
+        "version": 1,
+        "precision": "fp32",
+        "backbone": "test_efficientnet",
+    }
+    assert meta["input"] == {
+        "name": "image",
+        "datatype": "UINT8",
+        "shape": [-1, SIZE, SIZE, 3],
+        "layout": "NHWC",
+    }
+    assert meta["preprocessing"] == ckpt.preprocessing.to_dict()
+    assert [o["tensor"] for o in meta["outputs"]] == [a.tensor for a in ckpt.schema.attributes]
+    assert meta["outputs"][0]["classes"] == list(ckpt.schema.attributes[0].classes)
+    assert meta["outputs"][0]["temperature"] == pytest.approx(1.0)
+    assert len(meta["training"]["weights_sha256"]) == 64
+    assert meta["training"]["run_config"]["backbone"] == "test_efficientnet"
+    parity = meta["export"]["parity"]
+    assert parity["tolerance_abs"] == ATOL and len(parity["attributes"]) == len(ckpt.schema.attributes)
+    assert meta["category_column"] is None and meta["categories"] == {}
+
+
+def test_fp16_variant_has_fp16_weights_and_keeps_uint8_input_and_fp32_outputs(exported):
+    repo, _ = exported
+    model = onnx.load(repo / "fashion" / "1" / "model.fp16.onnx")
+    types = {init.data_type for init in model.graph.initializer}
+    assert onnx.TensorProto.FLOAT16 in types
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert {o.type.tensor_type.elem_type for o in model.graph.output} == {onnx.TensorProto.FLOAT}
+    probs = ort_probs(repo / "fashion" / "1" / "model.fp16.onnx", images(4))
+    assert all(p.dtype == np.float32 for p in probs)
+    np.testing.assert_allclose([p.sum(1) for p in probs], 1.0, atol=1e-3)
+
+
+def test_int8_variant_has_qdq_nodes_and_its_deltas_are_stored(exported):
+    repo, result = exported
+    model = onnx.load(repo / "fashion" / "1" / "model.int8.onnx")
+    quantize = sum(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    assert quantize > 0 and sum(n.op_type == "DequantizeLinear" for n in model.graph.node) >= quantize
+    meta = json.loads((repo / "fashion" / "1" / "metadata.json").read_text())
+    int8 = meta["export"]["precisions"]["int8"]
+    assert int8["quantize_linear_nodes"] == quantize
+    assert int8["excluded_nodes"]["stem_conv"] and int8["excluded_nodes"]["heads"]
+    for precision in ("fp16", "int8"):
+        rows = meta["export"]["precisions"][precision]["attributes"]
+        assert [r["attribute"] for r in rows] == [r.attribute for r in result.deltas[precision]]
+        assert all(0.0 <= r["argmax_agreement"] <= 1.0 and r["max_abs_diff"] >= 0 for r in rows)
+
+
+def test_exports_add_a_new_version_atomically_and_never_overwrite_one(exported, checkpoint):
+    repo, _ = exported
+    before = (repo / "fashion" / "1" / "metadata.json").read_bytes()
+    second = export_checkpoint(
+        ExportOptions(checkpoint=checkpoint, repository=repo, eval_images=8, max_batch_size=16),
+        report=lambda text: None,
+    )
+    assert second.version == 2 and second.version_dir == repo / "fashion" / "2"
+    assert json.loads((second.version_dir / "metadata.json").read_text())["model"]["version"] == 2
+    assert (repo / "fashion" / "1" / "metadata.json").read_bytes() == before
+    assert not (repo / "fashion" / "configs" / "cpu_int8.pbtxt").exists()  # the newest version has no int8
+    with pytest.raises(ExportError, match="never overwritten"):
+        export_checkpoint(
+            ExportOptions(checkpoint=checkpoint, repository=repo, version=1, eval_images=8),
+            report=lambda text: None,
+        )
+    assert not [p for p in (repo / "fashion").iterdir() if p.name.startswith(".staging")]
+
+
+def test_precision_list_always_includes_fp32_and_rejects_unknown_names():
+    assert parse_precisions("int8,trt-fp16") == ("fp32", "fp16", "int8", "trt-fp16")
+    with pytest.raises(ExportError, match="unknown precision"):
+        parse_precisions("fp8")
+
+
+def tensorrt_reason() -> str | None:
+    from export.tensorrt import unavailable_reason
+
+    return unavailable_reason()
+
+
+@pytest.mark.skipif(tensorrt_reason() is None, reason="TensorRT and a GPU are present here")
+def test_trt_precision_without_tensorrt_fails_with_what_to_do(checkpoint, tmp_path, capsys):
+    with pytest.raises(TensorRTUnavailable, match=r"build_trt_plan\.sh"):
+        export_checkpoint(ExportOptions(checkpoint=checkpoint, repository=tmp_path, precisions=("trt-fp16",)))
+    from fashion.cli import main
+
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(checkpoint),
+                "--repository",
+                str(tmp_path),
+                "--precision",
+                "trt-int8",
+            ]
+        )
+        == 2
+    )
+    assert "TensorRT" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before any work
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    tensorrt_reason() is not None, reason=f"needs TensorRT and an NVIDIA GPU: {tensorrt_reason()}"
+)
+def test_trt_fp16_plan_is_built_with_a_tensorrt_plan_config(checkpoint, tmp_path):
+    result = export_checkpoint(
+        ExportOptions(checkpoint=checkpoint, repository=tmp_path, precisions=("trt-fp16",), max_batch_size=8)
+    )
+    assert result.plans["trt-fp16"].stat().st_size > 0
+    assert 'platform: "tensorrt_plan"' in (tmp_path / "fashion_trt" / "config.pbtxt").read_text()
+
+
+def metric(text: str, name: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") and 'model="fashion"' in line
+    )
+
+
+@pytest.mark.server
+def test_real_triton_serves_the_export_over_http_and_grpc_and_batches_concurrent_requests(exported):
+    import urllib.request
+
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    from export.tritonserver import TritonServer
+
+    repo, result = exported
+    batch = images(6, seed=7)
+    want = ort_probs(result.files["fp32"], batch)
+    tensors = [o.name for o in onnx.load(result.files["fp32"]).graph.output]
+    server = TritonServer(repo, ["fashion"], model_config_name="cpu", startup_timeout_s=90)
+    with server:
+        http = httpclient.InferenceServerClient(server.http_url)
+        inp = httpclient.InferInput("image", list(batch.shape), "UINT8")
+        inp.set_data_from_numpy(batch)
+        response = http.infer("fashion", [inp])
+        for name, expected in zip(tensors, want, strict=True):
+            np.testing.assert_allclose(response.as_numpy(name), expected, rtol=0, atol=ATOL)
+
+        grpc = grpcclient.InferenceServerClient(server.grpc_url)
+        ginp = grpcclient.InferInput("image", list(batch[:2].shape), "UINT8")
+        ginp.set_data_from_numpy(batch[:2])
+        gresponse = grpc.infer("fashion", [ginp])
+        np.testing.assert_allclose(gresponse.as_numpy(tensors[0]), want[0][:2], rtol=0, atol=ATOL)
+
+        # 64 single-image requests from 8 clients at once: the dynamic batcher must merge some of them.
+        def counts() -> tuple[float, float]:
+            text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+            return metric(text, "nv_inference_count"), metric(text, "nv_inference_exec_count")
+
+        images_before, executions_before = counts()
+        start = threading.Barrier(8)
+        errors: list[BaseException] = []
+
+        def client_thread(k: int) -> None:  # a client per thread: tritonclient's clients are not thread-safe
+            client = httpclient.InferenceServerClient(server.http_url)
+            one = httpclient.InferInput("image", [1, SIZE, SIZE, 3], "UINT8")
+            one.set_data_from_numpy(batch[k % 6 : k % 6 + 1])
+            start.wait()
+            try:
+                for _ in range(8):
+                    got = client.infer("fashion", [one]).as_numpy(tensors[0])
+                    np.testing.assert_allclose(got, want[0][k % 6 : k % 6 + 1], rtol=0, atol=ATOL)
+            except BaseException as e:
+                errors.append(e)
+            finally:
+                client.close()
+
+        threads = [threading.Thread(target=client_thread, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors[0]
+        deadline, served, executions = time.monotonic() + 10, 0.0, 0.0
+        while served < 64 and time.monotonic() < deadline:  # metrics are published with a small lag
+            time.sleep(0.1)
+            total, execs = counts()
+            served, executions = total - images_before, execs - executions_before
+        assert served == 64
+        assert executions < 64, f"no request was batched: {executions} executions for 64 requests"
+        http.close()
+        grpc.close()
+        pid, port = server.pid, server.http_port
+    assert not server.is_running() and pid is not None
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0  # nothing listens any more
