@@ -1,0 +1,127 @@
+"""The prediction API: ``POST /v1/predict``, ``POST /v1/predict/batch``, ``GET /v1/models``."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flask import Blueprint, Response, g, request
+
+from gateway.app import gateway, json_response
+from gateway.client import BatchResult, FashionClient
+from gateway.errors import BadRequest, GatewayError, PayloadTooLarge, UnsupportedMediaType
+
+bp = Blueprint("api", __name__, url_prefix="/v1")
+
+RAW_TYPES = frozenset({"image/jpeg", "image/png", "image/webp"})
+TRITON_FAILURES = (
+    "model_unavailable",
+    "triton_unreachable",
+    "triton_overloaded",
+    "model_not_ready",
+    "upstream_timeout",
+    "upstream_error",
+    "output_mismatch",
+)
+
+
+@bp.before_request
+def _limit_single_body() -> None:
+    if request.endpoint == "api.predict":
+        request.max_content_length = gateway().config.single_request_bytes
+
+
+def _options() -> tuple[Any, str | None]:
+    source = request.form if request.mimetype == "multipart/form-data" else request.args
+    top_k = source.get("top_k", request.args.get("top_k", "3"))
+    category = source.get("category", request.args.get("category")) or None
+    return top_k, category
+
+
+def _single_image() -> bytes:
+    mimetype = request.mimetype
+    if mimetype == "multipart/form-data":
+        files = request.files.getlist("image")
+        if not files:
+            raise BadRequest("the multipart body has no file field 'image'", code="missing_image")
+        if len(files) > 1:
+            raise BadRequest(
+                "send one 'image' field; use /v1/predict/batch for several images", code="too_many_images"
+            )
+        return files[0].read()
+    if mimetype in RAW_TYPES:
+        return request.get_data(cache=False)
+    raise UnsupportedMediaType(
+        f"Content-Type {mimetype or '(none)'!r} is not accepted; send multipart/form-data with a file "
+        f"field 'image', or the raw image as one of {sorted(RAW_TYPES)}"
+    )
+
+
+def _batch_images() -> list[bytes]:
+    if request.mimetype != "multipart/form-data":
+        raise UnsupportedMediaType("send multipart/form-data with one file field 'images' per image")
+    files = request.files.getlist("images")
+    if not files:
+        raise BadRequest("the multipart body has no file fields 'images'", code="missing_image")
+    limit = gateway().config.max_batch_images
+    if len(files) > limit:
+        raise PayloadTooLarge(
+            f"{len(files)} images sent; at most {limit} per request", code="too_many_images"
+        )
+    return [f.read() for f in files]
+
+
+def _run(images_of: Any, endpoint: str) -> tuple[FashionClient, BatchResult]:
+    gw = gateway()
+    with gw.inflight():
+        client = gw.state.current()
+        top_k, category = _options()
+        # Options first: a wrong option is answered before any image is read or decoded.
+        client.check_top_k(top_k)
+        client.outputs_for(category)
+        images = images_of()
+        gw.metrics.images.labels(endpoint).observe(len(images))
+        try:
+            result = client.predict_batch(images, top_k=top_k, category=category)
+        except GatewayError as e:
+            if e.code in TRITON_FAILURES:
+                gw.metrics.triton_errors.labels(e.code).inc()
+                if e.code == "model_not_ready":
+                    gw.state.refresh(force=True)  # a new version may have replaced ours in Triton
+            raise
+    for stage, seconds in result.stage_s.items():
+        if stage != "triton" or seconds > 0:
+            gw.metrics.stages.labels(stage).observe(seconds)
+    for error in result.errors:
+        if error is not None:
+            gw.metrics.image_errors.labels(error.code).inc()
+    return client, result
+
+
+def _timing(result: BatchResult) -> dict[str, float]:
+    timing = result.timing_ms
+    timing["total"] = round((time.perf_counter() - g.start) * 1000, 3)
+    return timing
+
+
+@bp.post("/predict")
+def predict() -> Response:
+    client, result = _run(lambda: [_single_image()], "predict")
+    error = result.errors[0]
+    if error is not None:
+        raise error
+    return json_response(
+        {"model": client.model, "predictions": result.results[0]["predictions"], "timing_ms": _timing(result)}
+    )
+
+
+@bp.post("/predict/batch")
+def predict_batch() -> Response:
+    client, result = _run(_batch_images, "predict_batch")
+    return json_response({"model": client.model, "results": result.results, "timing_ms": _timing(result)})
+
+
+@bp.get("/models")
+def models() -> Response:
+    client = gateway().state.current()
+    return json_response({"models": [client.metadata.describe()]})

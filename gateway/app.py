@@ -1,0 +1,211 @@
+"""The Flask application factory: configuration, shared resources, request hooks and the error handler."""
+
+from __future__ import annotations
+
+import hmac
+import io
+import logging
+import re
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO, Any
+
+from flask import Flask, Response, current_app, g, jsonify, request
+from flask import Request as FlaskRequest
+from werkzeug.exceptions import HTTPException
+
+from gateway.config import GatewayConfig
+from gateway.errors import GatewayError, Overloaded, Unauthorized
+from gateway.metrics import GatewayMetrics
+from gateway.state import ModelState
+from gateway.triton import TritonBackend, TritonTransport
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+EXTENSION = "fashion_gateway"
+# Werkzeug's HTTP errors (routing, body limits) as codes of the JSON error shape.
+HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    411: "length_required",
+    413: "too_large",
+    415: "unsupported_media_type",
+    431: "headers_too_large",
+}
+
+
+class Request(FlaskRequest):
+    """Keeps uploaded files in memory (bounded by MAX_CONTENT_LENGTH): client data never touches the disk."""
+
+    def _get_file_stream(
+        self,
+        total_content_length: int | None,
+        content_type: str | None,
+        filename: str | None = None,
+        content_length: int | None = None,
+    ) -> IO[bytes]:
+        return io.BytesIO()
+
+
+class Gateway:
+    """The resources of one app: settings, the model state (metadata + Triton), metrics, in-flight limit."""
+
+    def __init__(self, config: GatewayConfig, triton: TritonBackend) -> None:
+        self.config = config
+        self.triton = triton
+        self.state = ModelState(config, triton)
+        self.metrics = GatewayMetrics()
+        self._slots = threading.BoundedSemaphore(config.max_inflight)
+        self._keys = [k.encode("utf-8") for k in config.api_keys]
+
+    @contextmanager
+    def inflight(self) -> Iterator[None]:
+        """Hold one of ``max_inflight`` slots, or refuse at once with 429: excess load must not queue."""
+        if not self._slots.acquire(blocking=False):
+            self.metrics.rejected.labels("inflight_limit").inc()
+            raise Overloaded(f"this worker already serves {self.config.max_inflight} requests; retry shortly")
+        self.metrics.inflight.inc()
+        try:
+            yield
+        finally:
+            self.metrics.inflight.dec()
+            self._slots.release()
+
+    def authorized(self, key: str | None) -> bool:
+        """Constant-time comparison against every configured key (no early exit on a match)."""
+        if not self._keys:
+            return True
+        if not key:
+            return False
+        given = key.encode("utf-8", "surrogateescape")
+        found = False
+        for known in self._keys:
+            found |= hmac.compare_digest(given, known)
+        return found
+
+
+def gateway() -> Gateway:
+    """The ``Gateway`` of the current app."""
+    return current_app.extensions[EXTENSION]
+
+
+def create_app(config: GatewayConfig | None = None, triton: TritonBackend | None = None) -> Flask:
+    """Build the WSGI app. ``config`` defaults to ``GatewayConfig.from_env()``; ``triton`` (tests only)
+    replaces the tritonclient transport with another ``TritonBackend``."""
+    config = config or GatewayConfig.from_env()
+    app = Flask(__name__, static_folder=None)
+    app.request_class = Request
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # predictions in the metadata's order
+    app.config.update(
+        MAX_CONTENT_LENGTH=config.max_request_bytes,
+        # Bounds the non-file fields (top_k, category). Werkzeug also applies it to its parse buffer, which
+        # takes 64 KiB chunks: a value near 64 KiB would refuse ordinary photos.
+        MAX_FORM_MEMORY_SIZE=1024 * 1024,
+        MAX_FORM_PARTS=config.max_batch_images + 16,
+    )
+    init_app(app, config, triton)
+    return app
+
+
+def init_app(app: Flask, config: GatewayConfig, triton: TritonBackend | None = None) -> None:
+    """Attach the resources, hooks, error handlers and blueprints."""
+    triton = triton or TritonTransport(config.triton_url, config.triton_protocol, config.timeout_s)
+    gw = Gateway(config, triton)
+    app.extensions[EXTENSION] = gw
+    gw.state.refresh(force=True)  # reads one small file; a missing one makes /readyz say why
+
+    from gateway.api import bp as api_bp
+    from gateway.health import bp as health_bp
+
+    app.register_blueprint(api_bp)
+    app.register_blueprint(health_bp)
+    app.before_request(_before)
+    app.after_request(_after)
+    app.register_error_handler(GatewayError, _gateway_error)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected_error)
+
+
+def _before() -> None:
+    g.start = time.perf_counter()
+    given = request.headers.get("X-Request-ID", "")
+    g.request_id = given if REQUEST_ID.match(given) else uuid.uuid4().hex
+    gw = gateway()
+    path = request.path
+    protected = path.startswith("/v1/") or (path == "/metrics" and gw.config.metrics_require_key)
+    if protected and gw.config.auth_enabled:
+        if not gw.authorized(_presented_key()):
+            gw.metrics.rejected.labels("unauthorized").inc()
+            raise Unauthorized("send a valid API key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
+
+
+def _presented_key() -> str | None:
+    auth = request.headers.get("Authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return request.headers.get("X-API-Key") or None
+
+
+def _after(response: Response) -> Response:
+    response.headers["X-Request-ID"] = g.get("request_id", "")
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Cache-Control", "no-store")
+    endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
+    elapsed = time.perf_counter() - g.get("start", time.perf_counter())
+    gateway().metrics.requests.labels(endpoint, request.method, str(response.status_code)).observe(elapsed)
+    return response
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    response = jsonify({"error": {"code": code, "message": message}})
+    response.status_code = status
+    for key, value in (headers or {}).items():
+        response.headers[key] = value
+    return response
+
+
+def _gateway_error(e: GatewayError) -> Response:
+    headers: dict[str, str] = {}
+    if e.status in (429, 503):
+        headers["Retry-After"] = str(gateway().config.retry_after_s)
+    if e.status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="fashion-tagger"'
+    if e.status >= 500:
+        log.warning("%s %s -> %s %s: %s", request.method, request.path, e.status, e.code, e.message)
+    return error_response(e.status, e.code, e.message, headers)
+
+
+def _http_error(e: HTTPException) -> Response:
+    status = e.code or 500
+    code = HTTP_CODES.get(status, "http_error")
+    message = e.description or e.name
+    if status == 413:
+        message = (
+            f"the request body is larger than this endpoint accepts ({request.max_content_length} bytes)"
+        )
+    headers: dict[str, str] = {}
+    valid_methods = getattr(e, "valid_methods", None)
+    if status == 405 and valid_methods:
+        headers["Allow"] = ", ".join(valid_methods)
+    return error_response(status, code, message, headers)
+
+
+def _unexpected_error(e: Exception) -> Response:
+    # A bug, never a client's fault; logged with its traceback, answered in the JSON shape.
+    log.exception("unexpected error on %s %s", request.method, request.path)
+    return error_response(
+        500, "internal_error", "the gateway failed unexpectedly; the request id is in the X-Request-ID header"
+    )
+
+
+def json_response(body: dict[str, Any], status: int = 200) -> Response:
+    response = jsonify(body)
+    response.status_code = status
+    return response

@@ -1,0 +1,177 @@
+"""Helpers of the gateway's unit tests: a metadata.json writer, test images, and a stand-in for Triton.
+
+``FakeTriton`` implements ``gateway.triton.TritonBackend`` for the unit tests only; the stack tests run the
+real Triton. Its "model" scores each image by its mean colour, so a test can check that answers come back
+for the right image in the right order.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import threading
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from fashion.contract import Preprocessing
+from gateway.errors import GatewayError
+
+COLOURS = ("red", "green", "blue")
+OUTPUTS = [
+    # attribute, label, category, tensor, classes, threshold
+    ("colour", "colour", None, "colour", list(COLOURS), None),
+    ("brightness", "brightness", None, "brightness", ["dark", "light"], 0.9),
+    ("Tshirts/neck", "neck", "Tshirts", "Tshirts_neck", ["round", "polo", "v", "henley"], None),
+    ("Sarees/border", "border", "Sarees", "Sarees_border", ["zari", "solid"], None),
+]
+
+
+def metadata_dict(
+    name: str = "fashion", version: int = 1, image_size: int = 32, outputs: list[tuple] | None = None
+) -> dict[str, Any]:
+    outputs = OUTPUTS if outputs is None else outputs
+    pre = Preprocessing(image_size=image_size, resize_mode="letterbox")
+    categories: dict[str, list[str]] = {}
+    for attribute, _label, category, *_ in outputs:
+        if category is not None:
+            categories.setdefault(category, []).append(attribute)
+    return {
+        "format": "fashion-tagger/metadata@1",
+        "model": {"name": name, "version": version, "precision": "fp32", "backbone": "test"},
+        "input": {
+            "name": "image",
+            "datatype": "UINT8",
+            "shape": [-1, image_size, image_size, 3],
+            "layout": "NHWC",
+        },
+        "preprocessing": pre.to_dict(),
+        "category_column": "Category",
+        "categories": categories,
+        "outputs": [
+            {
+                "attribute": a,
+                "label": lab,
+                "category": c,
+                "tensor": t,
+                "datatype": "FP32",
+                "classes": cls,
+                "temperature": 1.0,
+                "threshold": th,
+            }
+            for a, lab, c, t, cls, th in outputs
+        ],
+    }
+
+
+def write_metadata(repository: Path, name: str = "fashion", version: int = 1, **kwargs: Any) -> Path:
+    folder = repository / name / str(version)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "metadata.json"
+    path.write_text(json.dumps(metadata_dict(name, version, **kwargs)))
+    return path
+
+
+def encode(image: Image.Image, fmt: str = "JPEG", **params: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def solid(colour: tuple[int, int, int], size: tuple[int, int] = (40, 56), fmt: str = "JPEG") -> bytes:
+    return encode(Image.new("RGB", size, colour), fmt)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims ``width``×``height`` pixels and holds almost no data (a bomb's header)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+class FakeTriton:
+    """A ``TritonBackend`` whose model scores images by mean colour; failures are injected per test."""
+
+    def __init__(self, metadata: dict[str, Any] | None = None) -> None:
+        self.metadata = metadata or metadata_dict()
+        self.calls: list[dict[str, Any]] = []
+        self.error: GatewayError | None = None  # raised by every call when set
+        self.ready = True
+        self.ready_versions: set[int] | None = None  # None = every version
+        self.served_outputs: list[dict[str, Any]] | None = None  # None = what the metadata says
+        self.block: threading.Event | None = None  # infer waits for it when set
+        self.entered = threading.Event()
+
+    def infer(
+        self, model: str, version: int, input_name: str, batch: np.ndarray, outputs: Any, timeout_s: float
+    ) -> dict[str, np.ndarray]:
+        self.calls.append(
+            {
+                "model": model,
+                "version": version,
+                "input": input_name,
+                "shape": batch.shape,
+                "dtype": batch.dtype,
+                "outputs": list(outputs),
+            }
+        )
+        self.entered.set()
+        if self.block is not None:
+            self.block.wait(10)
+        if self.error is not None:
+            raise self.error
+        means = batch.reshape(batch.shape[0], -1, 3).mean(axis=1)  # (N, 3) in 0..255
+        result = {}
+        for spec in self.metadata["outputs"]:
+            n = len(spec["classes"])
+            if spec["tensor"] == "colour":
+                logits = means / 10.0
+            elif spec["tensor"] == "brightness":
+                light = means.mean(axis=1, keepdims=True) / 255.0
+                logits = np.concatenate([1 - light, light], axis=1) * 4
+            else:
+                logits = np.tile(np.arange(n, 0, -1, dtype=np.float64), (batch.shape[0], 1))
+            result[spec["tensor"]] = softmax(logits)
+        return {name: result[name] for name in outputs}
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def server_ready(self) -> bool:
+        self._check()
+        return self.ready
+
+    def model_ready(self, model: str, version: int) -> bool:
+        self._check()
+        return self.ready and (self.ready_versions is None or version in self.ready_versions)
+
+    def model_metadata(self, model: str, version: int) -> dict[str, Any]:
+        self._check()
+        outputs = self.served_outputs
+        if outputs is None:
+            outputs = [
+                {"name": o["tensor"], "datatype": "FP32", "shape": [-1, len(o["classes"])]}
+                for o in self.metadata["outputs"]
+            ]
+        return {
+            "inputs": [{"name": "image", "datatype": "UINT8", "shape": self.metadata["input"]["shape"]}],
+            "outputs": outputs,
+        }
