@@ -1,5 +1,113 @@
-"""CLI of the loadtest stage (filled in by its issue)."""
+"""CLI of the loadtest stage: ``fashion loadtest`` (Locust against a deployed stack) and ``fashion bench``.
+
+Exit status: 0 when every objective holds, **1** when the run was made but an SLO was broken
+(``SloViolation``), 2 when the run could not be made (``LoadtestError``, via ``fashion.cli``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
-def register(sub):
-    pass
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "loadtest",
+        help="run Locust headless against the gateway; reports + SLO check (exit 1 when broken)",
+        description="Locust headless against a running gateway (and optionally Triton over gRPC). "
+        "Writes Locust's CSV and HTML reports, latency.png and summary.json into --out; exit status 1 "
+        "when an SLO is broken, 2 when the test could not run.",
+    )
+    p.add_argument("--host", required=True, help="gateway base URL, e.g. http://localhost:8080")
+    p.add_argument("--users", type=int, default=8, help="concurrent users (the step shape's maximum)")
+    p.add_argument("--spawn-rate", type=float, default=4.0, help="users started per second")
+    p.add_argument("--duration", type=int, default=30, help="run time in seconds")
+    p.add_argument("--slo-p95-ms", type=float, default=None, help="fail when any endpoint's p95 is above")
+    p.add_argument("--slo-p99-ms", type=float, default=None, help="fail when any endpoint's p99 is above")
+    p.add_argument("--max-error-rate", type=float, default=None, help="fail above this failure fraction")
+    p.add_argument(
+        "--triton-grpc",
+        default="",
+        metavar="HOST:PORT",
+        help="also run TritonGrpcUser against Triton's gRPC port (shows the gateway's overhead)",
+    )
+    p.add_argument(
+        "--images",
+        type=Path,
+        default=None,
+        help="folder of JPEGs to send (default: render a synthetic pool into OUT/images)",
+    )
+    p.add_argument(
+        "--shape",
+        choices=("users", "step", "constant"),
+        default="users",
+        help="load shape: plain users, a step ramp (FASHION_LOADTEST_STEP_*) or a constant rate",
+    )
+    p.add_argument("--rps", type=float, default=None, help="constant shape: total requests per second")
+    p.add_argument("--api-key", default="", help="API key (default: $FASHION_API_KEY)")
+    p.add_argument("--out", type=Path, required=True, help="report folder")
+    p.set_defaults(func=loadtest_command)
+
+    b = sub.add_parser(
+        "bench",
+        help="raw ONNX Runtime vs Triton vs gateway vs naive Flask+PyTorch, on this machine",
+        description="Benchmark the serving stack on this machine with the same model and images; "
+        "writes OUT/bench.json and OUT/bench.md. --sweep searches Triton batching/instances and gateway "
+        "workers under a p95 SLO and writes the recommended settings.",
+    )
+    b.add_argument("--out", type=Path, required=True, help="result folder")
+    b.add_argument("--quick", action="store_true", help="short runs at fewer concurrencies (smoke test)")
+    b.add_argument("--sweep", action="store_true", help="also sweep the serving settings under --slo-p95-ms")
+    b.add_argument("--backbone", default="efficientnet_b0", help="timm backbone (random weights)")
+    b.add_argument("--image-size", type=int, default=224)
+    b.add_argument("--images", type=int, default=64, help="size of the synthetic JPEG pool")
+    b.add_argument("--duration", type=float, default=None, help="seconds per measurement point")
+    b.add_argument("--concurrency", default=None, help="comma-separated client concurrencies")
+    b.add_argument("--slo-p95-ms", type=float, default=100.0, help="p95 objective for 'best' and the sweep")
+    b.add_argument("--skip", default="", help="comma-separated systems not to measure (naive, ...)")
+    b.set_defaults(func=bench_command)
+
+
+def loadtest_command(args: argparse.Namespace) -> int:
+    import os
+
+    from fashion.console import emit
+    from loadtest.errors import SLO_EXIT_CODE, SloViolation
+    from loadtest.report import Slo
+    from loadtest.run import LoadtestOptions, check, run_loadtest, summary_table
+
+    opts = LoadtestOptions(
+        host=args.host,
+        out=args.out,
+        users=args.users,
+        spawn_rate=args.spawn_rate,
+        duration_s=args.duration,
+        slo=Slo(args.slo_p95_ms, args.slo_p99_ms, args.max_error_rate),
+        triton_grpc=args.triton_grpc,
+        images=args.images,
+        shape=args.shape,
+        rps=args.rps,
+        api_key=args.api_key or os.environ.get("FASHION_API_KEY", ""),
+    )
+    result = run_loadtest(opts)
+    emit(summary_table(result))
+    emit(f"reports: {', '.join(str(p) for p in result.files.values())}")
+    try:
+        check(result)
+    except SloViolation as e:
+        sys.stderr.write(f"fashion loadtest: {e}\n")
+        return SLO_EXIT_CODE
+    emit("SLO: passed" if any(v is not None for v in vars(opts.slo).values()) else "SLO: none given")
+    return 0
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    from loadtest.bench import BenchOptions, run_bench
+
+    opts = BenchOptions.from_args(args)
+    run_bench(opts)
+    return 0

@@ -1,0 +1,134 @@
+"""The local stack for benchmarks and tests: a model repository, Triton and the gateway under gunicorn.
+
+``Gunicorn`` starts ``gunicorn -c python:gateway.gunicorn_conf 'gateway:create_app()'`` on a free loopback
+port with ``FASHION_*`` settings and always stops it; ``peak_rss_mb`` reads a process's high-water mark.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+
+from loadtest.errors import LoadtestError
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def http_ok(url: str, timeout_s: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+class Gunicorn:
+    """The gateway under gunicorn on loopback; ``start`` waits for ``/readyz`` (model loaded) or fails."""
+
+    def __init__(
+        self, env: dict[str, str], log_path: Path, *, port: int | None = None, ready_timeout_s: float = 60.0
+    ) -> None:
+        from export.tritonserver import free_ports
+
+        self.port = port or free_ports(1)[0]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            **env,
+            "FASHION_PORT": str(self.port),
+            "FASHION_BIND": f"127.0.0.1:{self.port}",
+        }
+        self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), self.env.get("PYTHONPATH", "")) if p)
+        self.log_path = log_path
+        self.ready_timeout_s = ready_timeout_s
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Gunicorn:
+        gunicorn = str(Path(sys.executable).with_name("gunicorn"))
+        with self.log_path.open("ab") as out:
+            self.process = subprocess.Popen(
+                [gunicorn, "-c", "python:gateway.gunicorn_conf", "gateway:create_app()"],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise LoadtestError(f"gunicorn exited: {self.log_path.read_text(errors='replace')[-3000:]}")
+            if http_ok(self.url + "/readyz", 1.0):
+                return self
+            time.sleep(0.2)
+        self.stop()
+        raise LoadtestError(f"the gateway was not ready in {self.ready_timeout_s:.0f} s; see {self.log_path}")
+
+    def worker_pids(self) -> list[int]:
+        return children(self.process.pid) if self.process else []
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def __enter__(self) -> Gunicorn:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def children(pid: int) -> list[int]:
+    """Direct child processes of ``pid`` (psutil when installed, else /proc)."""
+    try:
+        import psutil
+
+        with contextlib.suppress(psutil.Error):
+            return [c.pid for c in psutil.Process(pid).children()]
+        return []
+    except ImportError:
+        found = []
+        for status in Path("/proc").glob("[0-9]*/status"):
+            with contextlib.suppress(OSError):
+                fields = dict(
+                    line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line
+                )
+                if int(fields.get("PPid", "0").strip()) == pid:
+                    found.append(int(status.parent.name))
+        return found
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """Peak resident set size (``VmHWM``) of ``pid`` in MiB; ``None`` when the process is gone.
+
+    psutil has no peak on Linux (``memory_info().rss`` is the current value), so this reads /proc, and
+    falls back to psutil's current RSS elsewhere.
+    """
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    try:
+        import psutil
+
+        return round(psutil.Process(pid).memory_info().rss / 2**20, 1)
+    except Exception:
+        return None

@@ -1,0 +1,136 @@
+"""The serving sweep of ``fashion bench --sweep``: Model Analyzer's question for the whole CPU stack.
+
+Coordinate search, each step keeping the best so far: Triton's ``max_queue_delay_microseconds``, then its
+CPU instance count (intra-op threads = cores / instances), then gunicorn workers. Each setting is scored
+by the gateway's highest throughput whose p95 meets ``--slo-p95-ms``, over a few client concurrencies;
+a setting that meets the SLO nowhere scores 0. Writes ``sweep.json``, ``sweep.md`` and ``recommended/``
+(``configs/cpu.pbtxt`` for the pip Triton, ``config.pbtxt`` for the NGC image, ``gunicorn.env``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from loadtest.loadgen import best
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Setting:
+    max_queue_delay_us: int = 2000
+    cpu_instances: int = 1
+    workers: int = 2
+    threads: int = 4
+
+
+def grids(quick: bool) -> dict[str, list[int]]:
+    if quick:
+        return {"max_queue_delay_us": [0, 4000], "cpu_instances": [1, 2], "workers": [1, 2]}
+    return {"max_queue_delay_us": [0, 1000, 4000, 10000], "cpu_instances": [1, 2], "workers": [1, 2, 4]}
+
+
+def measure(model: Any, opts: Any, work: Path, setting: Setting) -> dict[str, Any]:
+    from export.repository import ServingConfig, model_config
+    from export.tritonserver import TritonServer
+    from loadtest.bench import MODEL_NAME, gateway_env, http_client_factory, sweep_points
+    from loadtest.stack import Gunicorn
+
+    cores = os.cpu_count() or 2
+    serving = ServingConfig(
+        max_queue_delay_us=setting.max_queue_delay_us,
+        cpu_instances=setting.cpu_instances,
+        cpu_threads=max(1, cores // setting.cpu_instances),
+    )
+    text = model_config(MODEL_NAME, model.schema, opts.image_size, serving, backend="python")
+    (model.repository / MODEL_NAME / "configs" / "cpu.pbtxt").write_text(text)
+    concurrencies = (2, 8) if opts.quick else (4, 8, 16)
+    with TritonServer(model.repository, [MODEL_NAME], log_file=work / "sweep-triton.log") as triton:
+        env = gateway_env(triton.grpc_url, model.repository, setting.workers, setting.threads, work)
+        with Gunicorn(env, work / "sweep-gunicorn.log") as gateway:
+            factory = http_client_factory(gateway.url, "/v1/predict", model.jpegs)
+            points = sweep_points(factory, opts, f"sweep {setting}", concurrencies)
+    chosen, met = best(points, opts.slo_p95_ms)
+    return {
+        "setting": setting.__dict__,
+        "score_ips": chosen.throughput_ips if met else 0.0,
+        "slo_p95_met": met,
+        "best": chosen.to_dict(),
+        "points": [p.to_dict() for p in points],
+        "serving": serving.__dict__,
+    }
+
+
+def run_sweep(model: Any, opts: Any, work: Path) -> dict[str, Any]:
+    from export.repository import ServingConfig, model_config
+    from loadtest.bench import MODEL_NAME
+
+    cache: dict[Setting, dict[str, Any]] = {}
+    current = Setting()
+    for knob, values in grids(opts.quick).items():
+        for value in values:
+            candidate = replace(current, **{knob: value})
+            if candidate not in cache:
+                cache[candidate] = measure(model, opts, work, candidate)
+        current = max(
+            (replace(current, **{knob: v}) for v in values),
+            key=lambda s: (cache[s]["score_ips"], -cache[s]["best"]["p95_ms"]),
+        )
+    chosen = cache[current]
+    serving = ServingConfig(**chosen["serving"])
+    out = opts.out / "recommended"
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    (out / "configs" / "cpu.pbtxt").write_text(
+        model_config(MODEL_NAME, model.schema, opts.image_size, serving, backend="python")
+    )
+    (out / "config.pbtxt").write_text(model_config(MODEL_NAME, model.schema, opts.image_size, serving))
+    (out / "gunicorn.env").write_text(
+        f"FASHION_WORKERS={current.workers}\nFASHION_THREADS={current.threads}\n"
+    )
+    others = sorted(cache.values(), key=lambda r: -r["score_ips"])
+    runner_up = next((r for r in others if r is not chosen), None)
+    reason = (
+        f"max_queue_delay_us={current.max_queue_delay_us}, {current.cpu_instances} CPU instance(s) with "
+        f"{serving.cpu_threads} ONNX Runtime threads each, {current.workers} gunicorn workers × "
+        f"{current.threads} threads: {chosen['best']['throughput_ips']} img/s at p95 "
+        f"{chosen['best']['p95_ms']} ms (c={chosen['best']['concurrency']}), the highest throughput "
+        f"meeting p95 ≤ {opts.slo_p95_ms} ms of {len(cache)} settings tried"
+        + ("" if chosen["slo_p95_met"] else " — NO setting met the SLO; this is the fastest")
+        + (f"; next best {runner_up['setting']} at {runner_up['score_ips']} img/s" if runner_up else "")
+    )
+    doc = {"recommended": current.__dict__, "reason": reason, "tried": list(cache.values())}
+    (opts.out / "sweep.json").write_text(json.dumps(doc, indent=2) + "\n")
+    from fashion.console import table
+
+    rows = [
+        [
+            r["setting"]["max_queue_delay_us"],
+            r["setting"]["cpu_instances"],
+            r["setting"]["workers"],
+            r["best"]["concurrency"],
+            r["best"]["throughput_ips"],
+            r["best"]["p95_ms"],
+            r["slo_p95_met"],
+        ]
+        for r in cache.values()
+    ]
+    md = "\n".join(
+        [
+            "## Serving sweep (gateway throughput under the p95 SLO)",
+            "",
+            table(
+                ["queue delay µs", "instances", "workers", "best c", "images/s", "p95 ms", "SLO met"], rows
+            ),
+            "",
+            f"Recommended: {reason}.",
+            f"Files: {out}/configs/cpu.pbtxt, {out}/config.pbtxt, {out}/gunicorn.env",
+        ]
+    )
+    (opts.out / "sweep.md").write_text(md + "\n")
+    log.info("sweep: %s", reason)
+    return doc

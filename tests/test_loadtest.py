@@ -1,0 +1,202 @@
+"""The load-test stage: the locustfile, ``fashion loadtest`` against a real stack, and ``fashion bench``.
+
+The stack tests start the pip Triton with the tiny colour model of ``test_gateway_stack`` and the gateway
+under gunicorn; ``fashion loadtest`` runs the real Locust against them for a few seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fashion.cli import main
+from loadtest.errors import SLO_EXIT_CODE
+from loadtest.report import EndpointStats, Slo
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
+
+
+def stats(p95: float, failures: int = 0) -> list[EndpointStats]:
+    row = EndpointStats("POST", "/v1/predict", 100, failures, 10.0, p95 / 2, p95, p95 * 1.5, p95 * 2)
+    total = EndpointStats("", "Aggregated", 100, failures, 10.0, p95 / 2, p95, p95 * 1.5, p95 * 2)
+    return [row, total]
+
+
+def test_slo_breaches_name_the_endpoint_and_the_error_rate():
+    slo = Slo(p95_ms=50, p99_ms=200, max_error_rate=0.01)
+    assert slo.breaches(stats(40)) == []
+    found = slo.breaches(stats(60, failures=5))
+    assert found[0].startswith("POST /v1/predict: p95 60 ms > 50 ms")
+    assert "error rate 5.00%" in found[1]
+    assert Slo().breaches([]) == ["no request completed"]
+
+
+def test_locustfile_imports_without_tritonclient_or_the_project():
+    # What the Helm chart's Job does: the stock locust image has neither tritonclient nor this project.
+    script = textwrap.dedent(
+        f"""
+        import importlib.abc, importlib.util, sys
+        BLOCKED = ("tritonclient", "fashion", "numpy", "PIL", "training", "export")
+
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in BLOCKED:
+                    raise ModuleNotFoundError(f"blocked: {{name}}", name=name)
+                return None
+
+        sys.meta_path.insert(0, Block())
+        sys.path = [p for p in sys.path if p not in ("", {str(ROOT)!r})]
+        spec = importlib.util.spec_from_file_location("locustfile", {str(LOCUSTFILE)!r})
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["locustfile"] = module
+        spec.loader.exec_module(module)
+        pool = module.image_pool()
+        assert pool[0][1][:2] == b"\\xff\\xd8", "the embedded fallback is a JPEG"
+        assert module.Settings.from_env({{"FASHION_LOADTEST_SHAPE": "step"}}).shape == "step"
+        names = (module.GatewayUser, module.TritonGrpcUser, module.FashionLoadShape)
+        print("ok", *(c.__name__ for c in names))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd="/"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["ok", "GatewayUser", "TritonGrpcUser", "FashionLoadShape"]
+
+
+# ------------------------------------------------------------------------------------ real processes
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory) -> Iterator[dict]:
+    pytest.importorskip("locust")
+    tritonserver = pytest.importorskip("export.tritonserver")
+    from loadtest.stack import Gunicorn
+    from tests.test_gateway_stack import publish
+
+    work = tmp_path_factory.mktemp("loadtest-stack")
+    repository = work / "model_repository"
+    publish(repository, work)
+    with tritonserver.TritonServer(repository, ["fashion"], startup_timeout_s=120) as triton:
+        (work / "prometheus").mkdir()
+        env = {
+            "FASHION_TRITON_URL": triton.grpc_url,
+            "FASHION_MODEL_REPOSITORY": str(repository),
+            "FASHION_WORKERS": "1",
+            "FASHION_THREADS": "4",
+            "PROMETHEUS_MULTIPROC_DIR": str(work / "prometheus"),
+        }
+        with Gunicorn(env, work / "gunicorn.log") as gateway:
+            yield {"url": gateway.url, "grpc": triton.grpc_url, "work": work, "repository": repository}
+
+
+@pytest.mark.server
+def test_loadtest_writes_reports_and_returns_0_under_a_loose_slo(stack, tmp_path, monkeypatch):
+    monkeypatch.setenv("FASHION_MODEL_REPOSITORY", str(stack["repository"]))
+    out = tmp_path / "report"
+    code = main(
+        [
+            "loadtest",
+            "--host",
+            stack["url"],
+            "--users",
+            "4",
+            "--spawn-rate",
+            "4",
+            "--duration",
+            "6",
+            "--triton-grpc",
+            stack["grpc"],
+            "--slo-p95-ms",
+            "5000",
+            "--max-error-rate",
+            "0.01",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0, (out / "locust.log").read_text()[-3000:]
+    for name in (
+        "locust_stats.csv",
+        "locust_stats_history.csv",
+        "report.html",
+        "latency.png",
+        "summary.json",
+    ):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((out / "summary.json").read_text())
+    names = {e["name"]: e for e in summary["endpoints"]}
+    assert summary["passed"] and names["/v1/predict"]["requests"] > 0
+    assert names["triton infer"]["type"] == "grpc" and names["triton infer"]["requests"] > 0
+    assert names["Aggregated"]["failures"] == 0
+
+
+@pytest.mark.server
+def test_loadtest_exits_1_when_the_slo_is_impossible(stack, tmp_path, capsys):
+    out = tmp_path / "report"
+    code = main(
+        [
+            "loadtest",
+            "--host",
+            stack["url"],
+            "--users",
+            "2",
+            "--spawn-rate",
+            "2",
+            "--duration",
+            "3",
+            "--slo-p95-ms",
+            "0.001",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == SLO_EXIT_CODE == 1
+    assert "SLO broken" in capsys.readouterr().err
+    assert not json.loads((out / "summary.json").read_text())["passed"]
+    assert (out / "report.html").is_file() and (out / "latency.png").is_file()
+
+
+@pytest.mark.server
+def test_bench_quick_with_a_tiny_model_writes_every_key(tmp_path):
+    pytest.importorskip("timm")
+    pytest.importorskip("export.tritonserver")
+    out = tmp_path / "bench"
+    code = main(
+        [
+            "bench",
+            "--out",
+            str(out),
+            "--quick",
+            "--backbone",
+            "test_efficientnet",
+            "--image-size",
+            "64",
+            "--images",
+            "8",
+            "--duration",
+            "1",
+            "--concurrency",
+            "1,2",
+        ]
+    )
+    assert code == 0
+    doc = json.loads((out / "bench.json").read_text())
+    for system in ("raw_onnxruntime", "triton", "gateway", "naive"):
+        s = doc[system]
+        assert s["throughput_ips"] > 0, system
+        assert 0 < s["p50_ms"] <= s["p95_ms"] <= s["p99_ms"], system
+    assert set(doc["ratios"]) == {"gateway_over_raw", "gateway_over_naive", "gateway_added_p50_ms"}
+    assert doc["ratios"]["gateway_over_raw"] > 0 and doc["ratios"]["gateway_over_naive"] > 0
+    assert math.isfinite(doc["ratios"]["gateway_added_p50_ms"])
+    memory = doc["memory"]
+    assert memory["triton"]["total_mb"] > 0 and memory["naive_mb"] > 0
+    assert len(memory["gateway_workers_mb"]) == 2 and all(m > 0 for m in memory["gateway_workers_mb"])
+    assert "| gateway " in (out / "bench.md").read_text()
