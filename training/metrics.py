@@ -8,7 +8,7 @@ so a class the model never predicts counts with F1 = 0.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from sklearn.metrics import f1_score
@@ -55,7 +55,7 @@ def attribute_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]
         "micro_f1": micro,
         "harmonic_f1": harmonic(micro, macro),
         "ece": expected_calibration_error(p.max(axis=1), correct),
-        "support": int(len(y)),
+        "support": len(y),
     }
 
 
@@ -80,3 +80,46 @@ def evaluate_arrays(
     """(score, per-attribute metrics) for an ``(n, heads)`` label array and probabilities per head."""
     per = {a.name: attribute_metrics(labels[:, j], probs[a.name]) for j, a in enumerate(schema.attributes)}
     return overall_score(schema, per), per
+
+
+# --- per-class detail for ``fashion evaluate`` -------------------------------------------------------
+
+
+def per_class_report(labels: np.ndarray, pred: np.ndarray, classes: Sequence[str]) -> list[dict[str, object]]:
+    """Precision, recall, F1 and support of every class of one head (MISSING labels excluded).
+
+    ``labels`` and ``pred`` are class indices; a class that is never predicted gets precision 0, one that
+    never occurs gets recall 0 and support 0 (scikit-learn's ``zero_division=0``).
+    """
+    present = labels != MISSING
+    y, p = labels[present], pred[present]
+    rows: list[dict[str, object]] = []
+    for k, name in enumerate(classes):
+        tp = int(np.sum((y == k) & (p == k)))
+        predicted = int(np.sum(p == k))
+        support = int(np.sum(y == k))
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / support if support else 0.0
+        rows.append({"class": name, "precision": precision, "recall": recall,
+                     "f1": harmonic(precision, recall), "support": support, "predicted": predicted})
+    return rows
+
+
+def confusion_top_classes(
+    labels: np.ndarray, pred: np.ndarray, classes: Sequence[str], top_n: int = 20
+) -> tuple[np.ndarray, list[str]]:
+    """A confusion matrix (rows: true, columns: predicted) over the ``top_n`` most frequent true classes;
+    every other class is pooled into a last row/column named ``rest`` (only when there are others)."""
+    present = labels != MISSING
+    y, p = labels[present], pred[present]
+    counts = np.bincount(y, minlength=len(classes)) if len(y) else np.zeros(len(classes), dtype=np.int64)
+    order = sorted(range(len(classes)), key=lambda k: (-counts[k], k))
+    kept = order[: max(top_n, 1)]
+    pooled = len(kept) < len(classes)
+    position = np.full(len(classes), len(kept), dtype=np.int64)  # pooled classes → the "rest" slot
+    position[kept] = np.arange(len(kept))
+    size = len(kept) + int(pooled)
+    matrix = np.zeros((size, size), dtype=np.int64)
+    np.add.at(matrix, (position[y], position[p]), 1)
+    names = [classes[k] for k in kept] + (["rest"] if pooled else [])
+    return matrix, names

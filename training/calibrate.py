@@ -1,0 +1,304 @@
+"""Calibrated confidences: per-head temperature scaling and abstain thresholds (``fashion calibrate``).
+
+Temperature scaling (Guo et al., 2017) divides each head's logits by one scalar ``T`` fitted on held-out
+data to minimise the negative log-likelihood; it changes no prediction (the argmax stays), only how
+confident the probabilities are. The temperatures go into the model's ``temperature`` buffer, so
+``FashionNet.probabilities``, ``fashion evaluate``/``predict`` and the exported ONNX graph all return the
+calibrated probabilities.
+
+The abstain threshold of a head is the lowest top-1 confidence ``t`` such that, on the calibration
+data, the predictions with confidence ≥ ``t`` reach the target precision; below it a prediction is
+reported as uncertain. A head that never reaches the target gets ``1.0`` (everything uncertain) and a
+warning. Both are stored in the checkpoint (``Checkpoint.thresholds``) and a ``calibration.json``
+report (ECE before/after, temperature, threshold, coverage) is written next to it.
+
+``fashion train`` runs this on its validation split for ``best.pt`` at the end of training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from fashion.console import emit, table
+from fashion.schema import MISSING, LabelSchema
+from training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from training.metrics import expected_calibration_error
+from training.model import FashionNet
+
+log = logging.getLogger(__name__)
+
+# A head that separates its calibration data perfectly would drive T to 0 (every probability 1.0);
+# the lower bound keeps its confidences finite. Models trained with label smoothing are
+# under-confident, so T < 1 is normal.
+T_RANGE = (0.25, 20.0)
+MIN_LABELS_FOR_THRESHOLD = 20  # below this the threshold is kept but flagged as unreliable
+
+
+# --- temperatures ---------------------------------------------------------------------------------
+
+
+def _nll(logits: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits / t, y)
+
+
+def fit_temperature(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """The ``T`` in ``T_RANGE`` minimising the NLL of ``softmax(logits / T)`` for labels ``y`` (no MISSING).
+
+    A coarse log-spaced grid finds the basin, L-BFGS on ``log T`` refines it; the result is never worse
+    than the grid's best (L-BFGS is only accepted when it lowers the NLL).
+    """
+    logits, y = logits.detach().double(), y.detach().long()
+    if len(y) == 0:
+        return 1.0
+    grid = torch.logspace(np.log10(T_RANGE[0]), np.log10(T_RANGE[1]), 121, dtype=torch.float64)
+    with torch.no_grad():
+        losses = torch.stack([_nll(logits, y, t) for t in grid])
+    best_t = float(grid[int(losses.argmin())])
+    best_loss = float(losses.min())
+    log_t = torch.tensor(np.log(best_t), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=50, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = _nll(logits, y, log_t.exp())
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    refined = float(np.clip(float(log_t.detach().exp()), *T_RANGE))
+    with torch.no_grad():
+        refined_loss = float(_nll(logits, y, torch.tensor(refined, dtype=torch.float64)))
+    return refined if refined_loss < best_loss else best_t
+
+
+def fit_temperatures_from_logits(
+    schema: LabelSchema, logits: Mapping[str, torch.Tensor | np.ndarray], labels: np.ndarray
+) -> dict[str, float]:
+    """Per-head temperature for raw logits (``(n, classes)`` per head) and ``(n, heads)`` labels."""
+    out: dict[str, float] = {}
+    for j, a in enumerate(schema.attributes):
+        present = labels[:, j] != MISSING
+        z = torch.as_tensor(np.asarray(logits[a.name]))[torch.from_numpy(present)]
+        y = torch.from_numpy(labels[present, j])
+        out[a.name] = fit_temperature(z, y)
+    return out
+
+
+@torch.no_grad()
+def model_logits(
+    model: FashionNet, images: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 64
+) -> dict[str, np.ndarray]:
+    """Raw logits (before any temperature) per head for a uint8 NHWC array."""
+    model.eval().to(device)
+    chunks: dict[str, list[np.ndarray]] = {a.name: [] for a in model.schema.attributes}
+    for start in range(0, len(images), batch_size):
+        batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
+        for name, z in model(batch).items():
+            chunks[name].append(z.float().cpu().numpy())
+    return {a.name: np.concatenate(chunks[a.name]) if chunks[a.name] else np.zeros((0, a.num_classes))
+            for a in model.schema.attributes}
+
+
+def fit_temperatures(
+    model: FashionNet, images: np.ndarray, labels: np.ndarray, device: torch.device | str = "cpu"
+) -> dict[str, float]:
+    """Per-head temperatures for ``model`` on validation images (uint8 NHWC) and ``(n, heads)`` labels.
+
+    Does not change the model; ``apply_temperatures`` does.
+    """
+    return fit_temperatures_from_logits(model.schema, model_logits(model, images, device), labels)
+
+
+def apply_temperatures(model: FashionNet, temperatures: Mapping[str, float]) -> None:
+    values = [float(temperatures.get(a.name, 1.0)) for a in model.schema.attributes]
+    model.temperature.copy_(torch.tensor(values, dtype=model.temperature.dtype))
+
+
+def softmax(logits: np.ndarray, t: float = 1.0) -> np.ndarray:
+    z = logits / t
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+# --- abstain thresholds ---------------------------------------------------------------------------
+
+
+def threshold_for_precision(probs: np.ndarray, labels: np.ndarray, target: float) -> tuple[float, float]:
+    """(threshold, coverage): the lowest top-1 confidence ``t`` whose kept set ``{confidence ≥ t}`` reaches
+    precision ``target`` on these labels (MISSING excluded), and the share of labelled images kept.
+
+    ``(1.0, 0.0)`` when no confidence level reaches the target.
+    """
+    present = labels != MISSING
+    if not present.any():
+        return 1.0, 0.0
+    p, y = probs[present], labels[present]
+    conf = p.max(axis=1)
+    correct = p.argmax(axis=1) == y
+    order = np.argsort(-conf, kind="stable")
+    conf, correct = conf[order], correct[order]
+    precision = np.cumsum(correct) / np.arange(1, len(conf) + 1)
+    # A threshold keeps every image at that confidence: only ends of runs of equal confidence are cuts.
+    cut = np.r_[conf[1:] < conf[:-1], True]
+    ok = np.flatnonzero(cut & (precision >= target))
+    if len(ok) == 0:
+        return 1.0, 0.0
+    k = int(ok[-1])
+    return float(conf[k]), float((k + 1) / len(conf))
+
+
+# --- the whole step -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeadCalibration:
+    attribute: str
+    support: int
+    temperature: float
+    ece_before: float
+    ece_after: float
+    nll_before: float
+    nll_after: float
+    threshold: float
+    coverage: float  # share of labelled calibration images above the threshold
+    precision_target: float
+
+
+def _nll_np(probs: np.ndarray, y: np.ndarray) -> float:
+    if len(y) == 0:
+        return float("nan")
+    return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None))))
+
+
+def calibrate_logits(
+    ckpt: Checkpoint, logits: Mapping[str, np.ndarray], labels: np.ndarray, target_precision: float = 0.9
+) -> list[HeadCalibration]:
+    """Fit temperatures and thresholds from raw logits; writes both into ``ckpt`` (model buffer and
+    ``ckpt.thresholds``) and returns the per-head report."""
+    if not 0.0 < target_precision <= 1.0:
+        raise ValueError(f"target precision must be in (0, 1], got {target_precision}")
+    schema = ckpt.schema
+    before_t = ckpt.temperatures()
+    temps = fit_temperatures_from_logits(schema, logits, labels)
+    report = []
+    for j, a in enumerate(schema.attributes):
+        y = labels[:, j]
+        present = y != MISSING
+        z = np.asarray(logits[a.name], dtype=np.float64)
+        before, after = softmax(z, before_t[a.name]), softmax(z, temps[a.name])
+        correct = before.argmax(axis=1) == y
+        threshold, coverage = threshold_for_precision(after, y, target_precision)
+        if present.sum() and threshold >= 1.0:
+            log.warning("%s: no confidence level reaches precision %.2f on the calibration data; every "
+                        "prediction will be reported as uncertain", a.name, target_precision)
+        elif 0 < present.sum() < MIN_LABELS_FOR_THRESHOLD:
+            log.warning("%s: only %d labelled calibration images; its threshold is a rough estimate",
+                        a.name, int(present.sum()))
+        report.append(HeadCalibration(
+            attribute=a.name,
+            support=int(present.sum()),
+            temperature=temps[a.name],
+            ece_before=expected_calibration_error(before[present].max(axis=1), correct[present]),
+            ece_after=expected_calibration_error(after[present].max(axis=1), correct[present]),
+            nll_before=_nll_np(before[present], y[present]),
+            nll_after=_nll_np(after[present], y[present]),
+            threshold=threshold,
+            coverage=coverage,
+            precision_target=target_precision,
+        ))
+    apply_temperatures(ckpt.model, temps)
+    ckpt.thresholds = {h.attribute: h.threshold for h in report if h.support > 0}
+    return report
+
+
+def calibration_table(report: Sequence[HeadCalibration]) -> str:
+    rows = [[h.attribute, h.support, f"{h.temperature:.3f}", f"{h.ece_before:.4f}", f"{h.ece_after:.4f}",
+             f"{h.threshold:.3f}", f"{h.coverage:.2f}"] for h in report]
+    return table(["attribute", "n", "temperature", "ECE before", "ECE after", "threshold", "coverage"], rows)
+
+
+def save_calibrated(
+    ckpt: Checkpoint, out: str | Path, report: Sequence[HeadCalibration], source: str
+) -> Path:
+    """Write the calibrated checkpoint and ``calibration.json`` (``<out stem>.calibration.json``)."""
+    out = Path(out)
+    save_checkpoint(out, ckpt)
+    doc = {"source": source, "heads": [asdict(h) for h in report]}
+    path = out.with_name(f"{out.stem}.calibration.json")
+    path.write_text(json.dumps(doc, indent=1))
+    return path
+
+
+def calibrate_in_memory(
+    checkpoint: str | Path,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    out: str | Path | None = None,
+    target_precision: float = 0.9,
+    device: torch.device | str = "cpu",
+    source: str = "validation split",
+) -> list[HeadCalibration]:
+    """Calibrate a checkpoint file on images already decoded (what ``train`` has for its validation
+    split) and save it to ``out`` (default: in place). Prints the ECE table."""
+    ckpt = load_checkpoint(checkpoint, device)
+    logits = model_logits(ckpt.model, images, device)
+    report = calibrate_logits(ckpt, logits, labels, target_precision)
+    ckpt.model.cpu()
+    save_calibrated(ckpt, out or checkpoint, report, source)
+    emit(calibration_table(report))
+    return report
+
+
+def calibrate(
+    checkpoint: str | Path,
+    out: str | Path,
+    data: str | None = None,
+    *,
+    format: str = "auto",
+    split: str = "train",
+    target_precision: float = 0.9,
+    batch_size: int = 64,
+    device: str = "auto",
+) -> list[HeadCalibration]:
+    """``fashion calibrate``: on all of ``data``, or (default) on the checkpoint's validation split
+    re-created as ``fashion train`` made it."""
+    from training.evaluate import encode_known, evaluation_samples
+    from training.predict import iter_batches
+    from training.train import resolve_device
+
+    ckpt = load_checkpoint(checkpoint)
+    samples = evaluation_samples(ckpt, data, format, split, "all" if data else "val")
+    if not samples:
+        raise ValueError("no labelled images to calibrate on")
+    labels = encode_known(ckpt.schema, samples)
+    dev = resolve_device(device)
+    from tqdm import tqdm
+
+    chunks: dict[str, list[np.ndarray]] = {a.name: [] for a in ckpt.schema.attributes}
+    ok: list[bool] = []
+    bar = tqdm(total=len(samples), desc="calibrate", unit="img")
+    for images, flags in iter_batches([s.image_path for s in samples], ckpt.preprocessing, batch_size):
+        for name, z in model_logits(ckpt.model, images, dev, batch_size).items():
+            chunks[name].append(z)
+        ok.extend(flags)
+        bar.update(len(flags))
+    bar.close()
+    logits = {k: np.concatenate(v) for k, v in chunks.items()}
+    labels[~np.asarray(ok, dtype=bool)] = MISSING
+    report = calibrate_logits(ckpt, logits, labels, target_precision)
+    ckpt.model.cpu()
+    source = f"{data} (all)" if data else f"validation split of {ckpt.config.get('data')}"
+    path = save_calibrated(ckpt, out, report, source)
+    emit(calibration_table(report))
+    emit(f"calibrated checkpoint {out}; report {path}")
+    return report

@@ -1,0 +1,251 @@
+"""``fashion evaluate``: per-attribute metrics of a checkpoint on a labelled dataset, and the report.
+
+Writes into the output folder:
+
+- ``metrics.json``: ``{"score": ..., "attributes": {name: {accuracy, top3_accuracy, macro_f1, micro_f1,
+  harmonic_f1, ece, support}}}`` (definitions in ``training.metrics``; ``null`` where an attribute has
+  no labelled image);
+- ``reports/<attr>.csv``: precision, recall, F1, support (and how often predicted) per class;
+- ``confusion/<attr>.png``: the confusion matrix over the most frequent classes plus ``rest``, so that
+  it stays readable with 75+ classes;
+- ``report.md``: the summary table linking the files above.
+
+Missing and not-applicable labels are excluded; a label the checkpoint's schema does not know (and cannot
+fold into ``other``) is excluded too, and counted in a warning.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fashion.console import emit, table
+from fashion.schema import MISSING, LabelSchema
+from training.checkpoint import Checkpoint, load_checkpoint
+from training.config import TrainConfig
+from training.data import DatasetError, Sample, encode, read_catalogue
+from training.metrics import confusion_top_classes, evaluate_arrays, per_class_report
+
+log = logging.getLogger(__name__)
+
+METRIC_KEYS = ("accuracy", "top3_accuracy", "macro_f1", "micro_f1", "harmonic_f1", "ece", "support")
+SUBSETS = ("all", "val")
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    out_dir: Path
+    score: float
+    attributes: dict[str, dict[str, float]]
+    images: int
+
+
+# --- which images ---------------------------------------------------------------------------------
+
+
+def checkpoint_config(ckpt: Checkpoint, **overrides: Any) -> TrainConfig:
+    """The training configuration stored in ``ckpt``, with ``overrides`` (``None`` values ignored)."""
+    known = {f.name for f in fields(TrainConfig)}
+    values = {k: v for k, v in ckpt.config.items() if k in known}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if "data" not in values:
+        raise DatasetError("the checkpoint does not record its training data; pass --data")
+    values.setdefault("out", ".")
+    return TrainConfig(**values)
+
+
+def validation_samples(ckpt: Checkpoint, data: str | None = None, format: str | None = None) -> list[Sample]:
+    """The validation split exactly as ``fashion train`` made it (same data, seed, fraction, stratum).
+
+    ``data`` replaces the recorded path (the same dataset in another place); the split is only the same
+    when the files are the same.
+    """
+    from training.train import prepare_data
+
+    cfg = checkpoint_config(ckpt, data=data, format=format)
+    if not Path(cfg.data).exists():
+        raise DatasetError(f"the checkpoint's training data {cfg.data} is not here; pass --data")
+    _, _, val = prepare_data(cfg)
+    return val
+
+
+def evaluation_samples(
+    ckpt: Checkpoint, data: str | None, format: str = "auto", split: str = "train", subset: str = "all"
+) -> list[Sample]:
+    """All labelled images of ``data`` (``subset="all"``) or the checkpoint's validation split (``"val"``)."""
+    if subset not in SUBSETS:
+        raise DatasetError(f"subset must be one of {SUBSETS}, got {subset!r}")
+    if subset == "val":
+        return validation_samples(ckpt, data, None if format == "auto" else format)
+    if data is None:
+        raise DatasetError("--data is required unless --subset val re-creates the validation split")
+    return read_catalogue(data, format, None, split=split).samples
+
+
+def encode_known(schema: LabelSchema, samples: Sequence[Sample]) -> np.ndarray:
+    """``encode`` plus a warning for labels the schema cannot represent (they count as missing)."""
+    labels = encode(schema, samples)
+    for j, a in enumerate(schema.attributes):
+        unknown = sum(
+            1 for i, s in enumerate(samples) if s.labels.get(a.name) is not None and labels[i, j] == MISSING
+        )
+        if unknown:
+            log.warning("%s: %d labels are classes the model does not know; left out", a.name, unknown)
+    return labels
+
+
+# --- artefacts ------------------------------------------------------------------------------------
+
+
+def _json_safe(value: float | int) -> float | int | None:
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def metrics_document(score: float, per: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
+    """The ``metrics.json`` content: NaN (no labelled image) becomes ``null``."""
+    return {
+        "score": _json_safe(float(score)),
+        "attributes": {name: {k: _json_safe(m[k]) for k in METRIC_KEYS} for name, m in per.items()},
+    }
+
+
+def write_class_report(path: Path, rows: Sequence[Mapping[str, object]]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["class", "precision", "recall", "f1", "support", "predicted"])
+        for r in rows:
+            w.writerow([r["class"], f"{r['precision']:.4f}", f"{r['recall']:.4f}", f"{r['f1']:.4f}",
+                        r["support"], r["predicted"]])
+
+
+def plot_confusion(
+    path: Path, labels: np.ndarray, pred: np.ndarray, classes: Sequence[str], title: str, top_n: int = 20
+) -> None:
+    """A PNG confusion matrix: the ``top_n`` most frequent true classes plus ``rest``, colours normalised
+    per true class (recall on the diagonal), counts written in the cells while they fit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix, names = confusion_top_classes(labels, pred, classes, top_n)
+    n = len(names)
+    rows = matrix.sum(axis=1, keepdims=True)
+    share = np.divide(matrix, rows, out=np.zeros(matrix.shape, dtype=float), where=rows > 0)
+    side = max(4.0, 0.42 * n + 2.5)
+    fig, ax = plt.subplots(figsize=(side + 1.0, side), dpi=100)
+    image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    short = [c if len(c) <= 18 else c[:17] + "…" for c in names]
+    ax.set_xticks(range(n), short, rotation=90, fontsize=8)
+    ax.set_yticks(range(n), short, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    pooled = f" (top {n - 1} of {len(classes)} classes, others pooled as 'rest')" if n < len(classes) else ""
+    ax.set_title(f"{title}{pooled}", fontsize=9)
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                if matrix[i, j]:
+                    ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if share[i, j] > 0.5 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _fmt(value: object) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def summary_rows(per: Mapping[str, Mapping[str, float]]) -> list[list[str]]:
+    return [[name, *(_fmt(m[k]) for k in ("support", "accuracy", "top3_accuracy", "macro_f1", "micro_f1",
+                                           "harmonic_f1", "ece"))] for name, m in per.items()]
+
+
+SUMMARY_HEADERS = ["attribute", "n", "accuracy", "top-3", "macro F1", "micro F1", "harmonic F1", "ECE"]
+
+
+def write_report_md(
+    path: Path, schema: LabelSchema, score: float, per: Mapping[str, Mapping[str, float]], *,
+    checkpoint: str, data: str, images: int, files: Mapping[str, tuple[str, str]],
+) -> None:
+    rule = ("Meesho rule: mean harmonic F1 of each category's attributes, then mean over categories"
+            if schema.categories else "mean harmonic F1 over attributes")
+    rows = [[*r, f"[csv]({files[name][0]})", f"[png]({files[name][1]})"]
+            for r, name in zip(summary_rows(per), per, strict=True)]
+    lines = [
+        "# Evaluation report",
+        "",
+        f"- checkpoint: `{checkpoint}`",
+        f"- data: `{data}` ({images} images)",
+        f"- score: **{_fmt(score)}** ({rule})",
+        "- harmonic F1 = harmonic mean of micro- and macro-F1; ECE = expected calibration error (15 bins);"
+        " missing and not-applicable labels are excluded",
+        "",
+        table([*SUMMARY_HEADERS, "per class", "confusion"], rows),
+        "",
+        "## Confusion matrices",
+        "",
+    ]
+    for name in per:
+        lines += [f"### {name}", "", f"![{name}]({files[name][1]})", ""]
+    path.write_text("\n".join(lines))
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+
+def evaluate(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    data: str | None = None,
+    *,
+    format: str = "auto",
+    split: str = "train",
+    subset: str = "all",
+    top_n: int = 20,
+    batch_size: int = 64,
+    device: str = "auto",
+) -> EvalResult:
+    """Evaluate ``checkpoint`` on ``data`` and write the report folder (module docstring)."""
+    from training.predict import predict_paths
+    from training.train import resolve_device
+
+    ckpt = load_checkpoint(checkpoint)
+    schema = ckpt.schema
+    samples = evaluation_samples(ckpt, data, format, split, subset)
+    if not samples:
+        raise DatasetError(f"{data}: no usable labelled images")
+    labels = encode_known(schema, samples)
+    preds = predict_paths(ckpt.model, [s.image_path for s in samples], resolve_device(device), batch_size,
+                          desc="evaluate")
+    labels[~preds.ok] = MISSING  # an undecodable image has no prediction to score
+    score, per = evaluate_arrays(schema, labels, preds.probs)
+
+    out = Path(out_dir)
+    (out / "reports").mkdir(parents=True, exist_ok=True)
+    (out / "confusion").mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics_document(score, per), indent=1))
+    files: dict[str, tuple[str, str]] = {}
+    for j, a in enumerate(schema.attributes):
+        pred = preds.probs[a.name].argmax(axis=1)
+        csv_name, png_name = f"reports/{a.tensor}.csv", f"confusion/{a.tensor}.png"
+        write_class_report(out / csv_name, per_class_report(labels[:, j], pred, a.classes))
+        plot_confusion(out / png_name, labels[:, j], pred, a.classes, a.name, top_n)
+        files[a.name] = (csv_name, png_name)
+    write_report_md(out / "report.md", schema, score, per, checkpoint=str(checkpoint),
+                    data=str(data or ckpt.config.get("data")), images=len(samples), files=files)
+    emit(table(SUMMARY_HEADERS, summary_rows(per)))
+    emit(f"score {_fmt(score)} on {len(samples)} images; report {out / 'report.md'}")
+    return EvalResult(out, score, per, len(samples))
