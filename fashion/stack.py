@@ -1,0 +1,760 @@
+"""``fashion serve``: the whole product on one machine — model repository, Triton, gateway — in one command.
+
+What ``make serve`` runs on a fresh checkout:
+
+1. **Model.** If ``--repository`` holds no servable version of the model, build the demo one: a synthetic
+   catalogue (``training.synth``), a small model trained on it (``training.train``), exported FP32
+   (``export.pipeline``). Each step is skipped when its output is already there and still matches the
+   settings. ``--checkpoint`` exports that checkpoint instead (once: a version exported from the same file is
+   reused). torch is imported only here, so a machine with a built repository starts without it.
+2. **Processes.** The pip-installed Triton (``export.tritonserver.TritonServer``, ``--model-config-name cpu``)
+   and the gateway under gunicorn, both on loopback by default, each in its own process group; ready when the
+   gateway's ``/readyz`` answers 200 (Triton up, model ready, metadata matching the served model).
+3. **Proof.** A banner with the URLs and a curl line, then one real request through the stack with its answer.
+   Then it blocks until SIGINT/SIGTERM and stops gunicorn and Triton (process groups killed if they linger).
+
+Library use::
+
+    config = ServeConfig(repository=Path("model_repository"), port=0, smoke=True)
+    serve(config)            # 0 once stopped
+
+Ports: ``0`` picks a free one. A busy port is a ``PortInUse`` error before any work starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import importlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+Say = Callable[[str], None]
+
+DEMO_SEED = 1
+TRITON_HOST = "127.0.0.1"  # Triton stays on loopback: clients go through the gateway
+MODEL_CONFIG_NAME = "cpu"  # configs/cpu.pbtxt: the python-backend variant the pip Triton can run
+SAMPLE_IMAGE_ID = 1
+
+
+class StackError(RuntimeError):
+    """The local stack cannot start or stopped working; the message says why and what to do."""
+
+
+class PortInUse(StackError):
+    """A port asked for is taken by another process."""
+
+
+class StartupTimeout(StackError):
+    """A process did not become ready in time; the message has the end of its log."""
+
+
+class ProcessExited(StackError):
+    """Triton or the gateway exited on its own; the message has the end of its log."""
+
+
+# ------------------------------------------------------------------------------------------ configuration
+@dataclass(frozen=True)
+class DemoSettings:
+    """How the demo model is built when the repository has none (defaults: what ``make serve`` builds)."""
+
+    directory: Path = Path("demo")  # synth/ and run/ go in here
+    count: int = 800
+    seed: int = DEMO_SEED
+    backbone: str = "efficientnet_b0"
+    image_size: int = 96
+    epochs: int = 8
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "directory", Path(self.directory))
+        if self.count < 20:
+            raise StackError(f"the demo catalogue needs at least 20 images to train on, got {self.count}")
+        if self.image_size < 32:
+            raise StackError(f"the demo image size must be at least 32 px, got {self.image_size}")
+        if self.epochs < 1:
+            raise StackError(f"the demo needs at least 1 epoch, got {self.epochs}")
+
+    @property
+    def synth_dir(self) -> Path:
+        return self.directory / "synth"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.directory / "run"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything ``fashion serve`` does; checked on construction.
+
+    Ports: ``0`` = a free port. ``triton_*_port`` are Triton's HTTP, gRPC and metrics ports.
+    """
+
+    repository: Path = Path("model_repository")
+    model_name: str = "fashion"
+    checkpoint: Path | None = None  # export this instead of building the demo model
+    rebuild: bool = False  # retrain the demo model (or re-export --checkpoint) even if a version exists
+    demo: DemoSettings = field(default_factory=DemoSettings)
+    host: str = "127.0.0.1"
+    port: int = 8080
+    triton_http_port: int = 8000
+    triton_grpc_port: int = 8001
+    triton_metrics_port: int = 8002
+    startup_timeout_s: float = 180.0
+    stop_timeout_s: float = 15.0  # per process, before its process group is killed
+    smoke: bool = False  # start, send the sample request, stop
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "repository", Path(self.repository))
+        if self.checkpoint is not None:
+            object.__setattr__(self, "checkpoint", Path(self.checkpoint))
+            if not self.checkpoint.is_file():
+                raise StackError(f"checkpoint {self.checkpoint} not found (a best.pt from `fashion train`)")
+        if not self.model_name or "/" in self.model_name:
+            raise StackError(f"model name must be a plain folder name, got {self.model_name!r}")
+        ports = {
+            "--port": self.port,
+            "--triton-http-port": self.triton_http_port,
+            "--triton-grpc-port": self.triton_grpc_port,
+            "--triton-metrics-port": self.triton_metrics_port,
+        }
+        for flag, port in ports.items():
+            if not 0 <= port < 65536:
+                raise StackError(f"{flag} must be a TCP port (1-65535, or 0 for a free one), got {port}")
+        given = [p for p in ports.values() if p]
+        if len(given) != len(set(given)):
+            raise StackError(f"the gateway and Triton need different ports, got {ports}")
+        if self.startup_timeout_s <= 0 or self.stop_timeout_s <= 0:
+            raise StackError("startup_timeout_s and stop_timeout_s must be positive")
+
+
+# ------------------------------------------------------------------------------------------ the model
+def servable_version(repository: Path, name: str = "fashion") -> int | None:
+    """The version the pip Triton would serve (highest numeric folder), if it is complete; else ``None``."""
+    model_dir = Path(repository) / name
+    if not (model_dir / "configs" / f"{MODEL_CONFIG_NAME}.pbtxt").is_file():
+        return None
+    versions = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    if not versions:
+        return None
+    latest = model_dir / str(versions[-1])
+    if all((latest / f).is_file() for f in ("model.onnx", "model.py", "metadata.json")):
+        return versions[-1]
+    return None
+
+
+def read_metadata(repository: Path, name: str, version: int) -> dict[str, Any]:
+    path = Path(repository) / name / str(version) / "metadata.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise StackError(f"{path} is unreadable ({e}); re-export with `fashion serve --rebuild`") from e
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def ensure_model(config: ServeConfig, say: Say) -> int:
+    """Make sure the repository serves a model (building or exporting one if needed); returns its version."""
+    version = servable_version(config.repository, config.model_name)
+    checkpoint = config.checkpoint
+    if checkpoint is not None:
+        if version is not None and not config.rebuild:
+            exported_from = read_metadata(config.repository, config.model_name, version).get("training", {})
+            if exported_from.get("checkpoint_sha256") == _file_sha256(checkpoint):
+                say(f"model: {_where(config, version)} was exported from {checkpoint}")
+                return version
+        return _timed(say, f"export {checkpoint}", lambda: export_fp32(config, checkpoint))
+    if version is not None and not config.rebuild:
+        say(f"model: {_where(config, version)} (existing; --rebuild retrains the demo model)")
+        return version
+    return build_demo(config, say)
+
+
+def _where(config: ServeConfig, version: int) -> str:
+    return f"{config.repository}/{config.model_name}/{version}"
+
+
+def build_demo(config: ServeConfig, say: Say) -> int:
+    """Synthetic catalogue → trained model → FP32 export; each step printed with its time."""
+    demo = config.demo
+    say(
+        f"building the demo model ({demo.backbone}, {demo.image_size} px, {demo.epochs} epochs, "
+        f"{demo.count} synthetic products) — a one-off; later runs reuse it"
+    )
+    started = time.perf_counter()
+    fresh_catalogue = not _catalogue_matches(demo)
+    if fresh_catalogue:
+        _timed(
+            say, f"[1/3] synthetic catalogue: {demo.count} images → {demo.synth_dir}", lambda: _synth(demo)
+        )
+    else:
+        say(f"[1/3] synthetic catalogue: {demo.synth_dir} (present)")
+    best = demo.run_dir / "best.pt"
+    reason = "the catalogue was rewritten" if fresh_catalogue else _run_mismatch(demo)
+    if reason is None and not config.rebuild:
+        say(f"[2/3] train: {best} (present)")
+    else:
+        if reason and best.is_file():
+            say(f"      retraining: {reason}")
+        _timed(say, f"[2/3] train {demo.backbone} → {demo.run_dir}", lambda: _train(demo))
+    version = _timed(say, f"[3/3] export fp32 → {config.repository}", lambda: export_fp32(config, best))
+    say(f"demo model ready in {time.perf_counter() - started:.1f} s")
+    return version
+
+
+def _timed(say: Say, what: str, work: Callable[[], Any]) -> Any:
+    say(f"{what} ...")
+    started = time.perf_counter()
+    result = work()
+    say(f"{what}: done in {time.perf_counter() - started:.1f} s")
+    return result
+
+
+def _catalogue_matches(demo: DemoSettings) -> bool:
+    styles = demo.synth_dir / "styles.csv"
+    if not styles.is_file() or not (demo.synth_dir / "images" / f"{SAMPLE_IMAGE_ID}.jpg").is_file():
+        return False
+    with styles.open(newline="", encoding="utf-8") as f:
+        rows = sum(1 for _ in csv.reader(f)) - 1
+    return rows == demo.count
+
+
+def _synth(demo: DemoSettings) -> None:
+    _stage("training.synth").generate(demo.synth_dir, demo.count, demo.seed)
+
+
+def _run_mismatch(demo: DemoSettings) -> str | None:
+    """Why ``run_dir/best.pt`` cannot be reused for these settings (``None``: it can)."""
+    best, saved = demo.run_dir / "best.pt", demo.run_dir / "config.yaml"
+    if not best.is_file():
+        return "no best.pt"
+    if not saved.is_file():
+        return f"{saved} is missing"
+    import yaml
+
+    cfg = yaml.safe_load(saved.read_text()) or {}
+    wanted = {"backbone": demo.backbone, "image_size": demo.image_size, "epochs": demo.epochs}
+    changed = [f"{k} {cfg.get(k)!r} → {v!r}" for k, v in wanted.items() if cfg.get(k) != v]
+    if Path(str(cfg.get("data", ""))).resolve() != demo.synth_dir.resolve():
+        changed.append(f"data {cfg.get('data')!r} → {str(demo.synth_dir)!r}")
+    return ", ".join(changed) or None
+
+
+def _train(demo: DemoSettings) -> None:
+    train, config = _stage("training.train"), _stage("training.config")
+    train.train(
+        config.TrainConfig(
+            data=str(demo.synth_dir.resolve()),
+            out=str(demo.run_dir),
+            format="kaggle",
+            backbone=demo.backbone,
+            image_size=demo.image_size,
+            epochs=demo.epochs,
+            seed=demo.seed,
+        )
+    )
+
+
+def export_fp32(config: ServeConfig, checkpoint: Path) -> int:
+    pipeline = _stage("export.pipeline")
+    result = pipeline.export_checkpoint(
+        pipeline.ExportOptions(checkpoint=checkpoint, repository=config.repository, name=config.model_name)
+    )
+    return int(result.version)
+
+
+def _stage(name: str) -> Any:
+    """A training/export module, imported when first needed (torch comes with most of them).
+
+    Through importlib, so that the type checker, which covers the torch-free packages, stays out of them.
+    """
+    return importlib.import_module(name)
+
+
+# ------------------------------------------------------------------------------------------ ports
+def port_free(host: str, port: int) -> bool:
+    """Whether a server could listen on ``host:port`` now (SO_REUSEADDR, as gunicorn and Triton bind)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class Ports:
+    gateway: int
+    triton_http: int
+    triton_grpc: int
+    triton_metrics: int
+
+
+def resolve_ports(config: ServeConfig) -> Ports:
+    """The four ports, ``0`` replaced by free ones; ``PortInUse`` names the flag of a busy one."""
+    from export.tritonserver import free_ports
+
+    flags = {
+        "gateway": ("--port", config.port),
+        "triton_http": ("--triton-http-port", config.triton_http_port),
+        "triton_grpc": ("--triton-grpc-port", config.triton_grpc_port),
+        "triton_metrics": ("--triton-metrics-port", config.triton_metrics_port),
+    }
+    for key, (flag, port) in flags.items():
+        host = config.host if key == "gateway" else TRITON_HOST
+        if port and not port_free(host, port):
+            raise PortInUse(
+                f"port {port} on {host} is already in use (another `fashion serve`, or another "
+                f"server); stop it, or choose another with {flag} N ({flag} 0 picks a free one)"
+            )
+    taken = {port for _, port in flags.values() if port}
+    # Bound on every address for a moment: a port free there is free on loopback and on --host.
+    spare = iter(p for p in free_ports(8, "0.0.0.0") if p not in taken)
+    return Ports(**{key: port or next(spare) for key, (_, port) in flags.items()})
+
+
+# ------------------------------------------------------------------------------------------ processes
+def _tail(path: Path, chars: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:] or "(empty)"
+    except OSError:
+        return "(no log)"
+
+
+def _http(
+    method: str,
+    url: str,
+    data: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout_s: float = 10.0,
+) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+class Gateway:
+    """gunicorn serving ``gateway:create_app()`` in its own process group; ``stop`` leaves no worker."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, host: str, port: int) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.host = host
+        self.port = port
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """Where a client on this machine reaches it (loopback when it listens on every address)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def start(self) -> Gateway:
+        cmd = [sys.executable, "-m", "gunicorn", "-c", "python:gateway.gunicorn_conf", "gateway:create_app()"]
+        log.info("starting gunicorn: %s", " ".join(cmd))
+        with self.log_path.open("ab") as out:
+            self.process = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            )
+        return self
+
+    def exit_code(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def stop(self, timeout_s: float) -> int | None:
+        """SIGTERM to the master (graceful: workers finish their requests), SIGKILL to the group after
+        ``timeout_s``; then SIGKILL to the group again for any worker that outlived its master."""
+        process, self.process = self.process, None
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("gunicorn did not stop in %.0f s; killing its process group", timeout_s)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        return process.returncode
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Where the running stack answers."""
+
+    gateway: str  # http://host:port
+    triton_http: str
+    triton_grpc: str
+    triton_metrics: str
+    triton_pid: int
+    gateway_pid: int
+    logs: tuple[Path, Path]  # triton, gateway
+
+
+class RunningStack:
+    """Handle on the started processes: where they answer, and whether both still run."""
+
+    def __init__(self, triton: Any, gateway: Gateway) -> None:
+        self._triton = triton
+        self._gateway = gateway
+        self.endpoints = Endpoints(
+            gateway=gateway.url,
+            triton_http=f"http://{triton.http_url}",
+            triton_grpc=triton.grpc_url,
+            triton_metrics=triton.metrics_url,
+            triton_pid=triton.pid or 0,
+            gateway_pid=gateway.pid or 0,
+            logs=(triton.log_path, gateway.log_path),
+        )
+
+    def check(self) -> None:
+        """``ProcessExited`` (with the end of its log) if Triton or gunicorn is gone."""
+        code = self._gateway.exit_code()
+        if code is not None:
+            raise ProcessExited(
+                f"the gateway (gunicorn) exited with status {code}:\n{_tail(self._gateway.log_path)}"
+            )
+        if not self._triton.is_running():
+            raise ProcessExited(f"tritonserver exited:\n{self._triton.log_tail(3000)}")
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Until the gateway's ``/readyz`` is 200 (Triton up, model ready, metadata matching)."""
+        deadline = time.monotonic() + timeout_s
+        last = "no answer yet"
+        while time.monotonic() < deadline:
+            self.check()
+            try:
+                status, body = _http("GET", self._gateway.url + "/readyz", timeout_s=2)
+                if status == 200:
+                    return
+                last = f"{status} {body.decode(errors='replace')[:300]}"
+            except OSError as e:
+                last = str(e)
+            time.sleep(0.25)
+        raise StartupTimeout(
+            f"the gateway was not ready after {timeout_s:.0f} s (last /readyz: {last})\n"
+            f"--- gateway log ---\n{_tail(self._gateway.log_path)}\n"
+            f"--- triton log ---\n{self._triton.log_tail(3000)}"
+        )
+
+
+@contextlib.contextmanager
+def running_stack(config: ServeConfig, ports: Ports, workdir: Path) -> Iterator[RunningStack]:
+    """Triton, then the gateway; ready when the ``with`` body starts; both always stopped on exit."""
+    from export.tritonserver import TritonServer
+
+    metrics_dir = workdir / "prometheus"
+    metrics_dir.mkdir()
+    repository = config.repository.resolve()
+    triton = TritonServer(
+        repository,
+        [config.model_name],
+        model_config_name=MODEL_CONFIG_NAME,
+        host=TRITON_HOST,
+        http_port=ports.triton_http,
+        grpc_port=ports.triton_grpc,
+        metrics_port=ports.triton_metrics,
+        startup_timeout_s=config.startup_timeout_s,
+        log_file=workdir / "triton.log",
+    )
+    env = {
+        **os.environ,
+        "FASHION_TRITON_URL": triton.grpc_url,
+        "FASHION_TRITON_PROTOCOL": "grpc",
+        "FASHION_MODEL_NAME": config.model_name,
+        "FASHION_MODEL_REPOSITORY": str(repository),
+        "FASHION_PORT": str(ports.gateway),
+        "FASHION_BIND": f"{config.host}:{ports.gateway}",
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+    }
+    gateway = Gateway(env, workdir / "gateway.log", config.host, ports.gateway)
+    try:
+        triton.start()
+        gateway.start()
+        stack = RunningStack(triton, gateway)
+        stack.wait_ready(config.startup_timeout_s)
+        yield stack
+    finally:
+        # A second Ctrl-C must not cut the shutdown short (it is bounded by the stop timeouts).
+        with _signals_deferred():
+            gateway.stop(config.stop_timeout_s)
+            triton.stop(config.stop_timeout_s)
+
+
+# ------------------------------------------------------------------------------------------ signals
+class StopRequested(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived (a KeyboardInterrupt, so anything mid-start unwinds and cleans up)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_deferred = threading.local()
+
+
+def _on_stop_signal(signum: int, frame: FrameType | None) -> None:
+    if getattr(_deferred, "active", False):
+        log.info("%s received while stopping; still stopping", signal.Signals(signum).name)
+        return
+    raise StopRequested(signum)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    previous = getattr(_deferred, "active", False)
+    _deferred.active = True
+    try:
+        yield
+    finally:
+        _deferred.active = previous
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM raise ``StopRequested`` (main thread only; elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {s: signal.signal(s, _on_stop_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+# ------------------------------------------------------------------------------------------ the request
+def sample_image(demo: DemoSettings) -> Path:
+    """A demo catalogue photo; if there is no catalogue (``--checkpoint``), one synthetic photo is drawn."""
+    path = demo.synth_dir / "images" / f"{SAMPLE_IMAGE_ID}.jpg"
+    if path.is_file():
+        return path
+    synth = _stage("training.synth")
+    path = demo.directory / "sample.jpg"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image, quality = synth.render(synth.sample_row(SAMPLE_IMAGE_ID, demo.seed), demo.seed)
+    image.save(path, "JPEG", quality=quality)
+    return path
+
+
+def predict_file(url: str, image: Path, timeout_s: float = 30.0) -> dict[str, Any]:
+    """``POST url/v1/predict`` with ``image`` as multipart field ``image`` (what the curl line sends)."""
+    boundary = f"fashion-serve-{uuid.uuid4().hex}"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{image.name}"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + image.read_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    status, data = _http(
+        "POST",
+        url + "/v1/predict",
+        body,
+        {"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        timeout_s,
+    )
+    try:
+        answer = json.loads(data)
+    except ValueError as e:
+        raise StackError(f"the gateway answered {status} with a body that is not JSON: {data[:200]!r}") from e
+    if status != 200:
+        raise StackError(f"the sample request failed with {status}: {answer}")
+    return answer
+
+
+def describe_prediction(answer: dict[str, Any]) -> list[str]:
+    rows = []
+    for attribute, p in answer.get("predictions", {}).items():
+        flag = "  (uncertain)" if p.get("uncertain") else ""
+        rows.append(f"  {attribute:<16} {p['label']:<16} {p['confidence']:.2f}{flag}")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ serve
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it is inside it (shorter curl lines)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path.resolve())
+
+
+def banner(config: ServeConfig, version: int, endpoints: Endpoints, image: Path) -> list[str]:
+    meta = read_metadata(config.repository, config.model_name, version)
+    model = meta.get("model", {})
+    size = meta.get("preprocessing", {}).get("image_size", "?")
+    url = endpoints.gateway
+    return [
+        "",
+        f"serving {config.model_name} version {version} ({model.get('backbone', '?')}, {size} px, "
+        f"{len(meta.get('outputs', []))} attributes) from {_shown(config.repository)}",
+        f"  upload page     {url}/",
+        f"  API             POST {url}/v1/predict   POST {url}/v1/predict/batch   GET {url}/v1/models",
+        f"  health/metrics  {url}/healthz   {url}/readyz   {url}/metrics",
+        f"  Triton          HTTP {endpoints.triton_http}   gRPC {endpoints.triton_grpc}   "
+        f"metrics {endpoints.triton_metrics}",
+        f"  processes       tritonserver pid {endpoints.triton_pid}, gunicorn pid {endpoints.gateway_pid}",
+        f"  logs            {endpoints.logs[0]}   {endpoints.logs[1]}   (removed on exit)",
+        "try it:",
+        f"  curl -F image=@{_shown(image)} {url}/v1/predict",
+    ]
+
+
+def serve(config: ServeConfig, say: Say | None = None) -> int:
+    """Build the model if needed, run Triton and the gateway, prove a request works, block until a stop
+    signal (or return at once with ``smoke``), stop both. Returns 0; raises ``StackError`` subclasses."""
+    from fashion.console import emit
+
+    say = say or emit
+    with stop_signals():
+        resolve_ports(config)  # a busy port fails now, not after minutes of building
+        version = ensure_model(config, say)
+        ports = resolve_ports(config)  # again: the build may have taken minutes
+        image = sample_image(config.demo)
+        workdir = Path(tempfile.mkdtemp(prefix="fashion-serve-"))
+        try:
+            say("starting Triton and the gateway ...")
+            started = time.perf_counter()
+            with running_stack(config, ports, workdir) as stack:
+                endpoints = stack.endpoints
+                say(f"ready in {time.perf_counter() - started:.1f} s")
+                for line in banner(config, version, endpoints, image):
+                    say(line)
+                answer = predict_file(endpoints.gateway, image)
+                timing = answer.get("timing_ms", {})
+                total_ms = timing.get("total", float("nan"))
+                say(f"prediction for {_shown(image)} ({total_ms:.1f} ms in the gateway):")
+                for line in describe_prediction(answer):
+                    say(line)
+                if config.smoke:
+                    say("smoke test passed; stopping the gateway and Triton ...")
+                else:
+                    say("serving; press Ctrl-C to stop")
+                    try:
+                        _block_until_stopped(stack)
+                    except StopRequested as stop:
+                        say(f"{stop.args[0]} received; stopping the gateway and Triton ...")
+            say("stopped")
+            return 0
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _block_until_stopped(stack: RunningStack) -> None:
+    """Sleep until a stop signal; a child that dies on its own ends the wait with ``ProcessExited``."""
+    while True:
+        time.sleep(0.5)
+        stack.check()
+
+
+# ------------------------------------------------------------------------------------------ CLI
+EPILOG = """examples:
+  fashion serve                                   # build the demo model once, then serve it on :8080
+  fashion serve --port 0 --triton-http-port 0 --triton-grpc-port 0 --triton-metrics-port 0   # free ports
+  fashion serve --checkpoint runs/kaggle/best.pt  # export and serve your own model
+  fashion serve --smoke                           # start, send one request, stop (CI)
+"""
+
+
+def register(sub: Any) -> None:
+    import argparse
+
+    p = sub.add_parser(
+        "serve",
+        help="run the local stack: Triton + the gateway (builds a demo model first if there is none)",
+        description="Serve the model repository with the pip-installed Triton and the gateway under "
+        "gunicorn. If the repository has no servable model, build the demo one first (synthetic catalogue → "
+        "small model → FP32 export). Stops both on Ctrl-C or SIGTERM.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    a = p.add_argument
+    a("--repository", default="model_repository", help="Triton model repository (default model_repository)")
+    a("--checkpoint", help="export and serve this checkpoint instead of the demo model")
+    a(
+        "--rebuild",
+        action="store_true",
+        help="retrain the demo model (or re-export --checkpoint) and export a "
+        "new version even if the repository already has one",
+    )
+    a("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    a("--port", type=int, default=8080, help="gateway port (default 8080; 0 = a free one)")
+    a("--triton-http-port", type=int, default=8000, help="default 8000; 0 = a free one")
+    a("--triton-grpc-port", type=int, default=8001, help="default 8001; 0 = a free one")
+    a("--triton-metrics-port", type=int, default=8002, help="default 8002; 0 = a free one")
+    a("--startup-timeout-s", type=float, default=180.0, help="how long to wait for readiness (default 180)")
+    a("--smoke", action="store_true", help="start, send the sample request, stop and exit 0")
+    d = p.add_argument_group("demo model (built when the repository has none)")
+    d.add_argument("--demo-dir", default="demo", help="where synth/ and run/ go (default demo)")
+    d.add_argument("--demo-count", type=int, default=800, help="synthetic products (default 800)")
+    d.add_argument(
+        "--backbone",
+        default="efficientnet_b0",
+        help="default efficientnet_b0; test_efficientnet is tiny (CI)",
+    )
+    d.add_argument("--image-size", type=int, default=96, help="default 96")
+    d.add_argument("--epochs", type=int, default=8, help="default 8")
+    p.set_defaults(func=_command)
+
+
+def _command(args: Any) -> int:
+    config = ServeConfig(
+        repository=args.repository,
+        checkpoint=args.checkpoint,
+        rebuild=args.rebuild,
+        demo=DemoSettings(
+            directory=args.demo_dir,
+            count=args.demo_count,
+            backbone=args.backbone,
+            image_size=args.image_size,
+            epochs=args.epochs,
+        ),
+        host=args.host,
+        port=args.port,
+        triton_http_port=args.triton_http_port,
+        triton_grpc_port=args.triton_grpc_port,
+        triton_metrics_port=args.triton_metrics_port,
+        startup_timeout_s=args.startup_timeout_s,
+        smoke=args.smoke,
+    )
+    return serve(config)
