@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageChops, ImageOps, UnidentifiedImageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -68,6 +68,11 @@ class Preprocessing:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     fill: tuple[int, int, int] = (255, 255, 255)
+    # Catalogue photos put the product on a plain light background with wide margins. With
+    # ``trim > 0`` the margins whose pixels all lie within ``trim`` (0-255, per channel) of the
+    # background are cropped away before resizing, so the product fills the input whatever its
+    # framing; photos without a plain background are left as they are. 0 turns it off.
+    trim: int = 0
     # Fixed by this implementation, recorded so that a reader knows the tensor it must send.
     layout: str = field(default="NHWC", init=False)
     dtype: str = field(default="uint8", init=False)
@@ -84,6 +89,8 @@ class Preprocessing:
         for name in ("mean", "std", "fill"):
             if len(getattr(self, name)) != 3:
                 raise ValueError(f"{name} must have 3 values (R, G, B)")
+        if not 0 <= self.trim <= 128:
+            raise ValueError(f"trim must be between 0 and 128, got {self.trim}")
         if min(self.std) <= 0:
             raise ValueError("std values must be positive")
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
@@ -95,7 +102,7 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
-        known = {"image_size", "resize_mode", "interpolation", "mean", "std", "fill"}
+        known = {"image_size", "resize_mode", "interpolation", "mean", "std", "fill", "trim"}
         if data.get("layout", "NHWC") != "NHWC" or data.get("dtype", "uint8") != "uint8":
             raise ValueError("only the NHWC uint8 contract is implemented")
         return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in known})
@@ -160,7 +167,8 @@ def _draft_request(width: int, height: int, pre: Preprocessing) -> tuple[int, in
         return (size, size)
     # letterbox scales the long side to `size`, center_crop the short side; both keep the aspect.
     side = max(width, height) if pre.resize_mode == "letterbox" else min(width, height)
-    scale = size / side
+    # Trimming keeps part of the image: decode at twice the size so the crop still covers the target.
+    scale = min(1.0, size * (2 if pre.trim else 1) / side)
     return (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale)))
 
 
@@ -183,8 +191,37 @@ def to_rgb(image: Image.Image, fill: tuple[int, int, int] = (255, 255, 255)) -> 
     return image.convert("RGB")
 
 
+TRIM_MARGIN = 0.04  # of the kept box's longer side, so that outlines are not cut
+
+
+def trim_background(image: Image.Image, threshold: int) -> Image.Image:
+    """Crop plain margins: the box of pixels farther than ``threshold`` from the corner colour.
+
+    The background colour is the brightest of the four corners (catalogue backgrounds are light;
+    a product touching one corner does not fool it). Returns ``image`` itself when nothing would be
+    cropped or when no pixel stands out.
+    """
+    width, height = image.size
+    corners = [image.getpixel(xy) for xy in ((0, 0), (width - 1, 0), (0, height - 1), (width - 1, height - 1))]
+    background = max(corners, key=lambda c: sum(c))  # type: ignore[arg-type]
+    diff = ImageChops.difference(image, Image.new("RGB", image.size, background))
+    r, g, b = diff.split()
+    mask = ImageChops.lighter(ImageChops.lighter(r, g), b).point(lambda v: 255 if v > threshold else 0)
+    box = mask.getbbox()
+    if box is None:
+        return image
+    x0, y0, x1, y1 = box
+    pad = round(TRIM_MARGIN * max(x1 - x0, y1 - y0))
+    x0, y0, x1, y1 = max(0, x0 - pad), max(0, y0 - pad), min(width, x1 + pad), min(height, y1 + pad)
+    if (x0, y0, x1, y1) == (0, 0, width, height):
+        return image
+    return image.crop((x0, y0, x1, y1))
+
+
 def resize(image: Image.Image, pre: Preprocessing) -> np.ndarray:
     """An RGB image to the contract's ``(size, size, 3)`` uint8 array."""
+    if pre.trim:
+        image = trim_background(image, pre.trim)
     size = pre.image_size
     resample = INTERPOLATIONS[pre.interpolation]
     width, height = image.size

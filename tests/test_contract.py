@@ -102,3 +102,33 @@ def test_preprocessing_round_trips_through_a_dict_and_rejects_bad_values():
     assert Preprocessing.from_dict(PRE.to_dict()) == PRE
     with pytest.raises(ValueError, match="resize_mode"):
         Preprocessing(resize_mode="stretch")
+
+
+def _product_on_white(size=(400, 600), box=(150, 250, 250, 350), colour=(200, 30, 30)) -> bytes:
+    image = Image.new("RGB", size, (250, 250, 250))
+    image.paste(colour, box)
+    return encode(image, "PNG")
+
+
+def test_trim_makes_a_small_product_fill_the_input():
+    pre = Preprocessing(image_size=64, trim=24)
+    out = preprocess(_product_on_white(), pre)
+    red = (out[..., 0] > 150) & (out[..., 1] < 100)
+    assert red.mean() > 0.8  # without trim the 100×100 square would cover about 3 % of a 400×600 letterbox
+    untrimmed = preprocess(_product_on_white(), Preprocessing(image_size=64))
+    assert ((untrimmed[..., 0] > 150) & (untrimmed[..., 1] < 100)).mean() < 0.1
+
+
+def test_trim_leaves_photos_without_a_plain_background_alone():
+    noise = np.random.default_rng(0).integers(0, 255, (120, 80, 3), dtype=np.uint8)
+    data = encode(Image.fromarray(noise), "PNG")
+    trimmed = preprocess(data, Preprocessing(image_size=64, trim=24, interpolation="nearest"))
+    plain = preprocess(data, Preprocessing(image_size=64, interpolation="nearest"))
+    np.testing.assert_array_equal(trimmed, plain)
+
+
+def test_trim_round_trips_through_the_metadata_dict():
+    pre = Preprocessing(image_size=96, trim=24)
+    assert Preprocessing.from_dict(pre.to_dict()) == pre
+    with pytest.raises(ValueError, match="trim"):
+        Preprocessing(trim=300)

@@ -174,7 +174,11 @@ def test_metadata_carries_the_contract_outputs_training_run_and_checks(exported,
     assert meta["preprocessing"] == ckpt.preprocessing.to_dict()
     assert [o["tensor"] for o in meta["outputs"]] == [a.tensor for a in ckpt.schema.attributes]
     assert meta["outputs"][0]["classes"] == list(ckpt.schema.attributes[0].classes)
-    assert meta["outputs"][0]["temperature"] == pytest.approx(1.0)
+    # `fashion train` calibrates best.pt: the fitted temperatures and thresholds travel into the metadata.
+    temperatures = ckpt.temperatures()
+    for out in meta["outputs"]:
+        assert out["temperature"] == pytest.approx(temperatures[out["attribute"]])
+        assert out["threshold"] == pytest.approx(ckpt.thresholds.get(out["attribute"]))
     assert len(meta["training"]["weights_sha256"]) == 64
     assert meta["training"]["run_config"]["backbone"] == "test_efficientnet"
     parity = meta["export"]["parity"]

@@ -68,6 +68,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
         "schema": model.schema.to_dict(),
         "preprocessing": model.preprocessing.to_dict(),
         "dropout": float(next(iter(model.heads.values()))[0].p),
+        "colour_grid": model.colour_grid,
         "state_dict": state,
         "config": ckpt.config,
         "epoch": ckpt.epoch,
@@ -93,7 +94,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         raise CheckpointError(f"{path} is not a {FORMAT} file (written by `fashion train`)")
     schema = LabelSchema.from_dict(payload["schema"])
     pre = Preprocessing.from_dict(payload["preprocessing"])
-    model = build_model(payload["backbone"], schema, pre, dropout=payload.get("dropout", 0.2))
+    model = build_model(payload["backbone"], schema, pre, dropout=payload.get("dropout", 0.2),
+        colour_grid=payload.get("colour_grid", 0),
+    )
     model.load_state_dict(payload["state_dict"])
     model.to(device).eval()
     return Checkpoint(

@@ -1,4 +1,5 @@
-"""`fashion synth` and `fashion train`: argument parsing only; the work is in library functions."""
+"""`fashion synth`, `train`, `evaluate`, `predict`, `explain`, `calibrate`: argument parsing only; the work
+is in library functions."""
 
 from __future__ import annotations
 
@@ -49,8 +50,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("--weights", help="start from a local weights file (timm format) — for clusters without internet")
     a("--image-size", type=int, help="square input size (default 224)")
     a("--resize-mode", choices=["letterbox", "squash", "center_crop"], help="default letterbox")
+    a("--trim", type=int, help="crop plain light margins within this distance of the background "
+      "(0-128; default 24, 0 = off)")
+    a("--colour-grid", type=int, help="heads also see the mean colour of a N×N grid (default 4; 0 = off)")
+    a("--head-lr-scale", type=float, help="learning-rate multiplier of the heads (default 10)")
     a("--epochs", type=int, help="default 20")
-    a("--batch-size", type=int, help="default 32")
+    a("--batch-size", type=int, help="default 16 (raise it on a GPU, with --lr)")
     a("--lr", type=float, help="peak learning rate of AdamW (default 2e-3)")
     a("--weight-decay", type=float)
     a("--label-smoothing", type=float)
@@ -67,6 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("--time-budget-min", type=float, help="stop after this many minutes")
     a("--max-samples", type=int, help="use only the first N usable rows")
     t.set_defaults(func=_train)
+    register_analysis(sub)
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -91,11 +97,160 @@ def _train(args: argparse.Namespace) -> int:
 
     names = [
         "data", "out", "format", "attributes", "backbone", "pretrained", "weights", "image_size",
-        "resize_mode", "epochs", "batch_size", "lr", "weight_decay", "label_smoothing", "class_weights",
+        "resize_mode", "trim", "colour_grid", "head_lr_scale", "epochs", "batch_size", "lr", "weight_decay", "label_smoothing", "class_weights",
         "mixup_alpha", "cutmix_alpha", "min_class_count", "val_fraction", "patience", "seed", "workers",
         "device", "resume", "time_budget_min", "max_samples",
     ]
     overrides: dict[str, Any] = {n: getattr(args, n) for n in names}
     cfg = TrainConfig.from_sources(args.config, overrides)
     train(cfg)
+    return 0
+
+
+# --- evaluate / predict / explain / calibrate --------------------------------------------------------
+
+EPILOG_EVALUATE = """examples:
+  fashion evaluate --checkpoint demo/run/best.pt --data demo/synth-test --out demo/eval
+  fashion evaluate --checkpoint runs/kaggle/best.pt --subset val --out runs/kaggle/eval   # the trainer's
+                                                                   # validation split, re-created
+writes OUT/metrics.json, OUT/reports/<attr>.csv, OUT/confusion/<attr>.png and OUT/report.md
+"""
+
+EPILOG_PREDICT = """examples:
+  fashion predict --checkpoint runs/meesho/best.pt --data ~/meesho --out submission.csv   # test.csv
+  fashion predict --checkpoint demo/run/best.pt --data demo/synth-test --out predictions.csv
+  fashion predict --checkpoint demo/run/best.pt --data photos/ --out predictions.csv     # a folder of images
+
+Meesho layout: the competition's submission file (id, Category, len, attr_1..attr_10, 'dummy' in unused
+slots). The format needs a value in every slot, so there is no abstaining: the most probable class is
+written even below the attribute's threshold. Other layouts: <attr>, <attr>_confidence and
+<attr>_uncertain per attribute; below the threshold (from `fashion calibrate`) the class is left empty
+and <attr>_uncertain is 1.
+"""
+
+EPILOG_EXPLAIN = """examples:
+  fashion explain --checkpoint demo/run/best.pt --out demo/cam demo/synth/images/1.jpg demo/synth/images/2.jpg
+  fashion explain --checkpoint demo/run/best.pt --out demo/cam --attribute baseColour demo/synth/images/*.jpg
+"""
+
+EPILOG_CALIBRATE = """examples:
+  fashion calibrate --checkpoint runs/kaggle/best.pt --out runs/kaggle/calibrated.pt
+  fashion calibrate --checkpoint best.pt --data ~/kaggle/holdout --out calibrated.pt --target-precision 0.95
+
+`fashion train` already calibrates best.pt on its validation split; this re-does it (other data or
+another target precision).
+"""
+
+
+FORMATS = ("auto", "kaggle", "meesho", "csv")  # as training.data.FORMATS, without importing it here
+
+
+def _common(p: argparse.ArgumentParser, data_help: str, formats: tuple[str, ...] = FORMATS) -> None:
+    p.add_argument("--checkpoint", required=True, help="best.pt or last.pt written by `fashion train`")
+    p.add_argument("--data", help=data_help)
+    p.add_argument("--format", choices=formats, default="auto", help="dataset layout (default: detect)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1")
+
+
+def register_analysis(sub: argparse._SubParsersAction) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+    e = sub.add_parser(
+        "evaluate", help="per-attribute metrics, class reports, confusion matrices and report.md",
+        description="Evaluate a checkpoint on a labelled dataset (any layout `fashion train` reads).",
+        epilog=EPILOG_EVALUATE, formatter_class=fmt)
+    _common(e, "labelled dataset folder (or CSV file); optional with --subset val")
+    e.add_argument("--out", required=True, help="folder for metrics.json, reports/, confusion/, report.md")
+    e.add_argument("--split", default="train", help="Meesho table to read: train (default) or test")
+    e.add_argument("--subset", choices=["all", "val"], default="all",
+                   help="all images of --data (default) or the trainer's validation split, re-created")
+    e.add_argument("--top-classes", type=int, default=20,
+                   help="classes shown in a confusion matrix; the rest are pooled (default 20)")
+    e.set_defaults(func=_evaluate)
+
+    p = sub.add_parser(
+        "predict", help="batch predictions as CSV (Meesho: the competition's submission format)",
+        description="Predict every image of a test set, labelled or not.",
+        epilog=EPILOG_PREDICT, formatter_class=fmt)
+    _common(p, "test set: a dataset folder, a CSV file, or a folder of images", (*FORMATS, "images"))
+    p.add_argument("--out", required=True, help="CSV file to write")
+    p.add_argument("--split", help="Meesho table: test (default when test.csv exists) or train")
+    p.add_argument("--no-abstain", action="store_true",
+                   help="always write the most probable class, even below the threshold")
+    p.set_defaults(func=_predict)
+
+    x = sub.add_parser(
+        "explain", help="Grad-CAM heatmaps over the images, one PNG per image and attribute",
+        description="Show where the model looks: Grad-CAM of the predicted class, overlaid on the photo.",
+        epilog=EPILOG_EXPLAIN, formatter_class=fmt)
+    x.add_argument("--checkpoint", required=True, help="best.pt or last.pt written by `fashion train`")
+    x.add_argument("--out", required=True, help="folder for the overlay PNGs")
+    x.add_argument("--attribute", action="append",
+                   help="attribute to explain (repeat for several; default: all of them)")
+    x.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
+    x.add_argument("images", nargs="+", help="image files")
+    x.set_defaults(func=_explain)
+
+    c = sub.add_parser(
+        "calibrate", help="fit per-attribute temperatures and abstain thresholds; report ECE before/after",
+        description="Temperature scaling per attribute and abstain thresholds for a target precision, "
+        "fitted on the validation split (default) or on --data; written into a new checkpoint.",
+        epilog=EPILOG_CALIBRATE, formatter_class=fmt)
+    _common(c, "labelled data to calibrate on (default: the checkpoint's validation split, re-created)")
+    c.add_argument("--out", required=True, help="calibrated checkpoint to write (may be --checkpoint)")
+    c.add_argument("--split", default="train", help="Meesho table to read: train (default) or test")
+    c.add_argument("--target-precision", type=float, default=0.9,
+                   help="precision the confident predictions must reach on the data (default 0.9)")
+    c.set_defaults(func=_calibrate)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate
+
+    evaluate(args.checkpoint, args.out, args.data, format=args.format, split=args.split, subset=args.subset,
+             top_n=args.top_classes, batch_size=args.batch_size, device=args.device)
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from fashion.console import emit
+    from training.predict import predict
+
+    if args.data is None:
+        from fashion.cli import CommandError
+
+        raise CommandError("--data is required")
+    result = predict(args.checkpoint, args.data, args.out, format=args.format, split=args.split,
+                     batch_size=args.batch_size, device=args.device, abstain=not args.no_abstain)
+    emit(f"wrote {result.rows} rows to {result.out} ({result.failed} images could not be decoded)")
+    for name, share in result.uncertain.items():
+        emit(f"  {name}: {share:.1%} uncertain")
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from fashion.console import emit, table
+    from training.checkpoint import load_checkpoint
+    from training.explain import explain
+    from training.train import resolve_device
+
+    device = resolve_device(args.device)
+    ckpt = load_checkpoint(args.checkpoint, device)
+    results = explain(ckpt.model, args.images, args.out, args.attribute, device=device)
+    emit(table(["image", "attribute", "predicted", "confidence", "heatmap"],
+               [[r.image, r.attribute, r.predicted, f"{r.confidence:.3f}", r.out] for r in results]))
+    on_product = sum(r.peak_on_product for r in results)
+    emit(f"heatmap peak on the product (pixels unlike the plain background): {on_product}/{len(results)}")
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from training.calibrate import calibrate
+
+    if not 0.0 < args.target_precision <= 1.0:
+        from fashion.cli import CommandError
+
+        raise CommandError("--target-precision must be in (0, 1]")
+    calibrate(args.checkpoint, args.out, args.data, format=args.format, split=args.split,
+              target_precision=args.target_precision, batch_size=args.batch_size, device=args.device)
     return 0

@@ -30,9 +30,10 @@ class TrainConfig:
     weights: str | None = None
     image_size: int = 224
     resize_mode: str = "letterbox"
+    trim: int = 24  # crop plain light margins before resizing (fashion.contract.Preprocessing.trim); 0: off
     interpolation: str | None = None  # None: what the backbone's published weights expect
     epochs: int = 20
-    batch_size: int = 32
+    batch_size: int = 16  # small batches = more updates per epoch; raise it on a GPU
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
@@ -41,6 +42,8 @@ class TrainConfig:
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     dropout: float = 0.2
+    colour_grid: int = 4  # heads also see the mean colour of a grid×grid layout of the input; 0: off
+    head_lr_scale: float = 10.0  # heads learn this many times faster than the backbone
     grad_clip: float = 5.0
     patience: int = 5  # early stopping: epochs without a better validation score
     min_class_count: int = 5  # rarer classes fold into "other"; 0 or 1 turns folding off

@@ -76,12 +76,14 @@ class FashionNet(nn.Module):
         schema: LabelSchema,
         preprocessing: Preprocessing,
         dropout: float = 0.2,
+        colour_grid: int = 0,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.schema = schema
         self.preprocessing = preprocessing
-        features = int(getattr(backbone, "num_features"))
+        self.colour_grid = colour_grid
+        features = int(backbone.num_features) + 3 * colour_grid * colour_grid
         self.heads = nn.ModuleDict(
             {
                 a.tensor: nn.Sequential(nn.Dropout(dropout), nn.Linear(features, a.num_classes))
@@ -101,7 +103,17 @@ class FashionNet(nn.Module):
         return (x - self.mean) / self.std
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone(self.normalize(images))
+        x = self.normalize(images)
+        f = self.backbone(x)
+        if not self.colour_grid:
+            return f
+        # Colour context: the mean colour of each cell of a coarse grid, next to the backbone's
+        # features. A CNN trained from scratch learns shapes quickly but colour names slowly (its
+        # batch norms and gates wash out absolute colour); the heads get it directly here.
+        # Fixed kernel (not adaptive pooling) so that the ONNX graph is plain AveragePool.
+        k = self.preprocessing.image_size // self.colour_grid
+        grid = nn.functional.avg_pool2d(x[:, :, : k * self.colour_grid, : k * self.colour_grid], k)
+        return torch.cat([f, grid.flatten(1)], dim=1)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         f = self.features(images)
@@ -136,8 +148,9 @@ def build_model(
     pretrained: bool = False,
     weights: str | None = None,
     dropout: float = 0.2,
+    colour_grid: int = 0,
 ) -> FashionNet:
     body = create_backbone(
         backbone, pretrained=pretrained, weights=weights, image_size=preprocessing.image_size
     )
-    return FashionNet(body, schema, preprocessing, dropout=dropout)
+    return FashionNet(body, schema, preprocessing, dropout=dropout, colour_grid=colour_grid)

@@ -383,7 +383,8 @@ def _sleeve(
 def _top(sleeve: str, rng: np.random.Generator, *, collar: bool) -> Shape:
     """A T-shirt (round neck, straight hem) or a shirt (collar, button placket, curved tails)."""
     half = 0.3 * rng.uniform(0.93, 1.07)
-    length = (1.05 if collar else 0.95) * rng.uniform(0.95, 1.05)
+    # Shirts are long (tails below the hips), T-shirts short and boxy: the silhouette alone tells them apart.
+    length = (1.3 if collar else 0.82) * rng.uniform(0.95, 1.05)
     neck_w = 0.1
     neck = _arc(0, 0, neck_w, 0.1 if collar else 0.09, 180, 0)  # left → right, dipping in the middle
     arm = _sleeve((half, 0.05), (half, 0.3), sleeve, length - 0.08, neck_w)
@@ -393,9 +394,11 @@ def _top(sleeve: str, rng: np.random.Generator, *, collar: bool) -> Shape:
     body = _symmetric(neck, np.concatenate([arm, hem]))
     marks: list[Mark] = []
     if collar:
-        leaf = _pts((neck_w - 0.01, -0.03), (neck_w + 0.07, 0.03), (0.09, 0.21), (0.0, 0.1))
-        marks.append(Mark(_rect(-0.04, 0.1, 0.04, length + 0.03), "base", outlined=True))
-        marks += [Mark(leaf, "base", outlined=True), Mark(_mirror(leaf), "base", outlined=True)]
+        # Collar and placket in the detail shade, large enough to read at 96 px: they are what tells
+        # a shirt from a T-shirt once the photo is small.
+        leaf = _pts((neck_w - 0.02, -0.05), (neck_w + 0.1, 0.02), (0.1, 0.26), (0.0, 0.11))
+        marks.append(Mark(_rect(-0.055, 0.1, 0.055, length + 0.03), "detail", outlined=True))
+        marks += [Mark(leaf, "detail", outlined=True), Mark(_mirror(leaf), "detail", outlined=True)]
         marks += [Mark(_circle(0.0, y, 0.02), "light") for y in np.arange(0.2, length - 0.02, 0.13)]
         marks.append(Mark(_pts((0.1, 0.26), (0.1, 0.4), (0.22, 0.4), (0.22, 0.26)), "detail", width=0.014))
     else:

@@ -55,7 +55,9 @@ def resolve_device(name: str) -> torch.device:
 
 def preprocessing_for(cfg: TrainConfig) -> Preprocessing:
     interpolation = cfg.interpolation or BACKBONES[cfg.backbone]["interpolation"]
-    return Preprocessing(image_size=cfg.image_size, resize_mode=cfg.resize_mode, interpolation=interpolation)
+    return Preprocessing(
+        image_size=cfg.image_size, resize_mode=cfg.resize_mode, interpolation=interpolation, trim=cfg.trim
+    )
 
 
 def class_weights(labels: np.ndarray, schema: LabelSchema, mode: str) -> list[torch.Tensor | None]:
@@ -237,7 +239,13 @@ def train(cfg: TrainConfig) -> TrainResult:
         model = resumed.model
     else:
         model = build_model(
-            cfg.backbone, schema, pre, pretrained=cfg.pretrained, weights=cfg.weights, dropout=cfg.dropout
+            cfg.backbone,
+            schema,
+            pre,
+            pretrained=cfg.pretrained,
+            weights=cfg.weights,
+            dropout=cfg.dropout,
+            colour_grid=cfg.colour_grid,
         )
     model.to(device)
     use_channels_last = cfg.channels_last
@@ -248,7 +256,16 @@ def train(cfg: TrainConfig) -> TrainResult:
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[local_rank] if device.type == "cuda" else None
         )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # The heads are small linear layers on top of a shared backbone: they converge faster with a larger
+    # step (the usual fine-tuning recipe, and it matters most when the backbone starts from scratch).
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": model.backbone.parameters()},
+            {"params": model.heads.parameters(), "lr": cfg.lr * cfg.head_lr_scale},
+        ],
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+    )
     steps_per_epoch = max(len(loader), 1)
     scheduler = _warmup_cosine(
         optimizer, int(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch
@@ -336,6 +353,11 @@ def train(cfg: TrainConfig) -> TrainResult:
         ]
         emit(table(["attribute", "val n", "accuracy", "macro F1", "harmonic F1"], rows))
         emit(f"best validation score {best_score:.4f} at epoch {best_epoch}; run directory {run_dir}")
+        if (run_dir / "best.pt").is_file():
+            # Per-head temperatures and abstain thresholds for best.pt, fitted on the validation split.
+            from training.calibrate import calibrate_in_memory
+
+            calibrate_in_memory(run_dir / "best.pt", cache_val.images, y_val, device=device)
     if world > 1:
         dist.destroy_process_group()
     return TrainResult(run_dir, best_score, best_epoch, epochs_run, best_metrics)
