@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 # Modules that define `register(subparsers)`; each subparser sets `func(args) -> int`.
-STAGES = ("training.cli", "export.cli", "gateway.cli", "loadtest.cli")
+STAGES = ("training.cli", "export.cli", "gateway.cli", "loadtest.cli", "fashion.stack")
 
 
 class CommandError(Exception):
@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _is_user_error(e: Exception) -> bool:
     # Typed errors from the stages whose messages say what to do; anything else is a bug: traceback.
     names = {"CommandError", "DatasetError", "ConfigError", "ModelError", "CheckpointError",
-             "ExportError", "TritonNotInstalled", "ParityError", "ImageError", "StackError"}
+             "ExportError", "TritonError", "ParityError", "ImageError", "StackError"}
     return any(cls.__name__ in names for cls in type(e).__mro__)
 
 
