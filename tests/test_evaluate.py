@@ -335,6 +335,9 @@ def test_abstain_threshold_is_the_lowest_confidence_that_reaches_the_target_prec
     assert threshold_for_precision(probs, masked, 0.9)[0] > 0
     always_wrong = one_hot_probs(np.zeros(10, int), 2, 0.9)
     assert threshold_for_precision(always_wrong, np.ones(10, int), 0.9) == (1.0, 0.0)
+    # Every validation prediction is precise enough: nothing says to abstain, whatever the confidences.
+    always_right = one_hot_probs(np.ones(10, int), 2, 0.98)
+    assert threshold_for_precision(always_right, np.ones(10, int), 0.9) == (0.0, 1.0)
 
 
 # --- with the trainer -------------------------------------------------------------------------------

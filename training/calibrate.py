@@ -133,8 +133,8 @@ def softmax(logits: np.ndarray, t: float = 1.0) -> np.ndarray:
 
 
 def threshold_for_precision(probs: np.ndarray, labels: np.ndarray, target: float) -> tuple[float, float]:
-    """(threshold, coverage): the lowest top-1 confidence ``t`` whose kept set ``{confidence ≥ t}`` reaches
-    precision ``target`` on these labels (MISSING excluded), and the share of labelled images kept.
+    """(threshold, coverage): a top-1 confidence ``t`` whose kept set ``{confidence ≥ t}`` is the largest that
+    reaches precision ``target`` on these labels (MISSING excluded), and the share of labelled images kept.
 
     ``(1.0, 0.0)`` when no confidence level reaches the target.
     """
@@ -153,7 +153,10 @@ def threshold_for_precision(probs: np.ndarray, labels: np.ndarray, target: float
     if len(ok) == 0:
         return 1.0, 0.0
     k = int(ok[-1])
-    return float(conf[k]), float((k + 1) / len(conf))
+    # Cut halfway to the next lower confidence seen in validation (nothing there says where precision
+    # drops in between); when every image is kept there is no evidence for abstaining at all: 0.
+    threshold = 0.0 if k == len(conf) - 1 else float(conf[k] + conf[k + 1]) / 2
+    return threshold, float((k + 1) / len(conf))
 
 
 # --- the whole step -------------------------------------------------------------------------------
