@@ -9,9 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -34,39 +32,35 @@ def http_ok(url: str, timeout_s: float = 2.0) -> bool:
 
 
 class Gunicorn:
-    """The gateway under gunicorn on loopback; ``start`` waits for ``/readyz`` (model loaded) or fails."""
+    """The gateway on a free loopback port; ``start`` waits for ``/readyz`` (model loaded) or fails.
+
+    Process handling (own process group, graceful stop, no worker left behind) is
+    ``fashion.stack.Gateway``'s, the launcher ``fashion serve`` uses.
+    """
 
     def __init__(
         self, env: dict[str, str], log_path: Path, *, port: int | None = None, ready_timeout_s: float = 60.0
     ) -> None:
         from export.tritonserver import free_ports
+        from fashion.stack import Gateway
 
-        self.port = port or free_ports(1)[0]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {
-            **os.environ,
-            **env,
-            "FASHION_PORT": str(self.port),
-            "FASHION_BIND": f"127.0.0.1:{self.port}",
-        }
-        self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), self.env.get("PYTHONPATH", "")) if p)
-        self.log_path = log_path
+        port = port or free_ports(1)[0]
+        full_env = {**os.environ, **env, "FASHION_PORT": str(port), "FASHION_BIND": f"127.0.0.1:{port}"}
+        full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), full_env.get("PYTHONPATH", "")) if p)
+        self.gateway = Gateway(full_env, log_path, "127.0.0.1", port)
+        self.port, self.url, self.log_path = port, self.gateway.url, log_path
         self.ready_timeout_s = ready_timeout_s
-        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        return self.gateway.process
 
     def start(self) -> Gunicorn:
-        gunicorn = str(Path(sys.executable).with_name("gunicorn"))
-        with self.log_path.open("ab") as out:
-            self.process = subprocess.Popen(
-                [gunicorn, "-c", "python:gateway.gunicorn_conf", "gateway:create_app()"],
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-            )
+        self.gateway.start()
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
+            if self.gateway.exit_code() is not None:
+                self.stop()
                 raise LoadtestError(f"gunicorn exited: {self.log_path.read_text(errors='replace')[-3000:]}")
             if http_ok(self.url + "/readyz", 1.0):
                 return self
@@ -75,17 +69,10 @@ class Gunicorn:
         raise LoadtestError(f"the gateway was not ready in {self.ready_timeout_s:.0f} s; see {self.log_path}")
 
     def worker_pids(self) -> list[int]:
-        return children(self.process.pid) if self.process else []
+        return children(self.gateway.pid) if self.gateway.pid else []
 
     def stop(self) -> None:
-        process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        self.gateway.stop(30.0)
 
     def __enter__(self) -> Gunicorn:
         return self.start()

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +23,7 @@ tritonserver = pytest.importorskip("export.tritonserver")
 
 from fashion.contract import Preprocessing  # noqa: E402
 from fashion.schema import Attribute, LabelSchema  # noqa: E402
+from loadtest.stack import Gunicorn  # noqa: E402
 from tests.fixtures_gateway import solid  # noqa: E402
 
 pytestmark = pytest.mark.server
@@ -128,53 +126,6 @@ def multipart(field: str, images: list[bytes], **fields: str) -> tuple[bytes, di
     return body.getvalue(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 
-class Gunicorn:
-    """The gateway under gunicorn on a free port; always stopped, readiness polled with a deadline."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.port = tritonserver.free_ports(1)[0]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {
-            **os.environ,
-            **env,
-            "FASHION_PORT": str(self.port),
-            "FASHION_BIND": f"127.0.0.1:{self.port}",
-        }
-        self.log = log
-        self.process: subprocess.Popen | None = None
-
-    def __enter__(self) -> Gunicorn:
-        gunicorn = str(Path(sys.executable).with_name("gunicorn"))
-        self.process = subprocess.Popen(
-            [gunicorn, "-c", "python:gateway.gunicorn_conf", "gateway:create_app()"],
-            env=self.env,
-            stdout=self.log.open("wb"),
-            stderr=subprocess.STDOUT,
-            cwd=Path(__file__).resolve().parents[1],
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"gunicorn exited: {self.log.read_text()[-3000:]}")
-            try:
-                if http("GET", self.url + "/healthz", timeout=1)[0] == 200:
-                    return self
-            except OSError:
-                pass
-            time.sleep(0.2)
-        self.__exit__()
-        raise RuntimeError(f"gunicorn did not answer in 30 s: {self.log.read_text()[-3000:]}")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Iterator[dict]:
     work = tmp_path_factory.mktemp("stack")
@@ -191,7 +142,7 @@ def stack(tmp_path_factory) -> Iterator[dict]:
             "PROMETHEUS_MULTIPROC_DIR": str(work / "prometheus"),
         }
         (work / "prometheus").mkdir()
-        with Gunicorn(env, work / "gunicorn.log") as gateway:
+        with Gunicorn(env, work / "gunicorn.log") as gateway:  # ready = /readyz answers 200
             yield {"url": gateway.url, "triton": triton, "repository": repository, "work": work}
 
 
