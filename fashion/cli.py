@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 # Modules that define `register(subparsers)`; each subparser sets `func(args) -> int`.
-STAGES = ("training.cli", "export.cli", "gateway.cli", "loadtest.cli", "fashion.stack")
+STAGES = ("training.cli", "export.cli", "loadtest.cli", "fashion.stack")
 
 
 class CommandError(Exception):

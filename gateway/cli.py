@@ -1,5 +1,0 @@
-"""CLI of the gateway stage (filled in by its issue)."""
-
-
-def register(sub):
-    pass
