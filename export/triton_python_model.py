@@ -7,7 +7,8 @@ pip-installed Triton that only has the python backend; ``--model-config-name cpu
 Triton's dynamic batcher hands ``execute`` several requests at once; they are concatenated into one
 ONNX Runtime call and the outputs are split back per request. Parameters (``configs/*.pbtxt``):
 ``model_filename`` (default ``model.onnx``), ``intra_op_threads`` (0 = ONNX Runtime's default),
-``inter_op_threads``. Needs only NumPy and ONNX Runtime in the stub's Python.
+``inter_op_threads``, ``allow_spinning`` ("0" or "1"; empty = ONNX Runtime's default). Needs only NumPy
+and ONNX Runtime in the stub's Python.
 """
 
 import json
@@ -28,6 +29,11 @@ class TritonPythonModel:
         options.intra_op_num_threads = int(params.get("intra_op_threads") or 0)
         options.inter_op_num_threads = int(params.get("inter_op_threads") or 0)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # "0" stops idle intra-op threads from busy-waiting for work: on a few shared cores their spinning
+        # takes the CPU that Triton, the gateway and decoding need.
+        spinning = params.get("allow_spinning", "")
+        if spinning in ("0", "1"):
+            options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         self.input_name = config["input"][0]["name"]
         self.outputs = [o["name"] for o in config["output"]]
