@@ -25,7 +25,7 @@ from training.calibrate import (
 from training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from training.data import build_schema, read_catalogue
 from training.evaluate import metrics_document, plot_confusion
-from training.explain import GradCAM, heatmap_on_photo
+from training.explain import GradCAM, heatmap_on_photo, heatmap_peak, peak_on_product, product_mask
 from training.metrics import (
     attribute_metrics,
     confusion_top_classes,
@@ -263,12 +263,93 @@ def test_explain_writes_one_overlay_per_image_and_attribute_at_the_photo_size(ka
     args = ["explain", "--checkpoint", str(ckpt), "--out", str(out), "--attribute", "baseColour",
             "--attribute", "articleType", *images]
     assert main(args) == 0
-    written = sorted(p.name for p in out.iterdir())
+    written = sorted(p.name for p in out.glob("*.png"))
     assert written == ["1__articleType.png", "1__baseColour.png", "2__articleType.png", "2__baseColour.png"]
     with Image.open(out / "1__baseColour.png") as im, Image.open(images[0]) as photo:
         assert im.size == photo.size
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["heatmaps"] == 4 and len(summary["maps"]) == 4
+    assert set(summary["attributes"]) == {"baseColour", "articleType"}
     printed = capsys.readouterr().out
-    assert "baseColour" in printed and "heatmap peak on the product" in printed
+    assert "baseColour" in printed and f"peak on product: {summary['peak_on_product']}/4 heatmaps" in printed
+
+
+def upsampled(cell, grid=3, size=96):
+    coarse = torch.zeros(1, 1, grid, grid)
+    coarse[0, 0, cell[0], cell[1]] = 1.0
+    heat = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    return heat[0, 0].numpy()
+
+
+def test_heatmap_peak_is_the_centre_of_the_strongest_cell_not_the_edge_of_its_plateau():
+    heat = upsampled((0, 0))  # a 3 × 3 map whose top-left cell is the strongest: flat from (15, 15) to (0, 0)
+    assert np.unravel_index(int(np.argmax(heat)), heat.shape) == (0, 0)  # argmax: the photo's corner
+    x, y = heatmap_peak(heat)
+    assert 13 <= x <= 17 and 13 <= y <= 17  # the cell's centre is at 15.5
+    x, y = heatmap_peak(upsampled((2, 1)))  # bottom-middle cell: centre (47.5, 79.5)
+    assert 46 <= x <= 49 and 78 <= y <= 82
+    x, y = heatmap_peak(upsampled((1, 1)))
+    assert 46 <= x <= 49 and 46 <= y <= 49
+    assert heatmap_peak(np.zeros((8, 8), np.float32)) is None  # no positive evidence anywhere: no peak
+
+
+def outlined_white_product(width=96, height=64):
+    """A white product with a dark outline on a slightly darker white background, at x 8-47, y 12-51."""
+    photo = np.full((height, width, 3), 250, np.uint8)
+    photo[12:52, 8:48] = 246  # as white as the background: only the outline stands out
+    photo[12:52, 8:10] = photo[12:52, 46:48] = photo[12:14, 8:48] = photo[50:52, 8:48] = 60
+    return Image.fromarray(photo)
+
+
+def blob(shape, x, y, sigma=3.0):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma**2)).astype(np.float32)
+
+
+def test_peak_on_product_is_true_inside_the_silhouette_and_false_on_the_background():
+    mask = product_mask(outlined_white_product())
+    assert mask.shape == (64, 96)
+    assert mask[30, 28] and mask[13, 20]  # inside a white product (enclosed by its outline) and on it
+    assert not mask[30, 70] and not mask[2, 2]
+    assert peak_on_product(blob(mask.shape, 28, 30), mask) == ((28, 30), True)
+    assert peak_on_product(blob(mask.shape, 70, 30), mask) == ((70, 30), False)
+    assert peak_on_product(np.zeros(mask.shape, np.float32), mask) == (None, False)
+
+
+def test_explain_counts_heatmaps_that_peak_on_the_product_in_its_summary(kaggle_dir, tmp_path, capsys,
+                                                                         monkeypatch):
+    """Maps made by hand (Grad-CAM replaced): one peaks on the product, one on the background, one is
+    flat; the photos are 96 × 64, so the peak goes back through the letterbox of the 64 px input."""
+    ckpt = tiny_checkpoint(kaggle_dir, tmp_path / "best.pt", image_size=64)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("on", "off", "flat"):
+        outlined_white_product().save(photos / f"{name}.png")
+    # Photo (x, y) → input: scale 64/96 = 2/3, content 64 × 43 placed 10 rows down.
+    peaks = {"on": (28, 30), "off": (70, 30)}
+
+    def fake_cam(self, images, attribute, class_index=None):
+        name = current.pop(0)
+        if name == "flat":
+            return np.zeros((1, 64, 64), np.float32), [0]
+        x, y = peaks[name]
+        return blob((64, 64), x * 2 / 3, y * 2 / 3 + 10)[None], [0]
+
+    current = ["on", "off", "flat"]
+    monkeypatch.setattr("training.explain.GradCAM.__call__", fake_cam)
+    out = tmp_path / "cam"
+    args = ["explain", "--checkpoint", str(ckpt), "--out", str(out), "--attribute", "baseColour",
+            *(str(photos / f"{n}.png") for n in ("on", "off", "flat"))]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["peak_on_product"], summary["heatmaps"], summary["flat"]) == (1, 3, 1)
+    assert summary["attributes"] == {"baseColour": {"peak_on_product": 1, "heatmaps": 3, "share": 0.3333}}
+    by_image = {m["image"].rsplit("/", 1)[-1]: m for m in summary["maps"]}
+    assert by_image["on.png"]["peak_on_product"] and not by_image["off.png"]["peak_on_product"]
+    assert by_image["flat.png"]["peak_xy"] is None
+    x, y = by_image["on.png"]["peak_xy"]
+    assert abs(x - 28) <= 2 and abs(y - 30) <= 2  # back on the photo, through the letterbox
+    assert "peak on product: 1/3 heatmaps (33 %)" in capsys.readouterr().out
 
 
 # --- calibration ------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ is in library functions."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 EPILOG_TRAIN = """examples:
@@ -131,6 +132,9 @@ and <attr>_uncertain is 1.
 EPILOG_EXPLAIN = """examples:
   fashion explain --checkpoint demo/run/best.pt --out demo/cam demo/synth/images/1.jpg demo/synth/images/2.jpg
   fashion explain --checkpoint demo/run/best.pt --out demo/cam --attribute baseColour demo/synth/images/*.jpg
+
+writes OUT/<image>__<attribute>.png and OUT/summary.json, and prints how many heatmaps peak on the product
+(inside its silhouette on a plain background), e.g. "peak on product: 71/80 heatmaps (89 %)"
 """
 
 EPILOG_CALIBRATE = """examples:
@@ -184,7 +188,7 @@ def register_analysis(sub: argparse._SubParsersAction) -> None:
         description="Show where the model looks: Grad-CAM of the predicted class, overlaid on the photo.",
         epilog=EPILOG_EXPLAIN, formatter_class=fmt)
     x.add_argument("--checkpoint", required=True, help="best.pt or last.pt written by `fashion train`")
-    x.add_argument("--out", required=True, help="folder for the overlay PNGs")
+    x.add_argument("--out", required=True, help="folder for the overlay PNGs and summary.json")
     x.add_argument("--attribute", action="append",
                    help="attribute to explain (repeat for several; default: all of them)")
     x.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
@@ -231,16 +235,21 @@ def _predict(args: argparse.Namespace) -> int:
 def _explain(args: argparse.Namespace) -> int:
     from fashion.console import emit, table
     from training.checkpoint import load_checkpoint
-    from training.explain import explain
+    from training.explain import explain, summarise
     from training.train import resolve_device
 
     device = resolve_device(args.device)
     ckpt = load_checkpoint(args.checkpoint, device)
     results = explain(ckpt.model, args.images, args.out, args.attribute, device=device)
-    emit(table(["image", "attribute", "predicted", "confidence", "heatmap"],
-               [[r.image, r.attribute, r.predicted, f"{r.confidence:.3f}", r.out] for r in results]))
-    on_product = sum(r.peak_on_product for r in results)
-    emit(f"heatmap peak on the product (pixels unlike the plain background): {on_product}/{len(results)}")
+    emit(table(["image", "attribute", "predicted", "confidence", "peak on product", "heatmap"],
+               [[r.image, r.attribute, r.predicted, f"{r.confidence:.3f}",
+                 "yes" if r.peak_on_product else ("flat" if r.peak_xy is None else "no"), r.out]
+                for r in results]))
+    summary = summarise(results)
+    emit(summary.line())
+    if len(summary.attributes) > 1:
+        emit("  " + ", ".join(f"{name} {hit}/{n}" for name, (hit, n) in summary.attributes.items()))
+    emit(f"summary: {Path(args.out) / 'summary.json'}")
     return 0
 
 
