@@ -61,7 +61,7 @@ class Gateway:
         self.triton = triton
         self.state = ModelState(config, triton)
         self.metrics = GatewayMetrics()
-        self._slots = threading.BoundedSemaphore(config.max_inflight)
+        self._slots = threading.BoundedSemaphore(config.inflight_limit)
         self._keys = [k.encode("utf-8") for k in config.api_keys]
 
     @contextmanager
@@ -69,7 +69,9 @@ class Gateway:
         """Hold one of ``max_inflight`` slots, or refuse at once with 429: excess load must not queue."""
         if not self._slots.acquire(blocking=False):
             self.metrics.rejected.labels("inflight_limit").inc()
-            raise Overloaded(f"this worker already serves {self.config.max_inflight} requests; retry shortly")
+            raise Overloaded(
+                f"this worker already serves {self.config.inflight_limit} requests; retry shortly"
+            )
         self.metrics.inflight.inc()
         try:
             yield

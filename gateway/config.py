@@ -23,6 +23,7 @@ ENV_NAMES = {
     "model_version": "FASHION_MODEL_VERSION",
     "model_repository": "FASHION_MODEL_REPOSITORY",
     "timeout_s": "FASHION_TIMEOUT_S",
+    "client_timeout_s": "FASHION_CLIENT_TIMEOUT_S",
     "max_image_bytes": "FASHION_MAX_IMAGE_BYTES",
     "max_image_pixels": "FASHION_MAX_IMAGE_PIXELS",
     "max_batch_images": "FASHION_MAX_BATCH_IMAGES",
@@ -36,6 +37,12 @@ ENV_NAMES = {
     "threads": "FASHION_THREADS",
     "port": "FASHION_PORT",
 }
+
+
+def default_max_inflight(threads: int) -> int:
+    """In-flight slots per worker when ``FASHION_MAX_INFLIGHT`` is unset: a quarter of the threads (at
+    least one) stay spare, so a full worker still answers 429s and health checks at once."""
+    return threads - max(1, threads // 4)
 
 
 class ConfigError(ValueError):
@@ -52,17 +59,20 @@ class GatewayConfig:
     model_version: str = ""  # "" = the highest version folder in the model repository
     model_repository: str = "model_repository"
     timeout_s: float = 10.0  # deadline of one Triton call
+    client_timeout_s: float = 20.0  # from a client's first byte to its whole request (gunicorn_conf)
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 50_000_000
     max_batch_images: int = 16
     max_request_bytes: int = 0  # 0 = max_image_bytes * max_batch_images + 1 MiB of multipart overhead
-    max_inflight: int = 32  # concurrent prediction requests per worker process before 429
+    # Concurrent prediction requests per worker before a fast 429; None = default_max_inflight(threads).
+    # It must stay below ``threads``: the spare threads answer 429s and health checks at once.
+    max_inflight: int | None = None
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # empty = authentication off
     metrics_require_key: bool = False
     metadata_refresh_s: float = 5.0  # how often a "latest" gateway looks for a newer model version
     retry_after_s: int = 1  # Retry-After of 429 and 503 answers
     workers: int = 2
-    threads: int = 4
+    threads: int = 8  # gunicorn threads per worker: max_inflight slots + spare threads
     port: int = 8080
 
     def __post_init__(self) -> None:
@@ -82,6 +92,13 @@ class GatewayConfig:
             raise ConfigError(
                 f"FASHION_MODEL_VERSION must be a positive integer or empty, got {self.model_version!r}"
             )
+        if self.threads < 2:
+            raise ConfigError(
+                f"FASHION_THREADS must be at least 2, got {self.threads}: one thread per worker stays free "
+                "to answer 429s and health checks while the others wait on Triton"
+            )
+        if self.max_inflight is None:
+            object.__setattr__(self, "max_inflight", default_max_inflight(self.threads))
         positive = (
             "timeout_s",
             "max_image_bytes",
@@ -89,13 +106,25 @@ class GatewayConfig:
             "max_batch_images",
             "max_inflight",
             "workers",
-            "threads",
             "metadata_refresh_s",
             "retry_after_s",
         )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{ENV_NAMES[name]} must be positive, got {getattr(self, name)}")
+        if self.inflight_limit >= self.threads:
+            raise ConfigError(
+                f"FASHION_MAX_INFLIGHT ({self.max_inflight}) must be below FASHION_THREADS ({self.threads}): "
+                "a gunicorn worker runs at most FASHION_THREADS requests at once, so a limit at or above "
+                "it never answers 429 and excess requests queue inside gunicorn instead; keep a few spare "
+                "threads for the 429s and health checks (e.g. FASHION_THREADS=8 with FASHION_MAX_INFLIGHT=6, "
+                "or leave FASHION_MAX_INFLIGHT unset: it then defaults to "
+                f"{default_max_inflight(self.threads)} for {self.threads} threads)"
+            )
+        if not 0 < self.client_timeout_s <= 3600:
+            raise ConfigError(
+                f"FASHION_CLIENT_TIMEOUT_S must be between 0 and 3600 seconds, got {self.client_timeout_s}"
+            )
         if not 0 < self.port < 65536:
             raise ConfigError(f"FASHION_PORT must be a TCP port (1-65535), got {self.port}")
         if self.max_request_bytes < 0:
@@ -107,6 +136,11 @@ class GatewayConfig:
         if isinstance(keys, str):
             keys = tuple(k for k in (p.strip() for p in keys.split(",")) if k)
         object.__setattr__(self, "api_keys", tuple(keys))
+
+    @property
+    def inflight_limit(self) -> int:
+        """``max_inflight`` as resolved when the config was built (unset = ``default_max_inflight``)."""
+        return self.max_inflight if self.max_inflight is not None else default_max_inflight(self.threads)
 
     @property
     def auth_enabled(self) -> bool:
@@ -138,7 +172,7 @@ class GatewayConfig:
 
 
 def _parse(var: str, raw: str, kind: Any) -> Any:
-    kind = str(kind)
+    kind = str(kind).removesuffix(" | None")  # optional settings: unset or empty = the default
     try:
         if kind == "int":
             return int(raw)

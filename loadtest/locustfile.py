@@ -25,8 +25,12 @@ Environment:
   ``FASHION_LOADTEST_POOL_MAX`` = 256 files). Unset: one embedded catalogue photo.
 - ``FASHION_API_KEY``: sent as ``Authorization: Bearer <key>`` when set.
 - ``FASHION_LOADTEST_SHAPE``: ``users`` (default: plain ``-u``/``-r``/``-t``), ``step`` (add
-  ``FASHION_LOADTEST_STEP_USERS`` users every ``FASHION_LOADTEST_STEP_S`` seconds up to ``-u``) or
-  ``constant`` (``-u`` users together sending ``FASHION_LOADTEST_RPS`` requests per second).
+  ``FASHION_LOADTEST_STEP_USERS`` users every ``FASHION_LOADTEST_STEP_S`` seconds up to ``-u``; or, when
+  ``FASHION_LOADTEST_STAGES`` is set, follow its ``seconds:users`` stages, e.g. ``20:4,40:64,30:4`` for a
+  spike past capacity and back, each capped at ``-u``) or ``constant`` (``-u`` users together sending
+  ``FASHION_LOADTEST_RPS`` requests per second).
+- ``FASHION_LOADTEST_RETRY_AFTER``: ``1`` makes ``GatewayUser`` honour ``Retry-After`` (wait that long after
+  a 429 or 503, as a well-behaved client does); default ``0``: retry at once (the worst case).
 - ``FASHION_TRITON_GRPC``, ``FASHION_MODEL_NAME`` (``fashion``), ``FASHION_MODEL_VERSION`` (latest),
   ``FASHION_MODEL_REPOSITORY`` (read for the version's ``metadata.json`` preprocessing contract when
   reachable; otherwise the contract's defaults at the input size Triton reports).
@@ -115,7 +119,9 @@ class Settings:
     shape: str = "users"
     step_users: int = 2
     step_s: float = 10.0
+    stages: tuple[tuple[float, int], ...] = ()  # (seconds, users) in order; () = the plain step ramp
     rps: float = 10.0
+    retry_after: bool = False  # GatewayUser waits Retry-After seconds after a 429/503
     triton_grpc: str = ""
     model_name: str = "fashion"
     model_version: str = ""
@@ -130,6 +136,8 @@ class Settings:
             raise ValueError("FASHION_LOADTEST_PREDICT_WEIGHT/_BATCH_WEIGHT: non-negative, not both 0")
         if self.step_s <= 0 or self.rps <= 0:
             raise ValueError("FASHION_LOADTEST_STEP_S and FASHION_LOADTEST_RPS must be positive")
+        if any(seconds <= 0 or users < 1 for seconds, users in self.stages):
+            raise ValueError("FASHION_LOADTEST_STAGES: positive seconds and at least 1 user per stage")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -146,7 +154,9 @@ class Settings:
                 shape=get("FASHION_LOADTEST_SHAPE", "users") or "users",
                 step_users=int(get("FASHION_LOADTEST_STEP_USERS", "2")),
                 step_s=float(get("FASHION_LOADTEST_STEP_S", "10")),
+                stages=_stages(get("FASHION_LOADTEST_STAGES", "")),
                 rps=float(get("FASHION_LOADTEST_RPS", "10")),
+                retry_after=get("FASHION_LOADTEST_RETRY_AFTER", "0").strip().lower() in ("1", "true", "yes"),
                 triton_grpc=get("FASHION_TRITON_GRPC", ""),
                 model_name=get("FASHION_MODEL_NAME", "fashion") or "fashion",
                 model_version=get("FASHION_MODEL_VERSION", ""),
@@ -154,6 +164,16 @@ class Settings:
             )
         except ValueError as e:
             raise ValueError(f"bad load-test setting: {e}") from e
+
+
+def _stages(text: str) -> tuple[tuple[float, int], ...]:
+    """``"20:4,40:64,30:4"`` → ((20.0, 4), (40.0, 64), (30.0, 4))."""
+    stages = []
+    for part in (p.strip() for p in text.split(",")):
+        if part:
+            seconds, _, users = part.partition(":")
+            stages.append((float(seconds), int(users)))
+    return tuple(stages)
 
 
 @functools.cache
@@ -178,7 +198,12 @@ def _content_type(name: str) -> str:
 
 
 def _wait_time(user: User) -> float:
-    """``constant`` shape: every user paces itself to ``rps / users`` requests per second."""
+    """A pending Retry-After back-off first; in the ``constant`` shape every user paces itself to
+    ``rps / users`` requests per second; otherwise no wait."""
+    backoff = getattr(user, "_fashion_backoff", 0.0)
+    if backoff:
+        setattr(user, "_fashion_backoff", 0.0)  # noqa: B010 (any User class)
+        return backoff
     s = settings()
     if s.shape != "constant":
         return 0.0
@@ -215,6 +240,7 @@ class GatewayUser(HttpUser):
         files = {"image": (name, data, _content_type(name))}
         with self.client.post("/v1/predict", files=files, name="/v1/predict", catch_response=True) as r:
             _check(r, lambda body: "predictions" in body)
+            self._back_off(r)
 
     def predict_batch(self) -> None:
         size = settings().batch_size
@@ -228,6 +254,15 @@ class GatewayUser(HttpUser):
                     len(body.get("results", [])) == size and all("predictions" in x for x in body["results"])
                 ),
             )
+            self._back_off(r)
+
+    def _back_off(self, response) -> None:
+        """With FASHION_LOADTEST_RETRY_AFTER=1, wait what a 429/503 answer's Retry-After asks for."""
+        if settings().retry_after and response.status_code in (429, 503):
+            try:
+                self._fashion_backoff = min(60.0, float(response.headers.get("Retry-After", "1")))
+            except ValueError:
+                self._fashion_backoff = 1.0
 
 
 def _check(response, ok) -> None:
@@ -327,6 +362,14 @@ class FashionLoadShape(LoadTestShape):
         if run_time and elapsed >= run_time:
             return None
         s = settings()
+        if s.shape == "step" and s.stages:
+            end = 0.0
+            for seconds, stage_users in s.stages:
+                end += seconds
+                if elapsed < end:
+                    count = min(users, stage_users)
+                    return count, max(spawn_rate, float(users))  # each stage starts (or ends) at once
+            return None
         if s.shape == "step":
             step = int(elapsed // s.step_s) + 1
             return min(users, step * s.step_users), max(spawn_rate, float(s.step_users))

@@ -582,6 +582,11 @@ def test_config_precedence_is_defaults_then_env_then_arguments():
         ({"FASHION_TRITON_PROTOCOL": "tcp"}, "FASHION_TRITON_PROTOCOL"),
         ({"FASHION_TIMEOUT_S": "soon"}, "FASHION_TIMEOUT_S must be a float"),
         ({"FASHION_MAX_INFLIGHT": "0"}, "FASHION_MAX_INFLIGHT must be positive"),
+        (
+            {"FASHION_THREADS": "4", "FASHION_MAX_INFLIGHT": "4"},
+            r"FASHION_MAX_INFLIGHT \(4\) must be below FASHION_THREADS \(4\)",
+        ),
+        ({"FASHION_THREADS": "1"}, "FASHION_THREADS must be at least 2"),
         ({"FASHION_MODEL_VERSION": "latest"}, "FASHION_MODEL_VERSION"),
         ({"FASHION_TRITON_URL": "http://triton:8000"}, "without a scheme"),
         ({"FASHION_PORT": "70000"}, "FASHION_PORT"),

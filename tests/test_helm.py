@@ -288,6 +288,10 @@ def test_values_schema_rejects_bad_values(override, message):
         ),
         ({"loadtest": {"enabled": True}}, "--set-file loadtest.locustfile"),
         (merge(TRT, {"tensorrt": {"optBatchSize": 64}}), "optBatchSize"),
+        (
+            {"gateway": {"maxInflight": 8, "threads": 8}},
+            "gateway.maxInflight (8) must be below gateway.threads",
+        ),
     ],
 )
 def test_inconsistent_values_stop_rendering_with_a_clear_message(override, message):
@@ -364,7 +368,8 @@ def test_triton_probes_hit_health_endpoints_with_room_to_load_models(value_set):
     assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
     startup, ready, live = triton["startupProbe"], triton["readinessProbe"], triton["livenessProbe"]
     assert startup["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
-    assert ready["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    # readiness follows the served model: Triton's server readiness is false while a version (re)loads
+    assert ready["httpGet"] == {"path": "/v2/models/fashion/ready", "port": "http"}
     assert live["httpGet"] == {"path": "/v2/health/live", "port": "http"}
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
 

@@ -222,4 +222,7 @@ Deployment, so any `helm install/template/lint` stops with one of these messages
 {{- if and .Values.gateway.autoscaling.enabled (lt (int .Values.gateway.autoscaling.maxReplicas) (int .Values.gateway.autoscaling.minReplicas)) }}
 {{- fail "gateway.autoscaling.maxReplicas must be >= minReplicas" }}
 {{- end }}
+{{- if ge (int .Values.gateway.maxInflight) (int .Values.gateway.threads) }}
+{{- fail (printf "gateway.maxInflight (%d) must be below gateway.threads (%d): the spare threads answer 429s and probes at once; a limit at or above threads never triggers and excess requests queue inside gunicorn" (int .Values.gateway.maxInflight) (int .Values.gateway.threads)) }}
+{{- end }}
 {{- end }}
