@@ -1,4 +1,5 @@
-"""`fashion export`: argument parsing only; the work is in ``export.pipeline.export_checkpoint``."""
+"""`fashion export` and `fashion deploy`: argument parsing only; the work is in ``export.pipeline`` and
+``export.deploy``."""
 
 from __future__ import annotations
 
@@ -59,6 +60,67 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("--eval-images", type=int, default=64, help="images for parity and precision deltas (default 64)")
     a("--force", action="store_true", help="write variants even below --min-agreement")
     p.set_defaults(func=_export)
+
+    d = sub.add_parser(
+        "deploy",
+        help="make a running Triton serve one version of a model (update or rollback, no downtime)",
+        description="Ask Triton (explicit model control) to serve exactly VERSION of the model: it loads "
+        "the version while the old one keeps answering, then unloads the old one. A failed load leaves the "
+        "old version serving. Gateways that follow the newest version switch with Triton, forward or back.",
+        epilog=DEPLOY_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    d.add_argument(
+        "--triton-url", default="127.0.0.1:8000", help="Triton's HTTP host:port (default 127.0.0.1:8000)"
+    )
+    d.add_argument("--model", default="fashion", help="model name (default fashion)")
+    d.add_argument(
+        "--version", type=int, required=True, help="the version to serve (an older one rolls back)"
+    )
+    d.add_argument(
+        "--repository",
+        default="model_repository",
+        help="local model repository to check the version against first (metadata.json present, same heads "
+        "and class counts as the served configuration); skipped when it has no such model "
+        "(default model_repository)",
+    )
+    d.add_argument(
+        "--timeout-s", type=float, default=300.0, help="how long Triton may take to load (default 300)"
+    )
+    d.set_defaults(func=_deploy)
+
+
+DEPLOY_EPILOG = """examples:
+  fashion export --checkpoint runs/new/best.pt          # writes model_repository/fashion/2/ (not served yet)
+  fashion deploy --version 2                            # Triton serves 2; the gateways follow
+  fashion deploy --version 1                            # rollback
+
+A deployed version lasts until Triton restarts (it then serves the newest version folder again): remove a bad
+version from the repository to make a rollback permanent.
+"""
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    import logging
+    from pathlib import Path
+
+    from export.deploy import deploy
+    from fashion.console import emit
+
+    repository: Path | None = Path(args.repository) if args.repository else None
+    if repository is not None and not (repository / args.model).is_dir():
+        logging.getLogger(__name__).warning(
+            "%s has no model %r: version %s is not checked before the load",
+            repository,
+            args.model,
+            args.version,
+        )
+        repository = None
+    result = deploy(
+        args.triton_url, args.model, args.version, repository=repository, timeout_s=args.timeout_s
+    )
+    emit(result.summary())
+    return 0
 
 
 def _export(args: argparse.Namespace) -> int:

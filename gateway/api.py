@@ -71,8 +71,27 @@ def _batch_images() -> list[bytes]:
     return [f.read() for f in files]
 
 
+def _predict(client: FashionClient, images: list[bytes], top_k: Any, category: str | None) -> BatchResult:
+    try:
+        return client.predict_batch(images, top_k=top_k, category=category)
+    except GatewayError as e:
+        if e.code in TRITON_FAILURES:
+            gateway().metrics.triton_errors.labels(e.code).inc()
+        raise
+
+
+def _receive_body() -> None:
+    """Read the whole body before taking an in-flight slot: a client that uploads slowly holds a thread
+    (until gunicorn's FASHION_CLIENT_TIMEOUT_S), never one of the slots that bound the work for Triton."""
+    if request.mimetype == "multipart/form-data":
+        request.files  # noqa: B018  # parses the form; files stay in memory (gateway.app.Request)
+    elif request.mimetype in RAW_TYPES and request.endpoint == "api.predict":
+        request.get_data()  # cached: _single_image gets these bytes without reading again
+
+
 def _run(images_of: Any, endpoint: str) -> tuple[FashionClient, BatchResult]:
     gw = gateway()
+    _receive_body()
     with gw.inflight():
         client = gw.state.current()
         top_k, category = _options()
@@ -82,13 +101,17 @@ def _run(images_of: Any, endpoint: str) -> tuple[FashionClient, BatchResult]:
         images = images_of()
         gw.metrics.images.labels(endpoint).observe(len(images))
         try:
-            result = client.predict_batch(images, top_k=top_k, category=category)
+            result = _predict(client, images, top_k, category)
         except GatewayError as e:
-            if e.code in TRITON_FAILURES:
-                gw.metrics.triton_errors.labels(e.code).inc()
-                if e.code == "model_not_ready":
-                    gw.state.refresh(force=True)  # a new version may have replaced ours in Triton
-            raise
+            # Triton unloaded this version while the request was in flight (a deploy or a rollback):
+            # answer once more with the version it serves now. Inference has no side effects, and the
+            # labels come from the metadata of the version that answers, so the switch stays atomic.
+            # The failed attempt is counted in triton_errors{kind="model_not_ready"}.
+            replacement = gw.state.replacement(client) if e.code == "model_not_ready" else None
+            if replacement is None:
+                raise
+            client = replacement
+            result = _predict(client, images, top_k, category)
     for stage, seconds in result.stage_s.items():
         if stage != "triton" or seconds > 0:
             gw.metrics.stages.labels(stage).observe(seconds)
