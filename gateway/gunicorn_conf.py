@@ -1,22 +1,58 @@
 """gunicorn settings of the gateway: ``gunicorn -c python:gateway.gunicorn_conf 'gateway:create_app()'``.
 
-Read from the same ``FASHION_*`` variables as the app (bad values stop the master at start-up). Threaded
-workers (``gthread``): a worker's threads wait on Triton while others decode. Prometheus multiprocess mode:
-``PROMETHEUS_MULTIPROC_DIR`` (a private temporary folder when unset) is emptied at start and a dead
-worker's live gauges are dropped.
+Read from the same ``FASHION_*`` variables as the app (bad values stop the master at start-up). Prometheus
+multiprocess mode: ``PROMETHEUS_MULTIPROC_DIR`` (a private temporary folder when unset) is emptied at start
+and a dead worker's live gauges are dropped.
+
+Workers are threaded (``gthread``): a worker's threads wait on Triton while others decode, and the gRPC
+client of Triton works with threads (gevent would need gRPC's own gevent mode). gthread gives each request a
+thread from the moment its first bytes arrive until its response is written, and gunicorn's reader has no
+deadline: a client that sends one byte per second holds a thread for as long as it likes, and a new
+connection that sends nothing holds one for 5 s. ``GatewayWorker`` closes those gaps:
+
+- a new connection gets a thread only once it has sent something (it waits in the worker's poller, not in a
+  thread; a connection silent for ``keepalive`` seconds is closed, as is an idle kept-alive one);
+- a client has ``FASHION_CLIENT_TIMEOUT_S`` seconds [20] to send a whole request (line, headers and body);
+  after that its connection is shut for reading, and it gets a 400 or a closed connection;
+- what gunicorn's HTTP parser refuses (bad ``Content-Length``, bad chunk sizes, oversized headers) is
+  answered in the gateway's JSON error shape with a request id, and logged without the offending bytes.
+
+A worker thread is still held for up to ``FASHION_CLIENT_TIMEOUT_S`` per slow client, so many slow clients
+at once can still occupy every thread for that long: in production a buffering reverse proxy (the
+ingress) belongs in front of the gateway; see the README's "Security and hostile input".
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime
 from pathlib import Path
+from ssl import SSLError
 from typing import Any
+
+from gunicorn import util
+from gunicorn.http import errors as http_errors
+from gunicorn.http.wsgi import Response, default_environ
+from gunicorn.workers import gthread
 
 from gateway.config import GatewayConfig
 
+
 _config = GatewayConfig.from_env()
+CLIENT_TIMEOUT_S = _config.client_timeout_s
+# How long a thread waits for a new connection's first bytes before parking it in the poller (gunicorn
+# waits 5 s): short, so that a flood of silent connections cannot occupy the threads.
+FIRST_BYTES_WAIT_S = 0.05
+
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     # Must be set before a worker imports prometheus_client; workers inherit the master's environment.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="fashion-gateway-metrics-")
@@ -24,26 +60,36 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 bind = os.environ.get("FASHION_BIND", f"0.0.0.0:{_config.port}")
 workers = _config.workers
 threads = _config.threads
-worker_class = "gthread"
 # A worker silent for this long is killed and replaced; well above one Triton deadline.
 timeout = int(max(30, 3 * _config.timeout_s))
 graceful_timeout = 25  # below the chart's terminationGracePeriodSeconds (30)
-keepalive = 5
+keepalive = 5  # seconds an idle kept-alive (or silent new) connection stays open, without a thread
+worker_connections = 1000  # open connections per worker (idle ones included) before it stops accepting
+# gunicorn 25+ opens a management socket (reload, scale, stop) in $HOME or $XDG_RUNTIME_DIR by default: the
+# gateway needs none, several gateways on one machine would share its path, and the pod's root is read-only.
+control_socket_disable = True
 # Slow or lying clients: bounded request line and headers (gunicorn's defaults, stated here on purpose).
 limit_request_line = 4094
 limit_request_fields = 100
 limit_request_field_size = 8190
-accesslog = "-"
-errorlog = "-"
-access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms rid=%({x-request-id}o)s'
+
+# Logging: everything through ``logconfig_dict``, one line per record, each with ``rid=``. gunicorn's own
+# handlers are off (None) so that its lines do not appear twice in another format.
+accesslog = None
+errorlog = None
+# No query string (a client could put anything there) and no headers: no keys, no image bytes.
+access_log_format = 'rid=%({x-request-id}o)s %(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(M)sms'
+_LINE = "%(asctime)s %(levelname)s %(name)s [%(process)d] rid=%(request_id)s %(message)s"
 logconfig_dict: dict[str, Any] = {
     "version": 1,
     "disable_existing_loggers": False,
     "filters": {"request_id": {"()": "gateway.logs.RequestIdFilter"}},
     "formatters": {
-        "generic": {"format": "%(asctime)s [%(process)d] [%(levelname)s] %(message)s"},
-        "gateway": {
-            "format": "%(asctime)s %(levelname)s %(name)s [%(process)d] rid=%(request_id)s %(message)s"
+        "gateway": {"()": "gateway.logs.OneLineFormatter", "format": _LINE},
+        # the access message starts with rid=... (from the X-Request-ID response header)
+        "access": {
+            "()": "gateway.logs.OneLineFormatter",
+            "format": "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
         },
     },
     "handlers": {
@@ -53,21 +99,204 @@ logconfig_dict: dict[str, Any] = {
             "filters": ["request_id"],
             "stream": "ext://sys.stderr",
         },
-        # gunicorn's own handlers (its defaults are replaced, not merged, by this dict)
-        "console": {"class": "logging.StreamHandler", "formatter": "generic", "stream": "ext://sys.stdout"},
-        "error_console": {
-            "class": "logging.StreamHandler",
-            "formatter": "generic",
-            "stream": "ext://sys.stderr",
-        },
+        "access": {"class": "logging.StreamHandler", "formatter": "access", "stream": "ext://sys.stdout"},
     },
     "root": {"level": "INFO", "handlers": ["gateway"]},
-    "loggers": {"gateway": {"handlers": ["gateway"], "level": "INFO", "propagate": False}},
+    "loggers": {
+        "gateway": {"handlers": ["gateway"], "level": "INFO", "propagate": False},
+        "gunicorn.error": {"handlers": ["gateway"], "level": "INFO", "propagate": False},
+        "gunicorn.access": {"handlers": ["access"], "level": "INFO", "propagate": False},
+    },
 }
 
 
+# -- the worker ---------------------------------------------------------------------------------------
+# gunicorn's parser errors that are the client's fault: (status, reason, code); the rest is 400.
+_CLIENT_ERRORS: dict[type[BaseException], tuple[int, str, str]] = {
+    http_errors.LimitRequestLine: (414, "URI Too Long", "uri_too_long"),
+    http_errors.LimitRequestHeaders: (431, "Request Header Fields Too Large", "headers_too_large"),
+    http_errors.ExpectationFailed: (417, "Expectation Failed", "expectation_failed"),
+    http_errors.ForbiddenProxyRequest: (403, "Forbidden", "forbidden"),
+    SSLError: (403, "Forbidden", "forbidden"),
+}
+# Server-side problems among gunicorn's errors (a response header the app made, a proxy misconfiguration).
+_SERVER_ERRORS = (
+    http_errors.ConfigurationProblem,
+    http_errors.InvalidResponseHeader,
+    http_errors.InvalidResponseHeaderName,
+)
+
+
+def classify(exc: BaseException) -> tuple[int, str, str]:
+    """(status, reason, code) of the answer to a request gunicorn could not hand to the app.
+
+    An unsupported ``Transfer-Encoding`` is answered 400, not gunicorn's 501: it is the client's input.
+    """
+    if isinstance(exc, _SERVER_ERRORS) or not isinstance(exc, (http_errors.ParseException, SSLError)):
+        return 500, "Internal Server Error", "internal_error"
+    for cls, answer in _CLIENT_ERRORS.items():
+        if isinstance(exc, cls):
+            return answer
+    return 400, "Bad Request", "bad_request"
+
+
+class MalformedBody(ValueError):
+    """gunicorn could not read the request body (a bad chunk size, a missing terminator).
+
+    A ``ValueError``: Werkzeug's input stream turns it into ``ClientDisconnected``, a 400.
+    """
+
+
+class _Input:
+    """``wsgi.input`` that raises ``MalformedBody`` where gunicorn's reader raises its parse errors."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def _call(self, method: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return method(*args)
+        except http_errors.ParseException as e:
+            raise MalformedBody(f"the request body is malformed ({type(e).__name__})") from e
+
+    def read(self, size: int | None = None) -> bytes:
+        return self._call(self._stream.read, size)
+
+    def readline(self, size: int | None = None) -> bytes:
+        return self._call(self._stream.readline, size)
+
+    def readlines(self, hint: int | None = None) -> list[bytes]:
+        return self._call(self._stream.readlines, hint)
+
+    def __iter__(self) -> Iterator[bytes]:
+        while line := self.readline():
+            yield line
+
+
+def _body_errors_as_bad_requests(app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
+    def wrapped(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        environ["wsgi.input"] = _Input(environ["wsgi.input"])
+        return app(environ, start_response)
+
+    return wrapped
+
+
+class GatewayWorker(gthread.ThreadWorker):
+    """gunicorn's gthread worker, hardened against slow, silent and malformed clients (module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._reading: dict[int, tuple[float, Any]] = {}  # id(conn) -> (deadline, conn)
+        self._reading_lock = threading.Lock()
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        self.wsgi: Callable[..., Iterable[bytes]] = _body_errors_as_bad_requests(self.wsgi)
+
+    def handle(self, conn: Any) -> Any:
+        if not conn.initialized and not conn.data_ready and not conn.wait_for_data(FIRST_BYTES_WAIT_S):
+            return gthread._DEFER  # parked in the poller until it sends something (or keepalive ends)
+        # The deadline covers the whole HTTP/1 exchange (the gateway does not enable HTTP/2, whose streams
+        # would share one connection and one handle() call).
+        key = id(conn)
+        with self._reading_lock:
+            self._reading[key] = (time.monotonic() + CLIENT_TIMEOUT_S, conn)
+        try:
+            return super().handle(conn)
+        finally:
+            with self._reading_lock:
+                self._reading.pop(key, None)
+
+    def murder_pending(self) -> None:
+        # Runs on the worker's main loop at least once a second.
+        super().murder_pending()
+        self.cut_slow_clients()
+
+    def cut_slow_clients(self) -> None:
+        """Shut the read side of connections whose request took longer than ``CLIENT_TIMEOUT_S``.
+
+        A thread blocked reading from such a client sees the end of the stream at once: the parser gives
+        up (connection closed) or the app sees a short body (400). Writing the answer still works, so a
+        request that was read in time and waits on Triton is not harmed.
+        """
+        now = time.monotonic()
+        with self._reading_lock:
+            expired = [(key, conn) for key, (deadline, conn) in self._reading.items() if deadline <= now]
+            for key, _ in expired:
+                del self._reading[key]
+        for _, conn in expired:
+            try:
+                conn.sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                continue  # already closed
+            self.log.info(
+                "cut off a client that did not send its request within %.0f s (%s)",
+                CLIENT_TIMEOUT_S,
+                _peer(conn.client),
+            )
+
+    def _keepalive_after(self, conn: Any, keepalive: bool) -> bool:
+        # Draining an unread body can hit a malformed chunk: close the connection instead of answering
+        # a second time.
+        try:
+            return bool(super()._keepalive_after(conn, keepalive))
+        except (http_errors.ParseException, OSError):
+            return False
+
+    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        """Answer what gunicorn could not hand to the app in the JSON error shape; log no client bytes."""
+        request_start = datetime.now()
+        status, reason, code = classify(exc)
+        rid = uuid.uuid4().hex
+        extra = {"request_id": rid}
+        if status >= 500:
+            self.log.exception("error handling a request (%s)", type(exc).__name__, extra=extra)
+            message = "the gateway failed unexpectedly; the request id is in the X-Request-ID header"
+        else:
+            # str(exc) would quote the client's bytes (a request line may be the middle of an image).
+            self.log.warning(
+                "refused a malformed request from %s: %s", _peer(addr), type(exc).__name__, extra=extra
+            )
+            message = f"the HTTP request is malformed or over a limit ({type(exc).__name__})"
+        body = json.dumps({"error": {"code": code, "message": message}}).encode()
+        headers = [
+            ("Connection", "close"),
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+            ("X-Request-ID", rid),
+            ("X-Content-Type-Options", "nosniff"),
+            ("Cache-Control", "no-store"),
+        ]
+        if req is None:
+            req = getattr(exc, "req", None)
+        if req is not None:
+            environ = default_environ(req, client, self.cfg)
+            environ["REMOTE_ADDR"] = (addr or ("", -1))[0]
+            environ["REMOTE_PORT"] = str((addr or ("", -1))[1])
+            resp = Response(req, client, self.cfg)
+            resp.status = f"{status} {reason}"
+            resp.headers = list(headers)
+            resp.response_length = resp.sent = len(body)
+            self.log.access(resp, req, environ, datetime.now() - request_start)
+        head = f"HTTP/1.1 {status} {reason}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
+        try:
+            util.write_nonblock(client, head.encode("latin-1") + body)
+        except Exception:
+            self.log.debug("could not send the error answer", extra=extra)
+
+
+def _peer(addr: Any) -> str:
+    return str(addr[0]) if isinstance(addr, tuple) and addr else "unix socket"
+
+
+worker_class = GatewayWorker
+
+
+# -- hooks --------------------------------------------------------------------------------------------
 def on_starting(server: Any) -> None:
     """Start with empty metric files: values from a previous run would be summed in."""
+    # Python warnings (Pillow on odd files, ...) through logging: one line, with a request id.
+    logging.captureWarnings(True)
     path = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     if path.is_dir():
         for child in path.iterdir():
