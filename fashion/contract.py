@@ -105,7 +105,10 @@ class Preprocessing:
         known = {"image_size", "resize_mode", "interpolation", "mean", "std", "fill", "trim"}
         if data.get("layout", "NHWC") != "NHWC" or data.get("dtype", "uint8") != "uint8":
             raise ValueError("only the NHWC uint8 contract is implemented")
-        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in known})
+        values: dict[str, Any] = {
+            k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in known
+        }
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,9 @@ class DecodeLimits:
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 50_000_000
     formats: frozenset[str] = DEFAULT_FORMATS
+
+
+ORIENTATION = 0x0112  # the EXIF tag that says how the camera was held
 
 
 def open_image(data: bytes, pre: Preprocessing, limits: DecodeLimits = DecodeLimits()) -> Image.Image:
@@ -129,7 +135,7 @@ def open_image(data: bytes, pre: Preprocessing, limits: DecodeLimits = DecodeLim
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image: Image.Image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as e:
         raise UndecodableImage("the bytes are not an image Pillow can read") from e
     except Image.DecompressionBombError as e:
@@ -153,7 +159,9 @@ def open_image(data: bytes, pre: Preprocessing, limits: DecodeLimits = DecodeLim
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             image.load()
-            image = ImageOps.exif_transpose(image)
+            # exif_transpose copies the whole image even when it is upright; most photos are.
+            if image.getexif().get(ORIENTATION, 1) != 1:
+                image = ImageOps.exif_transpose(image)
     except Image.DecompressionBombError as e:
         raise ImageTooLarge(str(e)) from e
     except (OSError, ValueError, SyntaxError, EOFError) as e:
@@ -194,23 +202,32 @@ def to_rgb(image: Image.Image, fill: tuple[int, int, int] = (255, 255, 255)) -> 
 TRIM_MARGIN = 0.04  # of the kept box's longer side, so that outlines are not cut
 
 
+TRIM_PROBE_SIDE = 256  # the box is found on a copy whose long side is about this many pixels
+
+
 def trim_background(image: Image.Image, threshold: int) -> Image.Image:
     """Crop plain margins: the box of pixels farther than ``threshold`` from the corner colour.
 
     The background colour is the brightest of the four corners (catalogue backgrounds are light;
-    a product touching one corner does not fool it). Returns ``image`` itself when nothing would be
-    cropped or when no pixel stands out.
+    a product touching one corner does not fool it). The box is found on a box-filtered copy about
+    ``TRIM_PROBE_SIDE`` pixels long: a block of the copy that holds a clear edge of the product still
+    stands out, so the box loses at most the faint fringe of one block, inside the margin added around
+    it. Found at full size, the box cost as much as the model at 224 px inputs (8 of 11 ms).
+    Returns ``image`` itself when nothing would be cropped or when no pixel stands out.
     """
     width, height = image.size
-    corners = [image.getpixel(xy) for xy in ((0, 0), (width - 1, 0), (0, height - 1), (width - 1, height - 1))]
+    factor = max(1, max(width, height) // TRIM_PROBE_SIDE)
+    probe = image.reduce(factor) if factor > 1 else image
+    pw, ph = probe.size
+    corners = [probe.getpixel(xy) for xy in ((0, 0), (pw - 1, 0), (0, ph - 1), (pw - 1, ph - 1))]
     background = max(corners, key=lambda c: sum(c))  # type: ignore[arg-type]
-    diff = ImageChops.difference(image, Image.new("RGB", image.size, background))
+    diff = ImageChops.difference(probe, Image.new("RGB", probe.size, background))
     r, g, b = diff.split()
     mask = ImageChops.lighter(ImageChops.lighter(r, g), b).point(lambda v: 255 if v > threshold else 0)
     box = mask.getbbox()
     if box is None:
         return image
-    x0, y0, x1, y1 = box
+    x0, y0, x1, y1 = (box[0] * factor, box[1] * factor, box[2] * factor, box[3] * factor)
     pad = round(TRIM_MARGIN * max(x1 - x0, y1 - y0))
     x0, y0, x1, y1 = max(0, x0 - pad), max(0, y0 - pad), min(width, x1 + pad), min(height, y1 + pad)
     if (x0, y0, x1, y1) == (0, 0, width, height):
