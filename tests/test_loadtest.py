@@ -93,7 +93,7 @@ def stack(tmp_path_factory) -> Iterator[dict]:
             "FASHION_TRITON_URL": triton.grpc_url,
             "FASHION_MODEL_REPOSITORY": str(repository),
             "FASHION_WORKERS": "1",
-            "FASHION_THREADS": "4",
+            "FASHION_THREADS": "8",  # 6 in-flight slots: the 4 users never see a 429
             "PROMETHEUS_MULTIPROC_DIR": str(work / "prometheus"),
         }
         with Gunicorn(env, work / "gunicorn.log") as gateway:
@@ -200,7 +200,58 @@ def test_bench_quick_with_a_tiny_model_writes_every_key(tmp_path):
     assert set(doc["ratios"]) == {"gateway_over_raw", "gateway_over_naive", "gateway_added_p50_ms"}
     assert doc["ratios"]["gateway_over_raw"] > 0 and doc["ratios"]["gateway_over_naive"] > 0
     assert math.isfinite(doc["ratios"]["gateway_added_p50_ms"])
+    rounds = doc["added_latency"]["rounds"]  # Triton direct and the gateway, alternating at c=1
+    assert len(rounds) == 2 and all(r["triton_p50_ms"] > 0 and r["gateway_p50_ms"] > 0 for r in rounds)
     memory = doc["memory"]
     assert memory["triton"]["total_mb"] > 0 and memory["naive_mb"] > 0
     assert len(memory["gateway_workers_mb"]) == 2 and all(m > 0 for m in memory["gateway_workers_mb"])
-    assert "| gateway " in (out / "bench.md").read_text()
+    rows = doc["preprocess"]["images"]
+    assert [r["image"] for r in rows][-1] == "camera 3000x4000"
+    assert all(r["preprocess_p50_ms"] > 0 and r["preprocess_over_model"] > 0 for r in rows)
+    text = (out / "bench.md").read_text()
+    assert "| gateway " in text and "| camera 3000x4000 " in text
+
+
+def test_sweep_keeps_the_fastest_setting_that_meets_the_slo_and_writes_its_queue_bound(tmp_path, monkeypatch):
+    """The coordinate search over measured settings (the measuring itself is the bench test's job)."""
+    from types import SimpleNamespace
+
+    from fashion.schema import Attribute, LabelSchema
+    from loadtest import sweep
+
+    def fake_measure(model, opts, work, setting):
+        # 2 instances are faster but break the SLO; 1000 µs of queue delay and 2 workers help.
+        ips = (
+            40.0
+            + (10 if setting.max_queue_delay_us == 1000 else 0)
+            + (30 if setting.cpu_instances == 2 else 0)
+        )
+        ips += 5 if setting.workers == 2 else 0
+        p95 = 150.0 if setting.cpu_instances == 2 else 80.0
+        met = p95 <= opts.slo_p95_ms
+        best = {"concurrency": 8, "throughput_ips": ips, "p95_ms": p95}
+        return {
+            "setting": setting.__dict__,
+            "score_ips": ips if met else 0.0,
+            "slo_p95_met": met,
+            "best": best,
+            "points": [best],
+            "serving": {
+                "max_queue_delay_us": setting.max_queue_delay_us,
+                "cpu_instances": setting.cpu_instances,
+            },
+        }
+
+    monkeypatch.setattr(sweep, "measure", fake_measure)
+    schema = LabelSchema((Attribute("colour", ("red", "blue")),))
+    opts = SimpleNamespace(quick=False, slo_p95_ms=100.0, out=tmp_path, image_size=32)
+    doc = sweep.run_sweep(SimpleNamespace(schema=schema), opts, tmp_path)
+    assert doc["recommended"]["max_queue_delay_us"] == 1000
+    assert doc["recommended"]["cpu_instances"] == 1 and doc["recommended"]["workers"] == 2
+    env = (tmp_path / "recommended" / "gunicorn.env").read_text()
+    assert "FASHION_MAX_INFLIGHT=4\n" in env  # concurrency 8 over 2 workers
+    assert (
+        "max_queue_delay_microseconds: 1000"
+        in (tmp_path / "recommended" / "configs" / "cpu.pbtxt").read_text()
+    )
+    assert "| 1000 " in (tmp_path / "sweep.md").read_text()
