@@ -46,7 +46,6 @@ from gunicorn.workers import gthread
 
 from gateway.config import GatewayConfig
 
-
 _config = GatewayConfig.from_env()
 CLIENT_TIMEOUT_S = _config.client_timeout_s
 # How long a thread waits for a new connection's first bytes before parking it in the poller (gunicorn
