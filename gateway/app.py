@@ -120,7 +120,9 @@ def init_app(app: Flask, config: GatewayConfig, triton: TritonBackend | None = N
     triton = triton or TritonTransport(config.triton_url, config.triton_protocol, config.timeout_s)
     gw = Gateway(config, triton)
     app.extensions[EXTENSION] = gw
-    gw.state.refresh(force=True)  # reads one small file; a missing one makes /readyz say why
+    # Reads the metadata files and asks Triton which versions are ready (health timeouts, so a Triton that is
+    # down delays the start by seconds, not more); a missing file or version makes /readyz say why.
+    gw.state.refresh(force=True)
 
     from gateway.api import bp as api_bp
     from gateway.health import bp as health_bp
