@@ -31,9 +31,6 @@ from export.errors import ExportError
 
 log = logging.getLogger(__name__)
 
-METADATA = "metadata.json"
-
-
 class DeployError(ExportError):
     """Triton cannot serve the asked version or cannot be reached; the message says what serves now."""
 
@@ -63,34 +60,41 @@ def version_policy_config(config: dict[str, Any], version: int) -> dict[str, Any
     return {**config, "version_policy": {"specific": {"versions": [int(version)]}}}
 
 
+def served_from_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Triton's model configuration (JSON) as the tensors the gateway compares metadata against
+    (``gateway.state.skew``): names, datatypes and shapes without the batch dimension."""
+
+    def tensors(key: str) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": t["name"],
+                "datatype": str(t.get("data_type", "")).removeprefix("TYPE_"),
+                "shape": [int(d) for d in t.get("dims", [])],
+            }
+            for t in config.get(key, [])
+        ]
+
+    return {"inputs": tensors("input"), "outputs": tensors("output")}
+
+
 def check_version_files(repository: str | Path, model: str, version: int, config: dict[str, Any]) -> None:
-    """Refuse a version the gateway could not serve with ``config``: no metadata, or other tensors/classes.
+    """Refuse a version the gateway could not serve with ``config``: metadata the gateway cannot read, or
+    tensors and class counts other than the configuration's (the gateway's own skew check).
 
     All versions of one Triton model share one configuration, so a version whose heads or class counts
     differ needs a new model name, not a deploy.
     """
+    from gateway.metadata import MetadataError, load_metadata
+    from gateway.state import skew
+
     folder = Path(repository) / model / str(version)
     if not folder.is_dir():
         raise DeployError(f"{folder} does not exist: export version {version} first (fashion export)")
-    path = folder / METADATA
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise DeployError(
-            f"{path} is missing: the gateway could not label version {version}'s answers"
-        ) from e
-    except (OSError, ValueError) as e:
-        raise DeployError(f"{path} is not readable JSON: {e}") from e
-    served = {o["name"]: [int(d) for d in o.get("dims", [])] for o in config.get("output", [])}
-    expected = {str(o["tensor"]): len(o["classes"]) for o in meta.get("outputs", [])}
-    problems = []
-    if set(served) != set(expected):
-        problems.append(f"outputs {sorted(expected)} in {METADATA}, {sorted(served)} in Triton's config")
-    for name in sorted(set(served) & set(expected)):
-        if not served[name] or served[name][-1] != expected[name]:
-            problems.append(
-                f"{name!r} has {expected[name]} classes, Triton's config says dims {served[name]}"
-            )
+        meta = load_metadata(repository, model, version)
+    except MetadataError as e:
+        raise DeployError(f"the gateway could not label version {version}'s answers: {e}") from e
+    problems = skew(meta, served_from_config(config))
     if problems:
         raise DeployError(
             f"version {version} of {model!r} does not fit the configuration Triton serves the model with ("

@@ -413,7 +413,7 @@ def test_deploy_refuses_what_it_cannot_serve_and_leaves_the_served_version_alone
     doc["model"]["version"] = 3
     doc["outputs"][0]["classes"] = ["red", "green", "blue", "white"]
     (odd / "metadata.json").write_text(json.dumps(doc))
-    with pytest.raises(DeployError, match="'colour' has 4 classes"):
+    with pytest.raises(DeployError, match=r"'colour' has shape \[3\] in Triton but 4 classes"):
         deploy(triton.http_url, "fashion", 3, repository=repository)
     shutil.rmtree(odd)
 
@@ -424,3 +424,22 @@ def test_deploy_refuses_what_it_cannot_serve_and_leaves_the_served_version_alone
     assert "does not exist" in capsys.readouterr().err
     assert deploy(triton.http_url, "fashion", 1).before == (1,)  # still serving 1
     assert (http("GET", ready.format(1))[0], http("GET", ready.format(2))[0]) == (200, 400)
+
+
+def test_deploy_checks_versions_with_the_gateways_metadata_reader_and_skew_check(tmp_path):
+    from export.deploy import DeployError, check_version_files
+    from tests.fixtures_gateway import OUTPUTS
+
+    write_metadata(tmp_path, version=1)
+    config = {
+        "input": [{"name": "image", "data_type": "TYPE_UINT8", "dims": [32, 32, 3]}],
+        "output": [{"name": t, "data_type": "TYPE_FP32", "dims": [len(c)]} for _, _, _, t, c, _ in OUTPUTS],
+    }
+    check_version_files(tmp_path, "fashion", 1, config)  # fits: no error
+    config["input"][0]["dims"] = [64, 64, 3]  # the served model takes another image size
+    with pytest.raises(DeployError, match=r"input 'image' has shape \[64, 64, 3\] in Triton"):
+        check_version_files(tmp_path, "fashion", 1, config)
+    (tmp_path / "fashion" / "2").mkdir()
+    (tmp_path / "fashion" / "2" / "metadata.json").write_text("{not json")
+    with pytest.raises(DeployError, match="could not label version 2"):
+        check_version_files(tmp_path, "fashion", 2, config)
