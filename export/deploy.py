@@ -31,6 +31,7 @@ from export.errors import ExportError
 
 log = logging.getLogger(__name__)
 
+
 class DeployError(ExportError):
     """Triton cannot serve the asked version or cannot be reached; the message says what serves now."""
 
