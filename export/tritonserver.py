@@ -260,22 +260,9 @@ class TritonServer:
         timeout + 10 s); returns the exit status."""
         timeout_s = self.exit_timeout_s + 10.0 if timeout_s is None else timeout_s
         process, self._process = self._process, None
-        code = None
-        if process is not None:
-            if process.poll() is None:
-                # The server only: it stops its python stubs itself while unloading (signalling the
-                # whole group would kill the stubs first and leave Triton waiting for them).
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout_s)
-                except subprocess.TimeoutExpired:
-                    log.warning("tritonserver did not stop in %.0f s; killing it", timeout_s)
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(process.pid, signal.SIGKILL)
-                    process.wait()
-            code = process.returncode
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGKILL)  # stray stubs of the group, if any
+        # The server only gets SIGTERM: it stops its python stubs itself while unloading (signalling the
+        # whole group would kill the stubs first and leave Triton waiting for them).
+        code = None if process is None else stop_process_group(process, timeout_s, "tritonserver")
         if self._workdir is not None:
             if self._log_path is not None and self._log_path.parent == Path(self._workdir.name):
                 self._log_path = None
@@ -290,6 +277,27 @@ class TritonServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def stop_process_group(process: subprocess.Popen[bytes], timeout_s: float, name: str) -> int:
+    """Stop a process started with ``start_new_session=True`` and everything in its group.
+
+    SIGTERM to the leader only (it shuts down its own children gracefully), SIGKILL to the group after
+    ``timeout_s``, then SIGKILL to the group again for any child that outlived its leader. Returns the
+    leader's exit status.
+    """
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %.0f s; killing its process group", name, timeout_s)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    return process.returncode
 
 
 @contextlib.contextmanager

@@ -398,21 +398,10 @@ class Gateway:
     def stop(self, timeout_s: float) -> int | None:
         """SIGTERM to the master (graceful: workers finish their requests), SIGKILL to the group after
         ``timeout_s``; then SIGKILL to the group again for any worker that outlived its master."""
+        from export.tritonserver import stop_process_group
+
         process, self.process = self.process, None
-        if process is None:
-            return None
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                log.warning("gunicorn did not stop in %.0f s; killing its process group", timeout_s)
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
-        return process.returncode
+        return None if process is None else stop_process_group(process, timeout_s, "gunicorn")
 
 
 @dataclass(frozen=True)

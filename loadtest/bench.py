@@ -35,7 +35,7 @@ import numpy as np
 
 from loadtest.errors import LoadtestError
 from loadtest.loadgen import Point, best, closed_loop, percentiles
-from loadtest.stack import ROOT, Gunicorn, children, http_ok, peak_rss_mb
+from loadtest.stack import ROOT, Gunicorn, children, peak_rss_mb, wait_for_http
 
 log = logging.getLogger(__name__)
 
@@ -344,40 +344,29 @@ class NaiveServer:
 
     def __enter__(self) -> NaiveServer:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        command = [sys.executable, "-m", "loadtest.naive_server", "--model-dir", str(self.model_dir)]
         with self.log_path.open("ab") as out:
             self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "loadtest.naive_server",
-                    "--model-dir",
-                    str(self.model_dir),
-                    "--port",
-                    str(self.port),
-                ],
+                [*command, "--port", str(self.port)],
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=ROOT,
+                start_new_session=True,
             )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise LoadtestError(f"the naive server exited: {self.log_path.read_text()[-2000:]}")
-            if http_ok(self.url + "/healthz", 1.0):
-                return self
-            time.sleep(0.3)
-        self.__exit__()
-        raise LoadtestError(f"the naive server did not start; see {self.log_path}")
+        try:
+            wait_for_http(self.url + "/healthz", 120.0, self.process.poll, self.log_path, "the naive server")
+        except LoadtestError:
+            self.__exit__()
+            raise
+        return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        from export.tritonserver import stop_process_group
+
+        process, self.process = self.process, None
+        if process is not None:
+            stop_process_group(process, 20.0, "the naive server")
 
 
 # ------------------------------------------------------------------------------------------- results

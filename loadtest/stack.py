@@ -13,6 +13,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -29,6 +30,21 @@ def http_ok(url: str, timeout_s: float = 2.0) -> bool:
             return r.status == 200
     except (urllib.error.URLError, OSError):
         return False
+
+
+def wait_for_http(
+    url: str, timeout_s: float, exit_code: Callable[[], int | None], log_path: Path, what: str
+) -> None:
+    """Until ``url`` answers 200; ``LoadtestError`` with the log's tail when the process exits first, or
+    naming the log when ``timeout_s`` runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if exit_code() is not None:
+            raise LoadtestError(f"{what} exited: {log_path.read_text(errors='replace')[-3000:]}")
+        if http_ok(url, 1.0):
+            return
+        time.sleep(0.2)
+    raise LoadtestError(f"{what} was not ready in {timeout_s:.0f} s; see {log_path}")
 
 
 class Gunicorn:
@@ -57,16 +73,14 @@ class Gunicorn:
 
     def start(self) -> Gunicorn:
         self.gateway.start()
-        deadline = time.monotonic() + self.ready_timeout_s
-        while time.monotonic() < deadline:
-            if self.gateway.exit_code() is not None:
-                self.stop()
-                raise LoadtestError(f"gunicorn exited: {self.log_path.read_text(errors='replace')[-3000:]}")
-            if http_ok(self.url + "/readyz", 1.0):
-                return self
-            time.sleep(0.2)
-        self.stop()
-        raise LoadtestError(f"the gateway was not ready in {self.ready_timeout_s:.0f} s; see {self.log_path}")
+        try:
+            wait_for_http(
+                self.url + "/readyz", self.ready_timeout_s, self.gateway.exit_code, self.log_path, "gunicorn"
+            )
+        except LoadtestError:
+            self.stop()
+            raise
+        return self
 
     def worker_pids(self) -> list[int]:
         return children(self.gateway.pid) if self.gateway.pid else []
