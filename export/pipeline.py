@@ -210,6 +210,8 @@ def export_checkpoint(opts: ExportOptions, report: Callable[[str], None] | None 
                 "val_metrics": ckpt.val_metrics,
                 "weights_sha256": weights_digest(ckpt.model),
                 "checkpoint_sha256": file_sha256(opts.checkpoint),
+                # The gate that flags unseen product types (training.novelty); inside model.onnx.
+                "novelty": ckpt.model.novelty.describe() if ckpt.model.novelty is not None else None,
             },
             export={
                 "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},

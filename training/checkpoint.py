@@ -17,6 +17,7 @@ import torch
 from fashion.contract import Preprocessing
 from fashion.schema import LabelSchema
 from training.model import FashionNet, build_model
+from training.novelty import NoveltyGate
 
 FORMAT = "fashion-tagger/checkpoint@1"
 
@@ -69,6 +70,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
         "preprocessing": model.preprocessing.to_dict(),
         "dropout": float(next(iter(model.heads.values()))[0].p),
         "colour_grid": model.colour_grid,
+        "novelty": model.novelty.describe() if model.novelty is not None else None,
         "state_dict": state,
         "config": ckpt.config,
         "epoch": ckpt.epoch,
@@ -97,6 +99,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     model = build_model(payload["backbone"], schema, pre, dropout=payload.get("dropout", 0.2),
         colour_grid=payload.get("colour_grid", 0),
     )
+    if payload.get("novelty"):
+        model.novelty = NoveltyGate.from_description(payload["novelty"])
     model.load_state_dict(payload["state_dict"])
     model.to(device).eval()
     return Checkpoint(

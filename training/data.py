@@ -376,3 +376,11 @@ def stratified_split(
     train = [samples[i] for g, m in enumerate(group_list) if g not in val_groups for i in m]
     val = [samples[i] for g, m in enumerate(group_list) if g in val_groups for i in m]
     return train, val
+
+
+def split_held_out(samples: list, hold_out: tuple[str, ...]) -> tuple[list, list]:
+    """(kept, held out): a sample is held out when one of its labels is a held-out ``attribute=class``."""
+    pairs = [tuple(item.split("=", 1)) for item in hold_out]
+    held = [s for s in samples if any(s.labels.get(attr) == cls for attr, cls in pairs)]
+    chosen = {id(s) for s in held}
+    return [s for s in samples if id(s) not in chosen], held

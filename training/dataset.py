@@ -16,11 +16,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from fashion.contract import ImageError, Preprocessing, preprocess_file
+from fashion.contract import ImageError, Preprocessing, open_image, resize
 from fashion.schema import LabelSchema
 
 log = logging.getLogger(__name__)
@@ -37,15 +38,24 @@ class ImageCache:
 
     @classmethod
     def build(
-        cls, paths: Sequence[str], pre: Preprocessing, *, desc: str = "decode", threads: int = 2
+        cls,
+        paths: Sequence[str],
+        pre: Preprocessing,
+        *,
+        desc: str = "decode",
+        threads: int = 2,
+        aspect: float = 1.0,
+        mirror: bool = False,
     ) -> ImageCache:
+        """Decode ``paths`` through the contract; ``aspect`` multiplies each photo's height first (a view
+        with another aspect ratio) and ``mirror`` flips it left-right."""
         size = pre.image_size
         out = np.full((len(paths), size, size, 3), 255, dtype=np.uint8)
         failed: list[tuple[str, str]] = []
 
         def load(i: int) -> None:
             try:
-                out[i] = preprocess_file(paths[i], pre)
+                out[i] = load_view(paths[i], pre, aspect, mirror)
             except (ImageError, OSError) as e:
                 failed.append((paths[i], str(e)))
 
@@ -54,6 +64,18 @@ class ImageCache:
         for path, reason in failed:
             log.warning("could not decode %s (%s); it is used as a blank image", path, reason)
         return cls(out, failed)
+
+
+def load_view(path: str, pre: Preprocessing, aspect: float = 1.0, mirror: bool = False) -> np.ndarray:
+    """One photo through the contract, its height first scaled by ``aspect`` and mirrored if asked."""
+    with open(path, "rb") as f:
+        image = open_image(f.read(), pre)
+    if aspect != 1.0:
+        width, height = image.size
+        image = image.resize((width, max(1, round(height * aspect))), Image.Resampling.BICUBIC)
+    if mirror:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return resize(image, pre)
 
 
 class TrainDataset(Dataset):

@@ -217,6 +217,7 @@ def evaluate(
     top_n: int = 20,
     batch_size: int = 64,
     device: str = "auto",
+    aspect: float = 1.0,
 ) -> EvalResult:
     """Evaluate ``checkpoint`` on ``data`` and write the report folder (module docstring)."""
     from training.predict import predict_paths
@@ -229,7 +230,7 @@ def evaluate(
         raise DatasetError(f"{data}: no usable labelled images")
     labels = encode_known(schema, samples)
     preds = predict_paths(ckpt.model, [s.image_path for s in samples], resolve_device(device), batch_size,
-                          desc="evaluate")
+                          desc="evaluate", aspect=aspect)
     labels[~preds.ok] = MISSING  # an undecodable image has no prediction to score
     score, per = evaluate_arrays(schema, labels, preds.probs)
 

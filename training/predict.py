@@ -27,10 +27,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fashion.contract import ImageError, Preprocessing, preprocess_file
+from fashion.contract import ImageError, Preprocessing
 from fashion.schema import OTHER
 from training.checkpoint import Checkpoint, load_checkpoint
 from training.data import Catalogue, DatasetError, Sample, read_catalogue
+from training.dataset import load_view
 from training.model import FashionNet
 
 log = logging.getLogger(__name__)
@@ -79,10 +80,11 @@ def _image_folder(root: Path) -> Catalogue:
 
 
 def iter_batches(
-    paths: Sequence[str], pre: Preprocessing, batch_size: int = 64, threads: int = 2
+    paths: Sequence[str], pre: Preprocessing, batch_size: int = 64, threads: int = 2, aspect: float = 1.0
 ) -> Iterator[tuple[np.ndarray, list[bool]]]:
     """(uint8 NHWC batch, ok flags) for consecutive slices of ``paths``; undecodable images are blank
-    (the fill colour) with ``ok=False``. The next batch decodes while the caller works on this one."""
+    (the fill colour) with ``ok=False``. The next batch decodes while the caller works on this one.
+    ``aspect`` multiplies each photo's height before the contract (``training.dataset.load_view``)."""
 
     def load(chunk: Sequence[str]) -> tuple[np.ndarray, list[bool]]:
         out = np.empty((len(chunk), pre.image_size, pre.image_size, 3), dtype=np.uint8)
@@ -90,7 +92,7 @@ def iter_batches(
         ok = [True] * len(chunk)
         for i, p in enumerate(chunk):
             try:
-                out[i] = preprocess_file(p, pre)
+                out[i] = load_view(p, pre, aspect)
             except (ImageError, OSError) as e:
                 ok[i] = False
                 log.warning("could not decode %s (%s); no prediction for it", p, e)
@@ -121,13 +123,14 @@ def predict_paths(
     device: torch.device | str = "cpu",
     batch_size: int = 64,
     desc: str = "predict",
+    aspect: float = 1.0,
 ) -> Predictions:
     """Calibrated probabilities per head for image files, with a progress bar."""
     model.eval().to(device)
     chunks: dict[str, list[np.ndarray]] = {a.name: [] for a in model.schema.attributes}
     ok: list[bool] = []
     bar = tqdm(total=len(paths), desc=desc, unit="img")
-    for images, flags in iter_batches(paths, model.preprocessing, batch_size):
+    for images, flags in iter_batches(paths, model.preprocessing, batch_size, aspect=aspect):
         for name, p in model.probabilities(torch.from_numpy(images).to(device)).items():
             chunks[name].append(p.float().cpu().numpy())
         ok.extend(flags)

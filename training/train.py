@@ -27,11 +27,11 @@ from fashion.console import emit, table
 from fashion.contract import Preprocessing
 from fashion.schema import MISSING, LabelSchema
 from training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from training.config import TrainConfig
-from training.data import Catalogue, build_schema, encode, read_catalogue, stratified_split
+from training.config import ConfigError, TrainConfig
+from training.data import Catalogue, build_schema, encode, read_catalogue, split_held_out, stratified_split
 from training.dataset import ImageCache, TrainDataset, colour_is_a_target
 from training.metrics import evaluate_arrays
-from training.model import BACKBONES, FashionNet, build_model
+from training.model import FashionNet, build_model, pretrained_preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +54,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 def preprocessing_for(cfg: TrainConfig) -> Preprocessing:
-    interpolation = cfg.interpolation or BACKBONES[cfg.backbone]["interpolation"]
+    """The contract: size, mean/std and interpolation from the backbone's pretrained config (what its
+    weights expect), unless the configuration sets the size or interpolation; resize and trim from it."""
+    base = pretrained_preprocessing(cfg.backbone)
     return Preprocessing(
-        image_size=cfg.image_size, resize_mode=cfg.resize_mode, interpolation=interpolation, trim=cfg.trim
+        image_size=cfg.image_size or base["image_size"],
+        resize_mode=cfg.resize_mode,
+        interpolation=cfg.interpolation or base["interpolation"],
+        mean=base["mean"],
+        std=base["std"],
+        trim=cfg.trim,
     )
 
 
@@ -186,7 +193,96 @@ def prepare_data(cfg: TrainConfig) -> tuple[Catalogue, list, list]:
         if filled:
             stratify = max(filled, key=lambda h: len({s.labels.get(h) for s in samples}))
     train, val = stratified_split(samples, stratify, cfg.val_fraction, cfg.seed)
+    # Held-out classes leave after the split, so that the rest of the split is the usual one.
+    train, _ = split_held_out(train, cfg.hold_out)
+    val, _ = split_held_out(val, cfg.hold_out)
     return cat, train, val
+
+
+# --- frozen trunk (cfg.freeze_blocks > 0) -------------------------------------------------------------
+
+
+@dataclass
+class TrunkCache:
+    """The frozen trunk's output for every image of every view, computed once: ``acts[v * n + i]``."""
+
+    acts: torch.Tensor  # (views * n, C, H, W) float16
+    grids: torch.Tensor  # (views * n, G) float32, the colour grid of the same input
+    n: int
+    views: int
+
+
+@torch.no_grad()
+def build_trunk_cache(
+    model: FashionNet,
+    views: list[np.ndarray],
+    blocks: int,
+    device: torch.device,
+    desc: str,
+    batch_size: int = 64,
+) -> TrunkCache:
+    model.eval()
+    acts: list[torch.Tensor] = []
+    grids: list[torch.Tensor] = []
+    total = sum(len(v) for v in views)
+    with tqdm(total=total, desc=desc, leave=False) as bar:
+        for images in views:
+            for start in range(0, len(images), batch_size):
+                h, g = model.trunk(torch.from_numpy(images[start : start + batch_size]).to(device), blocks)
+                acts.append(h.to(torch.float16).cpu())
+                grids.append(g.float().cpu())
+                bar.update(len(h))
+    return TrunkCache(torch.cat(acts), torch.cat(grids), len(views[0]), len(views))
+
+
+def freeze_trunk(model: FashionNet, blocks: int) -> None:
+    """The stem and the first ``blocks`` stages keep their values (and their batch-norm statistics)."""
+    b = model.backbone
+    for module in (b.conv_stem, b.bn1, *b.blocks[:blocks]):
+        for p in module.parameters():
+            p.requires_grad_(False)
+
+
+@torch.no_grad()
+def probs_from_trunk(
+    model: FashionNet, cache: TrunkCache, blocks: int, device: torch.device
+) -> dict[str, np.ndarray]:
+    """Calibrated probabilities for view 0 of a trunk cache (validation during frozen-trunk training)."""
+    model.eval()
+    chunks: dict[str, list[np.ndarray]] = {a.name: [] for a in model.schema.attributes}
+    for start in range(0, cache.n, 128):
+        h = cache.acts[start : min(start + 128, cache.n)].to(device).float()
+        logits = model.from_trunk(h, cache.grids[start : start + len(h)].to(device), blocks)
+        for i, a in enumerate(model.schema.attributes):
+            chunks[a.name].append(torch.softmax(logits[a.name] / model.temperature[i], dim=1).cpu().numpy())
+    return {k: np.concatenate(v) for k, v in chunks.items()}
+
+
+def _frozen_batches(cache: TrunkCache, labels: np.ndarray, batch_size: int, rng: np.random.Generator):
+    """Shuffled batches of ((trunk activations, colour grid), labels), each sample in a random view."""
+    order = rng.permutation(cache.n)
+    views = rng.integers(cache.views, size=cache.n)
+    targets = torch.from_numpy(labels)
+    for start in range(0, cache.n - batch_size + 1, batch_size):
+        i = order[start : start + batch_size]
+        rows = torch.from_numpy(views[i] * cache.n + i)
+        yield (cache.acts[rows], cache.grids[rows]), targets[torch.from_numpy(i)]
+
+
+def _fit_novelty(best: Path, cfg: TrainConfig, train_images: np.ndarray, y_train: np.ndarray,
+                 val_images: np.ndarray, device: torch.device) -> None:
+    """Fit the novelty gate into best.pt; measure it on the held-out classes when there are some."""
+    from training.unseen import emit_report, fit_and_measure, held_out_samples, write_report
+
+    held = held_out_samples(cfg.data, cfg.format, cfg.attributes, cfg.hold_out)
+    held_images = ImageCache.build([s.image_path for s in held], load_checkpoint(best).preprocessing,
+                                   desc="decode held-out").images
+    ckpt = load_checkpoint(best)
+    report = fit_and_measure(ckpt, train_images, y_train, val_images, held_images,
+                             quantile=cfg.novelty_quantile, heads=cfg.novelty_heads or None, device=device)
+    save_checkpoint(best, ckpt)
+    write_report(best.parent, report)
+    emit_report(report)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -218,9 +314,24 @@ def train(cfg: TrainConfig) -> TrainResult:
                 f.writelines(f"{p}\n" for p in cat.problems)
 
     y_train, y_val = encode(schema, train_samples), encode(schema, val_samples)
-    cache_train = ImageCache.build([s.image_path for s in train_samples], pre, desc="decode train")
+    train_paths = [s.image_path for s in train_samples]
+    views = [
+        ImageCache.build(
+            train_paths, pre, desc=f"decode train view {v}", aspect=aspect, mirror=v % 2 == 1
+        ).images
+        for v, aspect in enumerate(cfg.aspect_views)
+    ]
     cache_val = ImageCache.build([s.image_path for s in val_samples], pre, desc="decode val")
-    dataset = TrainDataset(cache_train.images, y_train, augment=True, colour_target=colour_is_a_target(schema))
+    train_images = views[0]  # the photos as they are: what the novelty gate is fitted on
+    frozen = cfg.freeze_blocks > 0
+    if frozen and (world > 1 or cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0):
+        raise ConfigError("freeze_blocks works on one process without MixUp/CutMix; set freeze_blocks: 0")
+    dataset = TrainDataset(
+        np.concatenate(views) if len(views) > 1 else views[0],
+        np.concatenate([y_train] * len(views)),
+        augment=True,
+        colour_target=colour_is_a_target(schema),
+    )
     sampler = (
         torch.utils.data.distributed.DistributedSampler(dataset, seed=cfg.seed) if world > 1 else None
     )
@@ -229,9 +340,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         batch_size=cfg.batch_size,
         shuffle=sampler is None,
         sampler=sampler,
-        num_workers=cfg.resolved_workers,
+        num_workers=0 if frozen else cfg.resolved_workers,
         drop_last=len(dataset) > cfg.batch_size,
-        persistent_workers=cfg.resolved_workers > 0,
+        persistent_workers=cfg.resolved_workers > 0 and not frozen,
         generator=torch.Generator().manual_seed(cfg.seed),
     )
 
@@ -248,6 +359,17 @@ def train(cfg: TrainConfig) -> TrainResult:
             colour_grid=cfg.colour_grid,
         )
     model.to(device)
+    trunk_train = trunk_val = None
+    if frozen:
+        if not model.supports_frozen_trunk() or cfg.freeze_blocks >= len(model.backbone.blocks):
+            raise ConfigError(f"freeze_blocks needs an EfficientNet-style backbone with more than "
+                              f"{cfg.freeze_blocks} stages; {cfg.backbone} is not one")
+        freeze_trunk(model, cfg.freeze_blocks)
+        trunk_train = build_trunk_cache(model, views, cfg.freeze_blocks, device, "frozen trunk, train")
+        trunk_val = build_trunk_cache(
+            model, [cache_val.images], cfg.freeze_blocks, device, "frozen trunk, val"
+        )
+        dataset.images = dataset.images[:0]  # the decoded photos are no longer needed
     use_channels_last = cfg.channels_last
     if use_channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -260,13 +382,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     # step (the usual fine-tuning recipe, and it matters most when the backbone starts from scratch).
     optimizer = torch.optim.AdamW(
         [
-            {"params": model.backbone.parameters()},
+            {"params": [p for p in model.backbone.parameters() if p.requires_grad]},
             {"params": model.heads.parameters(), "lr": cfg.lr * cfg.head_lr_scale},
         ],
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
     )
-    steps_per_epoch = max(len(loader), 1)
+    steps_per_epoch = max(len(loader), 1) if not frozen else max(len(y_train) // cfg.batch_size, 1)
     scheduler = _warmup_cosine(
         optimizer, int(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch
     )
@@ -290,12 +412,25 @@ def train(cfg: TrainConfig) -> TrainResult:
             sampler.set_epoch(epoch)
         train_model.train()
         losses = []
-        bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", disable=not main_process, leave=False)
-        for images, targets in bar:
-            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            images, mix = mix_batch(images, cfg, rng)
+        if trunk_train is not None:
+            batches = _frozen_batches(trunk_train, y_train, cfg.batch_size, rng)
+        else:
+            batches = iter(loader)
+        bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", total=steps_per_epoch,
+                   disable=not main_process, leave=False)
+        for inputs, targets in bar:
+            targets = targets.to(device, non_blocking=True)
+            mix = None
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                logits = train_model(images)
+                if trunk_train is not None:
+                    h, grid = inputs
+                    h = h.to(device).float()
+                    if use_channels_last:
+                        h = h.contiguous(memory_format=torch.channels_last)
+                    logits = model.from_trunk(h, grid.to(device), cfg.freeze_blocks)
+                else:
+                    images, mix = mix_batch(inputs.to(device, non_blocking=True), cfg, rng)
+                    logits = train_model(images)
                 loss = masked_loss(logits, targets, schema, weights, cfg.label_smoothing, mix)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -310,7 +445,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         epochs_run += 1
         stop = False
         if main_process:
-            probs = predict_probs(model, cache_val.images, device)
+            if trunk_val is not None:
+                probs = probs_from_trunk(model, trunk_val, cfg.freeze_blocks, device)
+            else:
+                probs = predict_probs(model, cache_val.images, device)
             score, per = evaluate_arrays(schema, y_val, probs)
             record = {
                 "epoch": epoch,
@@ -358,6 +496,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             from training.calibrate import calibrate_in_memory
 
             calibrate_in_memory(run_dir / "best.pt", cache_val.images, y_val, device=device)
+            if cfg.novelty_quantile > 0:
+                _fit_novelty(run_dir / "best.pt", cfg, train_images, y_train, cache_val.images, device)
     if world > 1:
         dist.destroy_process_group()
     return TrainResult(run_dir, best_score, best_epoch, epochs_run, best_metrics)
