@@ -3,22 +3,31 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: install serve test
+.PHONY: install install-dev serve test
 
 install: $(STAMP)
 
-# Re-installs only when the dependency list changes; the project itself is installed editable.
+install-dev: $(DEV_STAMP)
+
+# What serving, training and export need (the `all` extra, ImageNet weights included). Re-installs only when
+# the dependency list changes; the project itself is installed editable.
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 (e.g. pyenv install 3.11)" >&2; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[all]"
+	touch $(STAMP)
+
+# What the tests add: pytest, linters, Helm rendering, and Chromium for the browser test.
+$(DEV_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[all,dev]"
 	@bash scripts/install-browser.sh || echo "note: Chromium not installed; the browser test will skip (see README)"
-	touch $(STAMP)
+	touch $(DEV_STAMP)
 
 serve: install
 	$(BIN)/fashion serve $(ARGS)
 
-test: install
+test: install-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -2,11 +2,13 @@
 
 What ``make serve`` runs on a fresh checkout:
 
-1. **Model.** If ``--repository`` holds no servable version of the model, build the demo one: a synthetic
-   catalogue (``training.synth``), a small model trained on it (``training.train``), exported FP32
-   (``export.pipeline``). Each step is skipped when its output is already there and still matches the
-   settings. ``--checkpoint`` exports that checkpoint instead (once: a version exported from the same file is
-   reused). torch is imported only here, so a machine with a built repository starts without it.
+1. **Model.** If ``--repository`` holds no servable version of the model, export the shipped default model
+   (``models/default/model.pt``: EfficientNet-Lite0 fine-tuned on real catalogue photos, see its
+   ``MODEL_CARD.md``) as FP32 (``export.pipeline``); no training step. ``--checkpoint`` exports that
+   checkpoint instead (once: a version exported from the same file is reused). ``--demo`` builds the
+   synthetic demo instead: a synthetic catalogue (``training.synth``), a small model trained on it
+   (``training.train``), exported FP32; each step is skipped when its output is already there and still
+   matches the settings. torch is imported only here, so a machine with a built repository starts without it.
 2. **Processes.** The pip-installed Triton (``export.tritonserver.TritonServer``, ``--model-config-name cpu``)
    and the gateway under gunicorn, both on loopback by default, each in its own process group; ready when the
    gateway's ``/readyz`` answers 200 (Triton up, model ready, metadata matching the served model).
@@ -55,6 +57,9 @@ DEMO_SEED = 1
 TRITON_HOST = "127.0.0.1"  # Triton stays on loopback: clients go through the gateway
 MODEL_CONFIG_NAME = "cpu"  # configs/cpu.pbtxt: the python-backend variant the pip Triton can run
 SAMPLE_IMAGE_ID = 1
+# The shipped default model (a product artifact with its card, not a build output) and its example photos.
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "default"
+DEFAULT_CHECKPOINT = DEFAULT_MODEL_DIR / "model.pt"
 
 
 class StackError(RuntimeError):
@@ -112,9 +117,10 @@ class ServeConfig:
 
     repository: Path = Path("model_repository")
     model_name: str = "fashion"
-    checkpoint: Path | None = None  # export this instead of building the demo model
-    rebuild: bool = False  # retrain the demo model (or re-export --checkpoint) even if a version exists
-    demo: DemoSettings = field(default_factory=DemoSettings)
+    checkpoint: Path | None = None  # export this instead of the shipped default model
+    demo: bool = False  # build the synthetic demo model instead of the shipped default model
+    rebuild: bool = False  # re-export (or, with ``demo``, retrain) even if the repository has a version
+    demo_settings: DemoSettings = field(default_factory=DemoSettings)
     host: str = "127.0.0.1"
     port: int = 8080
     triton_http_port: int = 8000
@@ -126,6 +132,8 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "repository", Path(self.repository))
+        if self.checkpoint is not None and self.demo:
+            raise StackError("--checkpoint and --demo exclude each other: serve your model or the demo")
         if self.checkpoint is not None:
             object.__setattr__(self, "checkpoint", Path(self.checkpoint))
             if not self.checkpoint.is_file():
@@ -191,9 +199,16 @@ def ensure_model(config: ServeConfig, say: Say) -> int:
                 return version
         return _timed(say, f"export {checkpoint}", lambda: export_fp32(config, checkpoint))
     if version is not None and not config.rebuild:
-        say(f"model: {_where(config, version)} (existing; --rebuild retrains the demo model)")
+        again = "retrains the demo model" if config.demo else "exports the default model again"
+        say(f"model: {_where(config, version)} (existing; --rebuild {again})")
         return version
-    return build_demo(config, say)
+    if config.demo:
+        return build_demo(config, say)
+    if not DEFAULT_CHECKPOINT.is_file():
+        raise StackError(f"the shipped default model {DEFAULT_CHECKPOINT} is missing (a partial checkout?); "
+                         "serve your own with --checkpoint, or the synthetic demo with --demo")
+    return _timed(say, f"export the default model {_shown(DEFAULT_CHECKPOINT)}",
+                  lambda: export_fp32(config, DEFAULT_CHECKPOINT))
 
 
 def _where(config: ServeConfig, version: int) -> str:
@@ -202,7 +217,7 @@ def _where(config: ServeConfig, version: int) -> str:
 
 def build_demo(config: ServeConfig, say: Say) -> int:
     """Synthetic catalogue → trained model → FP32 export; each step printed with its time."""
-    demo = config.demo
+    demo = config.demo_settings
     say(
         f"building the demo model ({demo.backbone}, {demo.image_size} px, {demo.epochs} epochs, "
         f"{demo.count} synthetic products) — a one-off; later runs reuse it"
@@ -551,8 +566,13 @@ def stop_signals() -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------------ the request
-def sample_image(demo: DemoSettings) -> Path:
-    """A demo catalogue photo; if there is no catalogue (``--checkpoint``), one synthetic photo is drawn."""
+def sample_image(config: ServeConfig) -> Path:
+    """The photo of the first request: a real catalogue photo shipped with the default model; with
+    ``--demo`` a demo catalogue photo; else (``--checkpoint``) one synthetic photo, drawn once."""
+    demo = config.demo_settings
+    examples = sorted((DEFAULT_MODEL_DIR / "examples").glob("*.jpg"))
+    if not config.demo and examples:
+        return examples[0]
     path = demo.synth_dir / "images" / f"{SAMPLE_IMAGE_ID}.jpg"
     if path.is_file():
         return path
@@ -639,7 +659,7 @@ def serve(config: ServeConfig, say: Say | None = None) -> int:
         resolve_ports(config)  # a busy port fails now, not after minutes of building
         version = ensure_model(config, say)
         ports = resolve_ports(config)  # again: the build may have taken minutes
-        image = sample_image(config.demo)
+        image = sample_image(config)
         workdir = Path(tempfile.mkdtemp(prefix="fashion-serve-"))
         try:
             say("starting Triton and the gateway ...")
@@ -678,7 +698,8 @@ def _block_until_stopped(stack: RunningStack) -> None:
 
 # ------------------------------------------------------------------------------------------ CLI
 EPILOG = """examples:
-  fashion serve                                   # build the demo model once, then serve it on :8080
+  fashion serve                                   # export the shipped default model once, serve it on :8080
+  fashion serve --demo --repository demo/repo     # the synthetic demo model instead (built once)
   fashion serve --port 0 --triton-http-port 0 --triton-grpc-port 0 --triton-metrics-port 0   # free ports
   fashion serve --checkpoint runs/kaggle/best.pt  # export and serve your own model
   fashion serve --smoke                           # start, send one request, stop (CI)
@@ -690,21 +711,23 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser(
         "serve",
-        help="run the local stack: Triton + the gateway (builds a demo model first if there is none)",
+        help="run the local stack: Triton + the gateway (exports the shipped default model if there is none)",
         description="Serve the model repository with the pip-installed Triton and the gateway under "
-        "gunicorn. If the repository has no servable model, build the demo one first (synthetic catalogue → "
-        "small model → FP32 export). Stops both on Ctrl-C or SIGTERM.",
+        "gunicorn. If the repository has no servable model, export the shipped default model first (or "
+        "your --checkpoint, or build the synthetic --demo). Stops both on Ctrl-C or SIGTERM.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     a = p.add_argument
     a("--repository", default="model_repository", help="Triton model repository (default model_repository)")
-    a("--checkpoint", help="export and serve this checkpoint instead of the demo model")
+    a("--checkpoint", help="export and serve this checkpoint instead of the shipped default model")
+    a("--demo", action="store_true", help="build and serve the synthetic demo model (for tests and "
+      "demos without real photos) instead of the shipped default model")
     a(
         "--rebuild",
         action="store_true",
-        help="retrain the demo model (or re-export --checkpoint) and export a "
-        "new version even if the repository already has one",
+        help="export the model again (with --demo: retrain it) as a new version even if the "
+        "repository already has one",
     )
     a("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     a("--port", type=int, default=8080, help="gateway port (default 8080; 0 = a free one)")
@@ -713,7 +736,7 @@ def register(sub: Any) -> None:
     a("--triton-metrics-port", type=int, default=8002, help="default 8002; 0 = a free one")
     a("--startup-timeout-s", type=float, default=180.0, help="how long to wait for readiness (default 180)")
     a("--smoke", action="store_true", help="start, send the sample request, stop and exit 0")
-    d = p.add_argument_group("demo model (built when the repository has none)")
+    d = p.add_argument_group("demo model (--demo)")
     d.add_argument("--demo-dir", default="demo", help="where synth/ and run/ go (default demo)")
     d.add_argument("--demo-count", type=int, default=800, help="synthetic products (default 800)")
     d.add_argument(
@@ -731,7 +754,8 @@ def _command(args: Any) -> int:
         repository=args.repository,
         checkpoint=args.checkpoint,
         rebuild=args.rebuild,
-        demo=DemoSettings(
+        demo=args.demo,
+        demo_settings=DemoSettings(
             directory=args.demo_dir,
             count=args.demo_count,
             backbone=args.backbone,

@@ -124,15 +124,20 @@ def build_bench_model(work: Path, backbone: str, image_size: int, count: int) ->
     from fashion.contract import Preprocessing, preprocess
     from training.config import TrainConfig
     from training.data import build_schema, read_catalogue
-    from training.model import BACKBONES, build_model
+    from training.model import build_model, pretrained_preprocessing
     from training.synth import generate
 
     generate(work / "catalogue", count, seed=0)
     catalogue = read_catalogue(work / "catalogue")
     schema = build_schema(catalogue, catalogue.samples)
     # The contract a trained model ships with: the trainer's defaults, background trimming included.
+    base = pretrained_preprocessing(backbone)
     pre = Preprocessing(
-        image_size=image_size, interpolation=BACKBONES[backbone]["interpolation"], trim=TrainConfig.trim
+        image_size=image_size,
+        interpolation=base["interpolation"],
+        mean=base["mean"],
+        std=base["std"],
+        trim=TrainConfig.trim,
     )
     torch.manual_seed(0)
     net = build_model(backbone, schema, pre).eval()

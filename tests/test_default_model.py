@@ -1,0 +1,107 @@
+"""The shipped default model (``models/default``): what ``fashion serve`` exports on a fresh clone, served by
+the real Triton and gunicorn, tagging real catalogue photos it never trained on."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from fashion.stack import DEFAULT_CHECKPOINT, DEFAULT_MODEL_DIR, ServeConfig, ensure_model, read_metadata
+from tests.conftest import SHARED_SAMPLE
+
+FIXED_PHOTOS = 200
+MODEL_FILES_LIMIT_MB = 25
+
+
+def test_the_shipped_model_and_its_card_are_in_the_tree_within_the_size_limit():
+    assert DEFAULT_CHECKPOINT.is_file(), "models/default/model.pt is part of the product"
+    card = (DEFAULT_MODEL_DIR / "MODEL_CARD.md").read_text()
+    for must in ("fashion train", "articleType", "macro F1", "Known limits", "uncertain"):
+        assert must in card, must
+    size_mb = sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.rglob("*") if p.is_file()) / 2**20
+    assert size_mb <= MODEL_FILES_LIMIT_MB
+
+
+@pytest.fixture(scope="module")
+def served_default(tmp_path_factory) -> Iterator[dict]:
+    """``fashion serve``'s model step on an empty repository (the shipped model, exported), then real
+    Triton + gunicorn serving it."""
+    pytest.importorskip("torch")
+    pytest.importorskip("onnxruntime")
+    tritonserver = pytest.importorskip("export.tritonserver")
+    from loadtest.stack import Gunicorn
+
+    work = tmp_path_factory.mktemp("default-model")
+    repository = work / "model_repository"
+    said: list[str] = []
+    version = ensure_model(ServeConfig(repository=repository), said.append)
+    with tritonserver.TritonServer(repository, ["fashion"], startup_timeout_s=120) as triton:
+        (work / "prometheus").mkdir()
+        env = {
+            "FASHION_TRITON_URL": triton.grpc_url,
+            "FASHION_TRITON_PROTOCOL": "grpc",
+            "FASHION_MODEL_REPOSITORY": str(repository),
+            "FASHION_WORKERS": "2",
+            "FASHION_TIMEOUT_S": "30",
+            "PROMETHEUS_MULTIPROC_DIR": str(work / "prometheus"),
+        }
+        with Gunicorn(env, work / "gunicorn.log") as gateway:
+            yield {"url": gateway.url, "repository": repository, "version": version, "said": said}
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_serve_exports_the_shipped_model_when_the_repository_is_empty(served_default):
+    import hashlib
+
+    meta = read_metadata(served_default["repository"], "fashion", served_default["version"])
+    assert served_default["version"] == 1
+    assert (
+        meta["training"]["checkpoint_sha256"] == hashlib.sha256(DEFAULT_CHECKPOINT.read_bytes()).hexdigest()
+    )
+    assert meta["model"]["backbone"] == "tf_efficientnet_lite0"
+    assert meta["preprocessing"]["mean"] == [0.5, 0.5, 0.5]  # the backbone's, not ImageNet's
+    assert any("export the default model" in line for line in served_default["said"])
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_the_shipped_example_photos_get_the_answers_the_card_shows_through_the_stack(served_default):
+    """``examples/labels.json`` holds each photo's catalogue labels and the model's answer when it shipped
+    (three right, one shoe called Formal Shoes); the served stack must give the same answers."""
+    from loadtest.parity import served_labels
+
+    expected = json.loads((DEFAULT_MODEL_DIR / "examples" / "labels.json").read_text())
+    paths = [DEFAULT_MODEL_DIR / "examples" / name for name in expected]
+    answers = served_labels(served_default["url"], paths)
+    for name, answer in zip(expected, answers, strict=True):
+        assert answer is not None, name
+        assert answer["articleType"] == expected[name]["articleType"], (name, answer)
+        assert answer["masterCategory"] == expected[name]["masterCategory"], (name, answer)
+
+
+@pytest.mark.server
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_SAMPLE.is_dir(), reason=f"the real sample photos are not at {SHARED_SAMPLE}")
+def test_the_shipped_model_tags_200_real_validation_photos_through_the_stack(served_default):
+    from loadtest.parity import served_labels
+    from training.checkpoint import load_checkpoint
+    from training.evaluate import validation_samples
+
+    val = validation_samples(load_checkpoint(DEFAULT_CHECKPOINT), data=str(SHARED_SAMPLE))
+    step = max(1, len(val) // FIXED_PHOTOS)
+    photos = val[::step][:FIXED_PHOTOS]
+    assert len(photos) == FIXED_PHOTOS
+    answers = served_labels(served_default["url"], [s.image_path for s in photos])
+    assert all(a is not None for a in answers)
+    right = {
+        name: np.mean(
+            [a[name] == s.labels[name] for a, s in zip(answers, photos, strict=True) if s.labels.get(name)]
+        )
+        for name in ("articleType", "masterCategory", "subCategory")
+    }
+    assert right["articleType"] >= 0.85, right
+    assert right["masterCategory"] >= 0.95, right
