@@ -121,24 +121,19 @@ def build_bench_model(work: Path, backbone: str, image_size: int, count: int) ->
     from export.metadata import build_metadata
     from export.onnx_export import export_onnx
     from export.repository import ServingConfig, write_model_version
-    from fashion.contract import Preprocessing, preprocess
+    from fashion.contract import preprocess
     from training.config import TrainConfig
     from training.data import build_schema, read_catalogue
-    from training.model import build_model, pretrained_preprocessing
+    from training.model import build_model
     from training.synth import generate
+    from training.train import preprocessing_for
 
     generate(work / "catalogue", count, seed=0)
     catalogue = read_catalogue(work / "catalogue")
     schema = build_schema(catalogue, catalogue.samples)
     # The contract a trained model ships with: the trainer's defaults, background trimming included.
-    base = pretrained_preprocessing(backbone)
-    pre = Preprocessing(
-        image_size=image_size,
-        interpolation=base["interpolation"],
-        mean=base["mean"],
-        std=base["std"],
-        trim=TrainConfig.trim,
-    )
+    settings = TrainConfig(data=str(work), out=str(work), backbone=backbone, image_size=image_size)
+    pre = preprocessing_for(settings)
     torch.manual_seed(0)
     net = build_model(backbone, schema, pre).eval()
     onnx_path = export_onnx(net, work / "model.onnx")

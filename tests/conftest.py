@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,27 @@ def draw_product(path: Path, colour: tuple[int, int, int], shape: str, size=(120
     else:
         d.ellipse([w * 0.2 + jitter, h * 0.25, w * 0.8 + jitter, h * 0.75], fill=colour)
     image.save(path, quality=90)
+
+
+@contextlib.contextmanager
+def served_repository(repository: Path, work: Path) -> Iterator[str]:
+    """The pip-installed Triton serving ``repository`` and the gateway under gunicorn in front of it
+    (gRPC, 2 workers), both on free loopback ports and stopped on exit; yields the gateway's URL."""
+    from export.tritonserver import TritonServer
+    from loadtest.stack import Gunicorn
+
+    with TritonServer(repository, ["fashion"], startup_timeout_s=120) as triton:
+        (work / "prometheus").mkdir()
+        env = {
+            "FASHION_TRITON_URL": triton.grpc_url,
+            "FASHION_TRITON_PROTOCOL": "grpc",
+            "FASHION_MODEL_REPOSITORY": str(repository),
+            "FASHION_WORKERS": "2",
+            "FASHION_TIMEOUT_S": "30",
+            "PROMETHEUS_MULTIPROC_DIR": str(work / "prometheus"),
+        }
+        with Gunicorn(env, work / "gunicorn.log") as gateway:
+            yield gateway.url
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fashion.stack import DEFAULT_CHECKPOINT, DEFAULT_MODEL_DIR, ServeConfig, ensure_model, read_metadata
-from tests.conftest import SHARED_SAMPLE
+from tests.conftest import SHARED_SAMPLE, served_repository
 
 FIXED_PHOTOS = 200
 MODEL_FILES_LIMIT_MB = 25
@@ -31,25 +31,14 @@ def served_default(tmp_path_factory) -> Iterator[dict]:
     Triton + gunicorn serving it."""
     pytest.importorskip("torch")
     pytest.importorskip("onnxruntime")
-    tritonserver = pytest.importorskip("export.tritonserver")
-    from loadtest.stack import Gunicorn
+    pytest.importorskip("export.tritonserver")
 
     work = tmp_path_factory.mktemp("default-model")
     repository = work / "model_repository"
     said: list[str] = []
     version = ensure_model(ServeConfig(repository=repository), said.append)
-    with tritonserver.TritonServer(repository, ["fashion"], startup_timeout_s=120) as triton:
-        (work / "prometheus").mkdir()
-        env = {
-            "FASHION_TRITON_URL": triton.grpc_url,
-            "FASHION_TRITON_PROTOCOL": "grpc",
-            "FASHION_MODEL_REPOSITORY": str(repository),
-            "FASHION_WORKERS": "2",
-            "FASHION_TIMEOUT_S": "30",
-            "PROMETHEUS_MULTIPROC_DIR": str(work / "prometheus"),
-        }
-        with Gunicorn(env, work / "gunicorn.log") as gateway:
-            yield {"url": gateway.url, "repository": repository, "version": version, "said": said}
+    with served_repository(repository, work) as url:
+        yield {"url": url, "repository": repository, "version": version, "said": said}
 
 
 @pytest.mark.server

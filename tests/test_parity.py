@@ -19,6 +19,7 @@ import pytest
 
 from fashion.schema import MISSING, Attribute, LabelSchema
 from loadtest import parity
+from tests.conftest import served_repository
 
 TRAIN_IMAGES = 240
 UNSEEN_IMAGES = 250  # one flipped label moves an accuracy by 0.4 points: within the 0.5-point tolerance
@@ -74,9 +75,8 @@ def served_tiny_model(tmp_path_factory) -> Iterator[dict]:
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     pytest.importorskip("torch")
-    tritonserver = pytest.importorskip("export.tritonserver")
+    pytest.importorskip("export.tritonserver")
     from export.pipeline import ExportOptions, export_checkpoint
-    from loadtest.stack import Gunicorn
     from training.config import TrainConfig
     from training.synth import generate
     from training.train import train
@@ -103,18 +103,8 @@ def served_tiny_model(tmp_path_factory) -> Iterator[dict]:
         ExportOptions(checkpoint=run / "best.pt", repository=repository, eval_images=16),
         report=lambda _: None,
     )
-    with tritonserver.TritonServer(repository, ["fashion"], startup_timeout_s=120) as triton:
-        (work / "prometheus").mkdir()
-        env = {
-            "FASHION_TRITON_URL": triton.grpc_url,
-            "FASHION_TRITON_PROTOCOL": "grpc",
-            "FASHION_MODEL_REPOSITORY": str(repository),
-            "FASHION_WORKERS": "2",
-            "FASHION_TIMEOUT_S": "30",
-            "PROMETHEUS_MULTIPROC_DIR": str(work / "prometheus"),
-        }
-        with Gunicorn(env, work / "gunicorn.log") as gateway:
-            yield {"url": gateway.url, "checkpoint": run / "best.pt", "unseen": work / "unseen", "work": work}
+    with served_repository(repository, work) as url:
+        yield {"url": url, "checkpoint": run / "best.pt", "unseen": work / "unseen", "work": work}
 
 
 @pytest.mark.server

@@ -133,13 +133,16 @@ def test_the_gate_opens_for_features_far_from_every_known_class_only():
     x, y = clusters(rng, 60, centres)
     val, _ = clusters(rng, 20, centres)
     labels = np.stack([y, np.zeros_like(y)], axis=1)
-    gate, fit = fit_novelty(SCHEMA, x, labels, val, quantile=0.95)
+    fit = fit_novelty(SCHEMA, x, labels)
+    gate = fit.gate(float(np.quantile(fit.distances(val), 0.95)))
     assert gate.gated == ("articleType",) and fit.reference == "articleType"
     near, _ = clusters(rng, 30, centres)
     far = (rng.standard_normal((30, 16)) * 3 + 20).astype(np.float32)
     g_near, g_far = gate(torch.from_numpy(near)), gate(torch.from_numpy(far))
     assert float((g_near > 0).float().mean()) <= 0.2
     assert torch.all(g_far == GATE)
+    # The model's gate and the NumPy measurement agree on every photo.
+    np.testing.assert_allclose(gate.distance(torch.from_numpy(far)).numpy(), fit.distances(far), rtol=1e-3)
 
 
 def test_a_gated_prediction_keeps_its_order_and_falls_below_the_heads_threshold(tmp_path):

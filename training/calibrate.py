@@ -32,7 +32,7 @@ from fashion.schema import MISSING, LabelSchema
 from training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from training.metrics import expected_calibration_error
 from training.model import FashionNet
-from training.novelty import gated_threshold
+from training.novelty import floor_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -221,11 +221,8 @@ def calibrate_logits(
         ))
     apply_temperatures(ckpt.model, temps)
     ckpt.thresholds = {h.attribute: h.threshold for h in report if h.support > 0}
-    gate = ckpt.model.novelty
-    if gate is not None:  # a photo the novelty gate flags must stay below its heads' thresholds
-        for a in schema.attributes:
-            if a.name in gate.gated:
-                ckpt.thresholds[a.name] = gated_threshold(ckpt.thresholds.get(a.name, 0.0), a.num_classes)
+    if ckpt.model.novelty is not None:  # a photo the novelty gate flags must stay below its heads' thresholds
+        floor_thresholds(schema, ckpt.thresholds, ckpt.model.novelty.gated)
     return report
 
 

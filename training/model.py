@@ -190,17 +190,22 @@ class FashionNet(nn.Module):
     def probabilities(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Calibrated class probabilities per attribute (softmax of logits / temperature); on the heads the
         novelty gate covers, mixed with the uniform distribution for photos unlike any known class."""
+        return self.pooled_and_probabilities(images)[1]
+
+    def pooled_and_probabilities(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(the backbone's pooled features, which the novelty gate measures; ``probabilities``)."""
         x = self.normalize(images)
         pooled = self.backbone(x)
         f = torch.cat([pooled, self.colour_features(x)], dim=1) if self.colour_grid else pooled
-        gate = self.novelty(pooled) if self.novelty is not None else None
+        gated = self.novelty.gated if self.novelty is not None else ()
+        gate = self.novelty(pooled) if self.novelty is not None else pooled.new_zeros(())
         out = {}
         for i, a in enumerate(self.schema.attributes):
             p = torch.softmax(self.heads[a.tensor](f) / self.temperature[i], dim=1)
-            if gate is not None and self.novelty is not None and a.name in self.novelty.gated:
+            if a.name in gated:
                 p = (1 - gate) * p + gate / a.num_classes
             out[a.name] = p
-        return out
+        return pooled, out
 
 
 class ProbabilityModel(nn.Module):

@@ -79,19 +79,50 @@ def gated_threshold(threshold: float, classes: int) -> float:
     return max(float(threshold), (1 - GATE) + GATE / classes + 1e-4)
 
 
+def floor_thresholds(schema: LabelSchema, thresholds: dict[str, float], gated: Sequence[str]) -> None:
+    """Raise the gated heads' abstain thresholds in place so that a gated photo is always ``uncertain``."""
+    for a in schema.attributes:
+        if a.name in gated:
+            thresholds[a.name] = gated_threshold(thresholds.get(a.name, 0.0), a.num_classes)
+
+
 @dataclass(frozen=True)
 class NoveltyFit:
+    """The fitted distance: ``distances`` measures photos, ``gate`` puts it into a model."""
+
+    gated: tuple[str, ...]  # the heads the gate mixes
+    reference: str  # the head whose classes define "known"
     center: np.ndarray
     projection: np.ndarray
     means: np.ndarray
-    threshold: float
-    reference: str  # the head whose classes the means are of
-    quantile: float
+
+    def distances(self, features: np.ndarray) -> np.ndarray:
+        """Squared Mahalanobis distance to the nearest class mean (NumPy twin of ``NoveltyGate.distance``)."""
+        z = (np.asarray(features, np.float64) - self.center) @ self.projection
+        means = self.means.astype(np.float64)
+        d2 = (z * z).sum(1, keepdims=True) - 2 * z @ means.T + (means**2).sum(1)
+        return np.clip(d2.min(axis=1), 0, None)
+
+    def gate(self, threshold: float) -> NoveltyGate:
+        """The gate module for the model, flagging photos farther than ``threshold``."""
+        gate = NoveltyGate(self.center.shape[0], self.projection.shape[1], self.means.shape[0], self.gated)
+        gate.center.copy_(torch.from_numpy(self.center))
+        gate.projection.copy_(torch.from_numpy(self.projection))
+        gate.means.copy_(torch.from_numpy(self.means))
+        gate.threshold.fill_(float(threshold))
+        log.info(
+            "novelty gate on %s: distance to %d %s classes, threshold %.1f",
+            ", ".join(self.gated),
+            self.means.shape[0],
+            self.reference,
+            threshold,
+        )
+        return gate
 
 
 def fit_distance(
     train_features: np.ndarray, train_labels: np.ndarray, rank: int = RANK
-) -> tuple[np.ndarray, ...]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(center, projection, class means): ``||((f - center) @ projection) - means[c]||²`` is the distance of
     ``f`` to class ``c`` under the shared, shrunk covariance of the training features (classes with no
     labelled photo are left out: they cannot be near anything)."""
@@ -116,13 +147,6 @@ def fit_distance(
     return center.astype(np.float32), (basis @ whiten).astype(np.float32), (means @ whiten).astype(np.float32)
 
 
-def distances(fit: tuple[np.ndarray, ...], features: np.ndarray) -> np.ndarray:
-    center, projection, means = fit
-    z = (np.asarray(features, np.float64) - center) @ projection
-    d2 = (z * z).sum(1, keepdims=True) - 2 * z @ means.T + (means.astype(np.float64) ** 2).sum(1)
-    return np.clip(d2.min(axis=1), 0, None)
-
-
 def reference_head(schema: LabelSchema, heads: Sequence[str] | None) -> tuple[list[str], str]:
     """(gated heads, the head whose classes define "known"): by default the product-type head, i.e. the
     head with the most classes that is not a colour (colour names say nothing about the product type)."""
@@ -140,29 +164,11 @@ def fit_novelty(
     schema: LabelSchema,
     train_features: np.ndarray,
     train_labels: np.ndarray,
-    val_features: np.ndarray,
     *,
     heads: Sequence[str] | None = None,
-    quantile: float = 0.85,
-) -> tuple[NoveltyGate, NoveltyFit]:
-    """Fit the gate: distances on the training photos' features, the threshold on the validation photos'."""
-    if not 0 < quantile < 1:
-        raise ValueError(f"the novelty quantile must be in (0, 1), got {quantile}")
+) -> NoveltyFit:
+    """Fit the distance on the training photos' features and the reference head's labels (``(n, heads)``)."""
     gated, reference = reference_head(schema, heads)
     j = [a.name for a in schema.attributes].index(reference)
     center, projection, means = fit_distance(train_features, train_labels[:, j])
-    threshold = float(np.quantile(distances((center, projection, means), val_features), quantile))
-    gate = NoveltyGate(center.shape[0], projection.shape[1], means.shape[0], gated)
-    gate.center.copy_(torch.from_numpy(center))
-    gate.projection.copy_(torch.from_numpy(projection))
-    gate.means.copy_(torch.from_numpy(means))
-    gate.threshold.fill_(threshold)
-    log.info(
-        "novelty gate on %s: distance to %d %s classes, threshold %.1f (validation quantile %.2f)",
-        ", ".join(gated),
-        means.shape[0],
-        reference,
-        threshold,
-        quantile,
-    )
-    return gate, NoveltyFit(center, projection, means, threshold, reference, quantile)
+    return NoveltyFit(tuple(gated), reference, center, projection, means)

@@ -269,22 +269,6 @@ def _frozen_batches(cache: TrunkCache, labels: np.ndarray, batch_size: int, rng:
         yield (cache.acts[rows], cache.grids[rows]), targets[torch.from_numpy(i)]
 
 
-def _fit_novelty(best: Path, cfg: TrainConfig, train_images: np.ndarray, y_train: np.ndarray,
-                 val_images: np.ndarray, device: torch.device) -> None:
-    """Fit the novelty gate into best.pt; measure it on the held-out classes when there are some."""
-    from training.unseen import emit_report, fit_and_measure, held_out_samples, write_report
-
-    held = held_out_samples(cfg.data, cfg.format, cfg.attributes, cfg.hold_out)
-    held_images = ImageCache.build([s.image_path for s in held], load_checkpoint(best).preprocessing,
-                                   desc="decode held-out").images
-    ckpt = load_checkpoint(best)
-    report = fit_and_measure(ckpt, train_images, y_train, val_images, held_images,
-                             quantile=cfg.novelty_quantile, heads=cfg.novelty_heads or None, device=device)
-    save_checkpoint(best, ckpt)
-    write_report(best.parent, report)
-    emit_report(report)
-
-
 def train(cfg: TrainConfig) -> TrainResult:
     """Train a model as ``cfg`` says and write the run directory; returns the best validation result."""
     local_rank, rank, world = _distributed()
@@ -324,27 +308,31 @@ def train(cfg: TrainConfig) -> TrainResult:
     cache_val = ImageCache.build([s.image_path for s in val_samples], pre, desc="decode val")
     train_images = views[0]  # the photos as they are: what the novelty gate is fitted on
     frozen = cfg.freeze_blocks > 0
-    if frozen and (world > 1 or cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0):
-        raise ConfigError("freeze_blocks works on one process without MixUp/CutMix; set freeze_blocks: 0")
-    dataset = TrainDataset(
-        np.concatenate(views) if len(views) > 1 else views[0],
-        np.concatenate([y_train] * len(views)),
-        augment=True,
-        colour_target=colour_is_a_target(schema),
-    )
-    sampler = (
-        torch.utils.data.distributed.DistributedSampler(dataset, seed=cfg.seed) if world > 1 else None
-    )
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        num_workers=0 if frozen else cfg.resolved_workers,
-        drop_last=len(dataset) > cfg.batch_size,
-        persistent_workers=cfg.resolved_workers > 0 and not frozen,
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
+    loader: DataLoader | None = None
+    sampler = None
+    if frozen:
+        if world > 1 or cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0:
+            raise ConfigError("freeze_blocks works on one process without MixUp/CutMix; set freeze_blocks: 0")
+    else:
+        dataset = TrainDataset(
+            np.concatenate(views) if len(views) > 1 else views[0],
+            np.concatenate([y_train] * len(views)),
+            augment=True,
+            colour_target=colour_is_a_target(schema),
+        )
+        sampler = (
+            torch.utils.data.distributed.DistributedSampler(dataset, seed=cfg.seed) if world > 1 else None
+        )
+        loader = DataLoader(
+            dataset,
+            batch_size=cfg.batch_size,
+            shuffle=sampler is None,
+            sampler=sampler,
+            num_workers=cfg.resolved_workers,
+            drop_last=len(dataset) > cfg.batch_size,
+            persistent_workers=cfg.resolved_workers > 0,
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
 
     if resumed is not None:
         model = resumed.model
@@ -369,7 +357,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         trunk_val = build_trunk_cache(
             model, [cache_val.images], cfg.freeze_blocks, device, "frozen trunk, val"
         )
-        dataset.images = dataset.images[:0]  # the decoded photos are no longer needed
+    del views  # the other views live on in the loader's dataset or the trunk cache
     use_channels_last = cfg.channels_last
     if use_channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -388,7 +376,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
     )
-    steps_per_epoch = max(len(loader), 1) if not frozen else max(len(y_train) // cfg.batch_size, 1)
+    steps_per_epoch = max(len(loader), 1) if loader is not None else max(len(y_train) // cfg.batch_size, 1)
     scheduler = _warmup_cosine(
         optimizer, int(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch
     )
@@ -415,6 +403,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         if trunk_train is not None:
             batches = _frozen_batches(trunk_train, y_train, cfg.batch_size, rng)
         else:
+            assert loader is not None  # built above whenever the trunk is not frozen
             batches = iter(loader)
         bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", total=steps_per_epoch,
                    disable=not main_process, leave=False)
@@ -497,7 +486,14 @@ def train(cfg: TrainConfig) -> TrainResult:
 
             calibrate_in_memory(run_dir / "best.pt", cache_val.images, y_val, device=device)
             if cfg.novelty_quantile > 0:
-                _fit_novelty(run_dir / "best.pt", cfg, train_images, y_train, cache_val.images, device)
+                # The gate against unseen product types, measured on the held-out classes if any.
+                from training.unseen import fit_checkpoint
+
+                held = [s.image_path for s in split_held_out(cat.samples, cfg.hold_out)[1]]
+                held_images = ImageCache.build(held, pre, desc="decode held-out").images
+                fit_checkpoint(run_dir / "best.pt", run_dir / "best.pt", train_images, y_train,
+                               cache_val.images, held_images, quantile=cfg.novelty_quantile,
+                               heads=cfg.novelty_heads or None, device=device)
     if world > 1:
         dist.destroy_process_group()
     return TrainResult(run_dir, best_score, best_epoch, epochs_run, best_metrics)

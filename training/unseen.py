@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +21,10 @@ import torch
 
 from fashion.console import emit, table
 from training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from training.data import Sample, encode, read_catalogue, split_held_out
+from training.data import encode, split_held_out
 from training.dataset import ImageCache
 from training.model import FashionNet
-from training.novelty import GATE, distances, fit_distance, fit_novelty, gated_threshold, reference_head
+from training.novelty import GATE, fit_novelty, floor_thresholds, gated_threshold
 
 log = logging.getLogger(__name__)
 
@@ -32,31 +32,26 @@ CANDIDATE_QUANTILES = (0.85, 0.9, 0.95, 0.97, 0.99)
 
 
 @torch.no_grad()
-def pooled_features(
+def forward_numpy(
     model: FashionNet, images: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 64
-) -> np.ndarray:
-    """The backbone's pooled features (what the gate measures) of uint8 NHWC images."""
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(pooled features, probabilities per head) of uint8 NHWC images, in one pass of the model."""
     model.eval()
-    out = [
-        model.backbone(model.normalize(torch.from_numpy(images[i : i + batch_size]).to(device)))
-        .float()
-        .cpu()
-        .numpy()
-        for i in range(0, len(images), batch_size)
-    ]
-    return np.concatenate(out) if out else np.zeros((0, int(model.backbone.num_features)), np.float32)
-
-
-@torch.no_grad()
-def model_probabilities(
-    model: FashionNet, images: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 64
-) -> dict[str, np.ndarray]:
-    model.eval()
+    pooled: list[np.ndarray] = []
     chunks: dict[str, list[np.ndarray]] = {a.name: [] for a in model.schema.attributes}
     for i in range(0, len(images), batch_size):
-        for name, p in model.probabilities(torch.from_numpy(images[i : i + batch_size]).to(device)).items():
+        f, probs = model.pooled_and_probabilities(torch.from_numpy(images[i : i + batch_size]).to(device))
+        pooled.append(f.float().cpu().numpy())
+        for name, p in probs.items():
             chunks[name].append(p.float().cpu().numpy())
-    return {k: np.concatenate(v) if v else np.zeros((0, 1)) for k, v in chunks.items()}
+    width = int(model.backbone.num_features)
+    return (
+        np.concatenate(pooled) if pooled else np.zeros((0, width), np.float32),
+        {
+            a.name: np.concatenate(chunks[a.name]) if chunks[a.name] else np.zeros((0, a.num_classes))
+            for a in model.schema.attributes
+        },
+    )
 
 
 @dataclass
@@ -72,17 +67,7 @@ class NoveltyReport:
     candidates: list[dict[str, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return self.__dict__.copy()
-
-
-def held_out_samples(
-    data: str, format: str, attributes: Sequence[str] | None, hold_out: Sequence[str]
-) -> list[Sample]:
-    """The photos of ``data`` whose labels include one of the held-out ``attribute=class`` pairs."""
-    if not hold_out:
-        return []
-    cat = read_catalogue(data, format, list(attributes) if attributes else None)
-    return split_held_out(cat.samples, tuple(hold_out))[1]
+        return asdict(self)
 
 
 def _flags(probs: np.ndarray, threshold: float) -> np.ndarray:
@@ -105,29 +90,25 @@ def fit_and_measure(
     The candidate table is computed from the ungated probabilities and the distances (what the gate would do
     at each quantile); the chosen quantile's shares are then measured again through the gated model itself.
     """
+    if not 0 < quantile < 1:
+        raise ValueError(f"the novelty quantile must be in (0, 1), got {quantile}")
     model = ckpt.model.to(device)
     model.novelty = None
     schema = ckpt.schema
-    gated, reference = reference_head(schema, heads)
-    j = [a.name for a in schema.attributes].index(reference)
-    f_train = pooled_features(model, train_images, device)
-    f_val = pooled_features(model, val_images, device)
-    f_held = pooled_features(model, held_images, device)
+    f_train, _ = forward_numpy(model, train_images, device)
+    f_val, p_val = forward_numpy(model, val_images, device)
+    f_held, p_held = forward_numpy(model, held_images, device)
+    fit = fit_novelty(schema, f_train, train_labels, heads=heads)
+    d_val, d_held = fit.distances(f_val), fit.distances(f_held)
 
     # What each quantile would give, before committing to one (also: the confidence threshold alone).
-    fit = fit_distance(f_train, train_labels[:, j])
-    d_val, d_held = distances(fit, f_val), distances(fit, f_held)
-    p_val, p_held = (
-        model_probabilities(model, val_images, device),
-        model_probabilities(model, held_images, device),
-    )
     raw = {a.name: ckpt.thresholds.get(a.name, 0.0) for a in schema.attributes}
     candidates = []
     for q in (0.0, *CANDIDATE_QUANTILES):
         row: dict[str, float] = {"quantile": q}
         t = float(np.quantile(d_val, q)) if q else float("inf")
         for a in schema.attributes:
-            if a.name not in gated:
+            if a.name not in fit.gated:
                 continue
             floor = gated_threshold(raw[a.name], a.num_classes) if q else raw[a.name]
             for key, p, d in (("seen", p_val[a.name], d_val), ("unseen", p_held[a.name], d_held)):
@@ -138,15 +119,12 @@ def fit_and_measure(
                 row[f"{a.name} {key}"] = float(np.mean(conf < floor))
         candidates.append(row)
 
-    gate, _ = fit_novelty(schema, f_train, train_labels, f_val, heads=gated, quantile=quantile)
+    # The chosen quantile, into the model and its thresholds; then measured through the gated model itself.
+    gate = fit.gate(float(np.quantile(d_val, quantile)))
     model.novelty = gate.to(device)
-    for a in schema.attributes:
-        if a.name in gated:
-            ckpt.thresholds[a.name] = gated_threshold(raw[a.name], a.num_classes)
-    p_val, p_held = (
-        model_probabilities(model, val_images, device),
-        model_probabilities(model, held_images, device),
-    )
+    floor_thresholds(schema, ckpt.thresholds, fit.gated)
+    _, p_val = forward_numpy(model, val_images, device)
+    _, p_held = forward_numpy(model, held_images, device)
     seen = {
         a.name: float(np.mean(_flags(p_val[a.name], ckpt.thresholds.get(a.name, 0.0))))
         for a in schema.attributes
@@ -161,8 +139,8 @@ def fit_and_measure(
     )
     model.cpu()
     return NoveltyReport(
-        gated,
-        reference,
+        list(fit.gated),
+        fit.reference,
         quantile,
         float(gate.threshold),
         len(val_images),
@@ -198,6 +176,37 @@ def emit_report(report: NoveltyReport) -> None:
         emit(line + f" (gate at validation quantile {report.quantile:.2f})")
 
 
+def fit_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path,
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    val_images: np.ndarray,
+    held_images: np.ndarray,
+    *,
+    quantile: float,
+    heads: Sequence[str] | None = None,
+    device: torch.device | str = "cpu",
+) -> NoveltyReport:
+    """Fit the gate into the checkpoint file, save it to ``out`` with ``novelty.json`` beside it, print the
+    report. What ``fashion novelty`` and the end of ``fashion train`` do, on photos already decoded."""
+    ckpt = load_checkpoint(checkpoint)
+    report = fit_and_measure(
+        ckpt,
+        train_images,
+        train_labels,
+        val_images,
+        held_images,
+        quantile=quantile,
+        heads=heads,
+        device=device,
+    )
+    save_checkpoint(out, ckpt)
+    write_report(Path(out).parent, report)
+    emit_report(report)
+    return report
+
+
 def novelty_command(
     checkpoint: str | Path,
     out: str | Path | None = None,
@@ -213,12 +222,10 @@ def novelty_command(
 
     ckpt = load_checkpoint(checkpoint)
     cfg = checkpoint_config(ckpt)
-    dev = resolve_device(device)
-    _, train_samples, val_samples = prepare_data(cfg)
-    held = held_out_samples(cfg.data, cfg.format, cfg.attributes, cfg.hold_out)
-    pre = ckpt.preprocessing
+    cat, train_samples, val_samples = prepare_data(cfg)
+    held = split_held_out(cat.samples, cfg.hold_out)[1]
     images = [
-        ImageCache.build([s.image_path for s in part], pre, desc=name).images
+        ImageCache.build([s.image_path for s in part], ckpt.preprocessing, desc=name).images
         for name, part in (
             ("decode train", train_samples),
             ("decode val", val_samples),
@@ -226,11 +233,14 @@ def novelty_command(
         )
     ]
     labels = encode(ckpt.schema, train_samples)
-    report = fit_and_measure(
-        ckpt, images[0], labels, images[1], images[2], quantile=quantile, heads=heads, device=dev
+    return fit_checkpoint(
+        checkpoint,
+        out or checkpoint,
+        images[0],
+        labels,
+        images[1],
+        images[2],
+        quantile=quantile,
+        heads=heads,
+        device=resolve_device(device),
     )
-    target = Path(out or checkpoint)
-    save_checkpoint(target, ckpt)
-    write_report(target.parent, report)
-    emit_report(report)
-    return report
