@@ -6,15 +6,17 @@ from __future__ import annotations
 import argparse
 
 EPILOG = """examples:
-  fashion export --checkpoint runs/kaggle/best.pt
+  fashion export --checkpoint models/default/model.pt --precision auto   # what `fashion serve` does
   fashion export --checkpoint runs/kaggle/best.pt --precision fp32,fp16,int8 \\
       --calibration-data ~/kaggle/fashion-product-images --max-batch-size 32
   fashion export --checkpoint best.pt --precision trt-fp16    # on a GPU machine with TensorRT
 
 Writes <repository>/<name>/<next version>/ (model.onnx, model.fp16.onnx, model.int8.onnx, model.py,
-metadata.json) and the model's config.pbtxt (onnxruntime_onnx, for the NGC Triton image) plus
-configs/cpu.pbtxt (python backend, for the pip-installed Triton: --model-config-name cpu).
-Every export checks PyTorch vs ONNX Runtime and stops (exit 2) beyond the tolerance.
+metadata.json) and the model's config.pbtxt (onnxruntime_onnx, for the NGC Triton image),
+configs/cpu.pbtxt (python backend running the fastest CPU candidate that passed the accuracy gate, for
+the pip-installed Triton: --model-config-name cpu) and configs/openvino.pbtxt (the NGC image's openvino
+backend). Every export checks PyTorch vs ONNX Runtime and stops (exit 2) beyond the tolerance; a reduced
+precision that fails the gate stops it too, unless --precision auto (left out) or --force (written).
 """
 
 
@@ -36,12 +38,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     a(
         "--precision",
         default="fp32",
-        help="comma-separated: fp32 (always), fp16, int8, trt-fp16, trt-int8 (default fp32)",
+        help="comma-separated: fp32 (always), fp16, bf16, int8, trt-fp16, trt-int8, or auto = every CPU "
+        "precision, leaving out those that fail the gate (default fp32). Every CPU candidate (ONNX Runtime "
+        "and OpenVINO × the exported precisions) is gated and timed; configs/cpu.pbtxt serves the fastest "
+        "that passed",
     )
     a(
         "--calibration-data",
-        help="dataset (any `fashion train` layout) for INT8 calibration and the checks "
-        "(default: the checkpoint's training data if present, else synthetic images)",
+        help="labelled dataset (any `fashion train` layout) for INT8 calibration and the accuracy gate "
+        "(default: the checkpoint's training data — calibration on its training split, the gate on its "
+        "validation split)",
+    )
+    a(
+        "--synthetic-calibration",
+        action="store_true",
+        help="with no real photos, calibrate and gate bf16/int8 on synthetic renders (recorded in metadata)",
+    )
+    a(
+        "--int8-keep",
+        default="",
+        help="comma-separated ONNX node names to keep out of INT8, besides the stem, heads and gate",
     )
     a(
         "--max-batch-size",
@@ -52,13 +68,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     a(
         "--min-agreement",
         type=float,
-        default=0.97,
-        help="refuse a variant whose top-1 agreement with FP32 is lower for any attribute (default 0.97)",
+        default=0.99,
+        help="refuse a variant whose top-1 agreement with FP32, near-ties excluded, is lower for any "
+        "attribute (default 0.99)",
+    )
+    a(
+        "--max-accuracy-drop",
+        type=float,
+        default=0.005,
+        help="refuse a variant whose accuracy against the labels is lower than FP32's by more, for any "
+        "attribute (default 0.005 = 0.5 points)",
     )
     a("--parity-tolerance", type=float, default=1e-4, help="max |Δp| PyTorch vs ONNX Runtime (default 1e-4)")
-    a("--calibration-images", type=int, default=128, help="images for INT8 calibration (default 128)")
-    a("--eval-images", type=int, default=64, help="images for parity and precision deltas (default 64)")
-    a("--force", action="store_true", help="write variants even below --min-agreement")
+    a("--calibration-images", type=int, default=300, help="photos for INT8 calibration (default 300)")
+    a("--gate-images", type=int, default=500, help="labelled photos for the accuracy gate (default 500)")
+    a("--eval-images", type=int, default=64, help="of those, photos for the PyTorch parity (default 64)")
+    a("--threads", type=int, default=2, help="CPU threads per model instance, timed and served (default 2)")
+    a("--force", action="store_true", help="write variants that fail the accuracy gate (never served)")
     p.set_defaults(func=_export)
 
     d = sub.add_parser(
@@ -137,8 +163,13 @@ def _export(args: argparse.Namespace) -> int:
         force=args.force,
         parity_atol=args.parity_tolerance,
         min_agreement=args.min_agreement,
+        max_accuracy_drop=args.max_accuracy_drop,
         calibration_images=args.calibration_images,
+        gate_images=args.gate_images,
         eval_images=args.eval_images,
+        synthetic_calibration=args.synthetic_calibration,
+        int8_keep=tuple(n.strip() for n in args.int8_keep.split(",") if n.strip()),
+        cpu_threads=args.threads,
     )
     export_checkpoint(opts)
     return 0

@@ -1,22 +1,27 @@
-"""Images for the parity check, INT8 calibration and precision deltas, through the preprocessing contract.
+"""Images for the parity check, INT8 calibration and the accuracy gate, through the preprocessing contract.
 
-Sources, in order of preference: ``--calibration-data`` (any layout ``training.data.read_catalogue``
-reads), the dataset the checkpoint was trained on (its ``config["data"]``) when it is still on disk,
-and otherwise freshly rendered synthetic products (``training.synth``), which need no files at all.
+``export_images`` picks, in order of preference:
+
+1. ``--calibration-data`` (any layout ``training.data.read_catalogue`` reads): calibration photos and a
+   disjoint set of labelled gate photos from it;
+2. the dataset the checkpoint was trained on (its ``config["data"]``), when it is still on disk:
+   calibration from the training split, the gate on the validation split — the photos the model card's
+   numbers come from;
+3. otherwise freshly rendered synthetic products (``training.synth``): enough for the FP32 parity check,
+   but never used to calibrate INT8 or to pass a reduced precision unless asked
+   (``--synthetic-calibration``), and then the metadata says so.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from export.errors import ExportError
 from fashion.contract import Preprocessing, resize, to_rgb
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -27,50 +32,6 @@ class ImageSet:
     source: str
 
 
-def load_images(
-    pre: Preprocessing,
-    count: int,
-    *,
-    data: str | Path | None = None,
-    train_data: str | None = None,
-    seed: int = 0,
-) -> ImageSet:
-    """``count`` contract-preprocessed images from ``data``, else ``train_data``, else synthetic renders.
-
-    Args:
-        pre: the checkpoint's preprocessing contract.
-        count: how many images (fewer when the dataset is smaller).
-        data: an explicit dataset path (``--calibration-data``); an error when it cannot be read.
-        train_data: the checkpoint's training dataset; silently skipped when missing.
-        seed: picks which images (a deterministic spread over the catalogue).
-    """
-    if data is not None:
-        return _from_catalogue(Path(data), pre, count, seed)
-    if train_data and Path(train_data).exists():
-        try:
-            return _from_catalogue(Path(train_data), pre, count, seed)
-        except ExportError as e:
-            log.warning("cannot use the training data for calibration (%s); using synthetic images", e)
-    return synthetic(pre, count, seed)
-
-
-def _from_catalogue(path: Path, pre: Preprocessing, count: int, seed: int) -> ImageSet:
-    from training.data import DatasetError, read_catalogue
-    from training.dataset import ImageCache
-
-    try:
-        cat = read_catalogue(path)
-    except DatasetError as e:
-        raise ExportError(f"--calibration-data {path}: {e}") from e
-    if not cat.samples:
-        raise ExportError(f"--calibration-data {path}: no usable images")
-    rng = np.random.default_rng(seed)
-    picked = rng.permutation(len(cat.samples))[:count]
-    paths = [cat.samples[int(i)].image_path for i in sorted(picked)]
-    cache = ImageCache.build(paths, pre, desc="decode calibration images")
-    return ImageSet(cache.images, f"{cat.format} catalogue {path} ({len(paths)} images)")
-
-
 def synthetic(pre: Preprocessing, count: int, seed: int = 0, start_id: int = 100_000) -> ImageSet:
     """Rendered synthetic products with ids from ``start_id`` (beyond what ``fashion synth`` writes)."""
     from training.synth import render, sample_rows
@@ -78,3 +39,93 @@ def synthetic(pre: Preprocessing, count: int, seed: int = 0, start_id: int = 100
     rows = sample_rows(count, seed, start_id=start_id)
     images = np.stack([resize(to_rgb(render(row, seed)[0], pre.fill), pre) for row in rows])
     return ImageSet(images, f"synthetic renders (seed {seed}, {count} images)")
+
+
+@dataclass(frozen=True)
+class ExportImages:
+    """The photos an export checks and calibrates with, and whether they are real."""
+
+    gate: ImageSet  # parity and the accuracy gate
+    labels: np.ndarray | None  # (gate images, attributes) class indices, -1 missing; None = unlabelled
+    calibration: ImageSet | None  # None: no real photos and synthetic calibration not allowed
+    real: bool  # False: synthetic renders
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "gate": {
+                "source": self.gate.source,
+                "images": len(self.gate.images),
+                "labelled": self.labels is not None,
+            },
+            "calibration": None
+            if self.calibration is None
+            else {"source": self.calibration.source, "images": len(self.calibration.images)},
+            "real_photos": self.real,
+        }
+
+
+def export_images(
+    ckpt: Any,
+    *,
+    gate_count: int,
+    calibration_count: int,
+    data: str | Path | None = None,
+    synthetic_calibration: bool = False,
+    seed: int = 0,
+) -> ExportImages:
+    """Gate and calibration photos for ``ckpt`` (a ``training.checkpoint.Checkpoint``); see the module doc."""
+    from training.evaluate import checkpoint_config, encode_known
+    from training.train import prepare_data
+
+    pre, rng = ckpt.preprocessing, np.random.default_rng(seed)
+    if data is not None:
+        samples = _catalogue_samples(Path(data))
+        order = rng.permutation(len(samples))
+        calib = [samples[int(i)] for i in sorted(order[:calibration_count])]
+        gate = [samples[int(i)] for i in sorted(order[calibration_count : calibration_count + gate_count])]
+        where = f"--calibration-data {data}"
+        gate_where, calib_where = where, where
+    elif ckpt.config.get("data") and Path(ckpt.config["data"]).exists():
+        _, train, val = prepare_data(checkpoint_config(ckpt))
+        gate = [val[int(i)] for i in sorted(rng.permutation(len(val))[:gate_count])]
+        calib = [train[int(i)] for i in sorted(rng.permutation(len(train))[:calibration_count])]
+        gate_where = f"validation split of {ckpt.config['data']}"
+        calib_where = f"training split of {ckpt.config['data']}"
+    else:
+        renders = synthetic(pre, gate_count + (calibration_count if synthetic_calibration else 0), seed)
+        gate_set = ImageSet(renders.images[:gate_count], renders.source + " [synthetic: not real photos]")
+        calibration = (
+            ImageSet(
+                renders.images[gate_count:], renders.source + " [synthetic: asked by --synthetic-calibration]"
+            )
+            if synthetic_calibration
+            else None
+        )
+        return ExportImages(gate_set, None, calibration, real=False)
+    if len(gate) < 2:
+        raise ExportError(f"{gate_where}: only {len(gate)} labelled photos for the checks; need at least 2")
+    gate_set = _decode(gate, pre, f"{gate_where} ({len(gate)} photos)", "decode gate photos")
+    calib_set = (
+        _decode(calib, pre, f"{calib_where} ({len(calib)} photos)", "decode calibration photos")
+        if calib
+        else None
+    )
+    return ExportImages(gate_set, encode_known(ckpt.schema, gate), calib_set, real=True)
+
+
+def _catalogue_samples(path: Path) -> list[Any]:
+    from training.data import DatasetError, read_catalogue
+
+    try:
+        cat = read_catalogue(path)
+    except DatasetError as e:
+        raise ExportError(f"--calibration-data {path}: {e}") from e
+    if not cat.samples:
+        raise ExportError(f"--calibration-data {path}: no usable images")
+    return cat.samples
+
+
+def _decode(samples: list[Any], pre: Preprocessing, source: str, desc: str) -> ImageSet:
+    from training.dataset import ImageCache
+
+    return ImageSet(ImageCache.build([s.image_path for s in samples], pre, desc=desc).images, source)

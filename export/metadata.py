@@ -39,12 +39,19 @@ def build_metadata(
     training: Mapping[str, Any],
     export: Mapping[str, Any],
     precision: str = "fp32",
+    runtime: str = "onnxruntime",
 ) -> dict[str, Any]:
     """The metadata document; ``model.name`` and ``model.version`` are set by the repository writer."""
     size = preprocessing.image_size
     return {
         "format": FORMAT,
-        "model": {"name": None, "version": None, "precision": precision, "backbone": backbone},
+        "model": {
+            "name": None,
+            "version": None,
+            "precision": precision,
+            "runtime": runtime,  # what configs/cpu.pbtxt runs (export.runtimes)
+            "backbone": backbone,
+        },
         "input": {"name": "image", "datatype": "UINT8", "shape": [-1, size, size, 3], "layout": "NHWC"},
         "preprocessing": preprocessing.to_dict(),
         "category_column": schema.category_column,

@@ -1,9 +1,12 @@
 """``export_checkpoint``: checkpoint → checked ONNX (+ FP16/INT8/TensorRT) → a new model repository version.
 
 Steps: ONNX export and ``onnx.checker``; parity of PyTorch vs ONNX Runtime (max |Δp| ≤ tolerance, or
-``ParityError``); the asked precision variants with their agreement with FP32 per attribute (below
-``min_agreement`` → ``PrecisionError`` unless ``force``); the metadata; an atomic new version; TensorRT
-plans where a GPU and TensorRT exist.
+``ParityError``); the asked precision variants (FP16, INT8 by NNCF); every CPU candidate (runtime ×
+precision, ``export.runtimes``) gated on real validation photos (``export.parity.gate``) and timed here; a
+variant that fails the gate → ``PrecisionError`` (or left out with ``--precision auto``, or kept with
+``force``); the metadata, which records every candidate and the one served; an atomic new version whose
+``configs/cpu.pbtxt`` serves the fastest candidate that passed; TensorRT plans where a GPU and TensorRT
+exist.
 """
 
 from __future__ import annotations
@@ -17,21 +20,49 @@ from pathlib import Path
 from typing import Any
 
 from export.errors import ExportError, ParityError, PrecisionError
-from export.parity import FP32_ATOL, Agreement, agreement_table, compare, worst
-from export.repository import ServingConfig, write_model_version, write_trt_model
+from export.parity import (
+    FP32_ATOL,
+    GATE_MAX_ACCURACY_DROP,
+    GATE_MIN_AGREEMENT,
+    Agreement,
+    agreement_table,
+    compare,
+    gate,
+    gate_table,
+    worst,
+)
+from export.repository import CpuServing, ServingConfig, write_model_version, write_trt_model
+from export.runtimes import (
+    REFERENCE,
+    TIMED_BATCHES,
+    Measured,
+    Runner,
+    candidates,
+    choose,
+    cpu_info,
+    make_runner,
+    run_all,
+    time_runner,
+    unavailable,
+)
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "int8", "trt-fp16", "trt-int8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "trt-fp16", "trt-int8")
+# ``auto``: every CPU precision this machine may serve; a variant that fails the gate is left out (not an
+# error), and the fastest that passes is served. What ``fashion serve`` exports when real photos exist.
+AUTO = ("fp32", "bf16", "int8")
 
 
 def parse_precisions(text: str | Sequence[str]) -> tuple[str, ...]:
     """``"fp16,int8"`` → ``("fp32", "fp16", "int8")``; FP32 is always exported, ``trt-X`` implies ``X``."""
     items = [x.strip() for x in text.split(",")] if isinstance(text, str) else list(text)
     items = [x for x in items if x]
+    if "auto" in items:
+        items = [*(x for x in items if x != "auto"), *AUTO]
     unknown = [x for x in items if x not in PRECISIONS]
     if unknown:
-        raise ExportError(f"unknown precision {unknown[0]!r}; choose from {', '.join(PRECISIONS)}")
+        raise ExportError(f"unknown precision {unknown[0]!r}; choose from auto, {', '.join(PRECISIONS)}")
     wanted = {"fp32", *items, *(x.removeprefix("trt-") for x in items if x.startswith("trt-"))}
     return tuple(p for p in PRECISIONS if p in wanted)
 
@@ -45,27 +76,42 @@ class ExportOptions:
     name: str = "fashion"
     version: int | None = None
     precisions: tuple[str, ...] = ("fp32",)
+    # True (``--precision auto``): a reduced precision that fails the gate is left out and the export goes
+    # on; False: it stops the export with PrecisionError (unless ``force``).
+    skip_refused: bool = False
     calibration_data: Path | None = None
+    synthetic_calibration: bool = False  # calibrate and gate on synthetic renders when no real photos exist
+    int8_keep: tuple[str, ...] = ()  # node names kept out of INT8 besides the built-in exclusions
     max_batch_size: int = 32
     force: bool = False
     parity_atol: float = FP32_ATOL
-    min_agreement: float = 0.97  # per attribute, FP32 vs variant, ties excused (see export.parity)
-    calibration_images: int = 128
-    eval_images: int = 64
+    min_agreement: float = GATE_MIN_AGREEMENT  # per attribute, FP32 vs variant, near-ties excluded
+    max_accuracy_drop: float = GATE_MAX_ACCURACY_DROP  # per attribute, against the labels
+    calibration_images: int = 300
+    gate_images: int = 500
+    eval_images: int = 64  # of the gate photos, for the PyTorch vs ONNX Runtime parity
     cpu_threads: int = 2
+    time_s: float = 2.0  # per candidate and batch size
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "checkpoint", Path(self.checkpoint))
         object.__setattr__(self, "repository", Path(self.repository))
+        if isinstance(self.precisions, str) and "auto" in self.precisions.split(","):
+            object.__setattr__(self, "skip_refused", True)
         object.__setattr__(self, "precisions", parse_precisions(self.precisions))
+        object.__setattr__(self, "int8_keep", tuple(self.int8_keep))
         if self.calibration_data is not None:
             object.__setattr__(self, "calibration_data", Path(self.calibration_data))
         if not 0 <= self.min_agreement <= 1:
             raise ExportError(f"min_agreement must be between 0 and 1, got {self.min_agreement}")
-        if self.calibration_images < 1 or self.eval_images < 1:
-            raise ExportError("calibration_images and eval_images must be at least 1")
+        if not 0 <= self.max_accuracy_drop <= 1:
+            raise ExportError(f"max_accuracy_drop must be between 0 and 1, got {self.max_accuracy_drop}")
+        if self.calibration_images < 1 or self.eval_images < 1 or self.gate_images < 2:
+            raise ExportError("calibration_images and eval_images must be at least 1, gate_images at least 2")
         if self.parity_atol <= 0:
             raise ExportError("parity_atol must be positive")
+        if self.time_s <= 0 or self.cpu_threads < 1:
+            raise ExportError("time_s and cpu_threads must be positive")
         ServingConfig(max_batch_size=self.max_batch_size)  # validates the batch size early
 
 
@@ -74,8 +120,10 @@ class ExportResult:
     version_dir: Path
     version: int
     parity: list[Agreement]
-    deltas: dict[str, list[Agreement]]
+    gates: dict[str, dict[str, Any]]  # variant or candidate name -> export.parity.gate document
     files: dict[str, Path]
+    cpu: list[Measured] = field(default_factory=list)
+    chosen: Measured | None = None
     plans: dict[str, Path] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -91,12 +139,13 @@ def export_checkpoint(opts: ExportOptions, report: Callable[[str], None] | None 
 
         require_tensorrt()  # before minutes of work, not after
 
+    import onnx
     import onnxruntime
     import torch
 
-    from export.images import load_images
+    from export.images import export_images
     from export.metadata import build_metadata, file_sha256
-    from export.onnx_export import OPSET, export_onnx, run_onnx, run_torch, session
+    from export.onnx_export import OPSET, export_onnx, run_torch
     from export.precision import count_ops, to_fp16, to_int8
     from training.checkpoint import load_checkpoint, weights_digest
 
@@ -104,23 +153,27 @@ def export_checkpoint(opts: ExportOptions, report: Callable[[str], None] | None 
     clock = time.perf_counter()
     ckpt = load_checkpoint(opts.checkpoint)
     schema, pre = ckpt.schema, ckpt.preprocessing
-    wanted = opts.eval_images + (opts.calibration_images if "int8" in opts.precisions else 0)
-    image_set = load_images(
-        pre,
-        wanted,
+    reduced = [p for p in ("bf16", "int8") if p in opts.precisions]
+    photos = export_images(
+        ckpt,
+        gate_count=max(opts.gate_images, opts.eval_images),
+        calibration_count=opts.calibration_images if "int8" in opts.precisions else 0,
         data=opts.calibration_data,
-        train_data=ckpt.config.get("data"),
+        synthetic_calibration=opts.synthetic_calibration,
         seed=ckpt.config.get("seed", 0),
     )
-    images = image_set.images
-    if len(images) < 2:
-        raise ExportError(f"need at least 2 images for the checks, got {len(images)} from {image_set.source}")
-    eval_images = (
-        images[: min(opts.eval_images, max(1, len(images) // 2))]
-        if "int8" in opts.precisions
-        else images[: opts.eval_images]
-    )
-    calibration = images[len(eval_images) :] if "int8" in opts.precisions else images[:0]
+    gate_images, labels = photos.gate.images, photos.labels
+    if reduced and not photos.real and not opts.synthetic_calibration:
+        message = (
+            f"{' and '.join(reduced)} must be calibrated and checked on real photos, and none are here "
+            "(the checkpoint's training data is not on disk). Pass --calibration-data DIR (any `fashion "
+            "train` layout), or --synthetic-calibration to use synthetic renders (recorded in metadata.json)"
+        )
+        if not opts.skip_refused:
+            raise ExportError(message)
+        say(f"note: {message}; exporting FP32 only")
+        reduced = []
+    eval_images = gate_images[: opts.eval_images]
     seconds["load"] = time.perf_counter() - clock
 
     with tempfile.TemporaryDirectory(prefix="fashion-export-") as tmp:
@@ -130,13 +183,13 @@ def export_checkpoint(opts: ExportOptions, report: Callable[[str], None] | None 
         seconds["onnx_export"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        fp32 = run_onnx(session(files["fp32"], opts.cpu_threads), eval_images)
-        parity = compare(schema, run_torch(ckpt.model, eval_images), fp32)
+        reference = make_runner(REFERENCE, files["fp32"], opts.cpu_threads)
+        parity = compare(schema, run_torch(ckpt.model, eval_images), run_all(reference, eval_images))
         seconds["parity"] = time.perf_counter() - clock
         say(
             agreement_table(
                 parity,
-                f"parity: PyTorch vs ONNX Runtime FP32 ({image_set.source}, "
+                f"parity: PyTorch vs ONNX Runtime FP32 ({photos.gate.source}, "
                 f"{len(eval_images)} images; tolerance max |Δp| ≤ {opts.parity_atol:g})",
             )
         )
@@ -147,55 +200,97 @@ def export_checkpoint(opts: ExportOptions, report: Callable[[str], None] | None 
                 f"(tolerance {opts.parity_atol:g}); "
                 "nothing was written"
             )
+        fp32 = run_all(reference, gate_images)
 
-        deltas: dict[str, list[Agreement]] = {}
-        precision_meta: dict[str, Any] = {}
-        for precision in ("fp16", "int8"):
-            if precision not in opts.precisions:
-                continue
-            clock = time.perf_counter()
-            extra: dict[str, Any] = {}
-            if precision == "fp16":
-                files["fp16"] = to_fp16(files["fp32"], work / "model.fp16.onnx")
-            else:
-                files["int8"], excluded = to_int8(files["fp32"], work / "model.int8.onnx", calibration)
-                import onnx
-
-                extra = {
-                    "calibration": {
-                        "source": image_set.source,
-                        "images": len(calibration),
-                        "method": "minmax",
-                    },
-                    "excluded_nodes": excluded,
-                    "quantize_linear_nodes": count_ops(onnx.load(files["int8"]), "QuantizeLinear"),
-                }
-            rows = compare(schema, fp32, run_onnx(session(files[precision], opts.cpu_threads), eval_images))
-            seconds[precision] = time.perf_counter() - clock
-            deltas[precision] = rows
-            _, lowest = worst(rows)
-            say(
-                agreement_table(
-                    rows,
-                    f"{precision} vs fp32 ({len(eval_images)} images; refused below "
-                    f"{opts.min_agreement:.0%} agreement excluding ties)",
-                )
+        def check(name: str, runner: Runner) -> dict[str, Any]:
+            doc = gate(
+                schema,
+                fp32,
+                run_all(runner, gate_images),
+                labels,
+                min_agreement=opts.min_agreement,
+                max_accuracy_drop=opts.max_accuracy_drop,
             )
-            refused = lowest < opts.min_agreement
-            if refused and not opts.force:
-                raise PrecisionError(
-                    f"{precision} agrees with FP32 on only {lowest:.1%} of images for some attribute "
-                    f"(threshold {opts.min_agreement:.0%}); nothing was written. Calibrate on more "
-                    "representative images (--calibration-data), or pass --force to write it anyway"
-                )
-            precision_meta[precision] = {
-                "file": {"fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}[precision],
-                "bytes": files[precision].stat().st_size,
-                "min_agreement": opts.min_agreement,
-                "forced": refused,
-                "attributes": [r.to_dict() for r in rows],
-                **extra,
+            say(gate_table(doc, f"{name} vs ONNX Runtime FP32 on {photos.gate.source}: {doc['rule']}"))
+            return doc
+
+        gates: dict[str, dict[str, Any]] = {}
+        precision_meta: dict[str, Any] = {}
+        if "fp16" in opts.precisions:  # GPU precision; its numbers are checked here as ONNX Runtime runs it
+            clock = time.perf_counter()
+            files["fp16"] = to_fp16(files["fp32"], work / "model.fp16.onnx")
+            gates["fp16"] = check(
+                "fp16 (ONNX Runtime CPU)", make_runner(REFERENCE, files["fp16"], opts.cpu_threads)
+            )
+            seconds["fp16"] = time.perf_counter() - clock
+            _refuse_or_keep("fp16", gates["fp16"], opts, files)
+            if "fp16" in files:
+                precision_meta["fp16"] = {
+                    "file": "model.fp16.onnx",
+                    "gate": gates["fp16"],
+                    "forced": not gates["fp16"]["passed"],
+                }
+        if "int8" in reduced:
+            clock = time.perf_counter()
+            assert photos.calibration is not None
+            files["int8"], excluded = to_int8(
+                files["fp32"], work / "model.int8.onnx", photos.calibration.images, opts.int8_keep
+            )
+            seconds["int8_quantise"] = time.perf_counter() - clock
+            precision_meta["int8"] = {
+                "file": "model.int8.onnx",
+                "quantiser": f"nncf {_version('nncf')} post-training quantisation, PERFORMANCE preset "
+                "(symmetric, per-channel weights)",
+                "calibration": {
+                    "source": photos.calibration.source,
+                    "images": len(photos.calibration.images),
+                    "real_photos": photos.real,
+                },
+                "excluded_nodes": excluded,
+                "quantize_linear_nodes": count_ops(onnx.load(files["int8"]), "QuantizeLinear"),
             }
+
+        clock = time.perf_counter()
+        cpu = cpu_info()
+        measured = []
+        for candidate in candidates(opts.precisions if reduced or "fp16" in opts.precisions else ("fp32",)):
+            if candidate.precision in ("bf16", "int8") and candidate.precision not in reduced:
+                continue
+            m = Measured(candidate, unavailable=unavailable(candidate, cpu))
+            measured.append(m)
+            if m.unavailable:
+                say(f"{candidate.name}: not measured: {m.unavailable}")
+                continue
+            runner = (
+                reference
+                if candidate == REFERENCE
+                else make_runner(candidate, files[candidate.precision], opts.cpu_threads)
+            )
+            m.gate = gates[candidate.name] = check(candidate.name, runner)
+            m.throughput_ips = {b: time_runner(runner, gate_images, b, opts.time_s) for b in TIMED_BATCHES}
+        for precision in reduced:
+            ran = [m for m in measured if m.candidate.precision == precision and m.unavailable is None]
+            if (
+                ran
+                and not any(m.passed for m in ran)
+                and _refuse_or_keep(precision, ran[0].gate or {}, opts, files)
+            ):
+                for m in ran:
+                    m.forced = True
+        if "int8" in precision_meta:
+            precision_meta["int8"]["written"] = "int8" in files
+            precision_meta["int8"]["gate"] = {
+                m.candidate.name: m.gate for m in measured if m.candidate.precision == "int8"
+            }
+        chosen, why = choose(measured)
+        seconds["cpu_candidates"] = time.perf_counter() - clock
+        say(
+            candidates_table(
+                measured,
+                f"CPU candidates on {cpu.model} ({opts.cpu_threads} threads); "
+                f"serving {chosen.candidate.name}: {why}",
+            )
+        )
 
         metadata = build_metadata(
             schema=schema,
@@ -214,19 +309,40 @@ def export_checkpoint(opts: ExportOptions, report: Callable[[str], None] | None 
                 "novelty": ckpt.model.novelty.describe() if ckpt.model.novelty is not None else None,
             },
             export={
-                "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
+                "versions": {
+                    "torch": torch.__version__,
+                    "onnxruntime": onnxruntime.__version__,
+                    "openvino": cpu.openvino,
+                },
                 "opset": OPSET,
                 "files": {p: {"file": f.name, "bytes": f.stat().st_size} for p, f in files.items()},
+                "photos": photos.describe(),
                 "parity": {
                     "reference": "pytorch",
                     "candidate": "onnxruntime-fp32",
                     "tolerance_abs": opts.parity_atol,
                     "images": len(eval_images),
-                    "source": image_set.source,
+                    "source": photos.gate.source,
                     "attributes": [r.to_dict() for r in parity],
                 },
                 "precisions": precision_meta,
+                "cpu": {
+                    "host": cpu.to_dict(),
+                    "threads": opts.cpu_threads,
+                    "timed_seconds_per_batch_size": opts.time_s,
+                    "candidates": [m.to_dict() for m in measured],
+                    "chosen": {**chosen.to_dict(), "why": why},
+                },
             },
+            precision=chosen.candidate.precision,
+            runtime=chosen.candidate.runtime,
+        )
+        serving = ServingConfig(max_batch_size=opts.max_batch_size, cpu_threads=opts.cpu_threads)
+        # The NGC image's openvino backend (Helm CPU profile): the fastest OpenVINO candidate that passed.
+        ngc_openvino = max(
+            (m for m in measured if m.candidate.runtime == "openvino" and m.passed),
+            key=lambda m: m.best_ips,
+            default=None,
         )
         version_dir = write_model_version(
             opts.repository,
@@ -235,9 +351,14 @@ def export_checkpoint(opts: ExportOptions, report: Callable[[str], None] | None 
             image_size=pre.image_size,
             model_files=files,
             metadata=metadata,
-            warmup_image=eval_images[0],
-            serving=ServingConfig(max_batch_size=opts.max_batch_size, cpu_threads=opts.cpu_threads),
+            warmup_image=gate_images[0],
+            serving=serving,
             version=opts.version,
+            cpu=CpuServing(
+                chosen.candidate,
+                [m.candidate for m in measured if m.passed or m.forced],
+                ngc_openvino.candidate if ngc_openvino else None,
+            ),
         )
     version = int(version_dir.name)
     plans: dict[str, Path] = {}
@@ -246,7 +367,50 @@ def export_checkpoint(opts: ExportOptions, report: Callable[[str], None] | None 
         plans[precision] = _build_trt(opts, version_dir, base, pre.image_size)
     files = {p: version_dir / f.name for p, f in files.items()}
     say(f"wrote {version_dir} ({', '.join(f.name for f in files.values())}) in {sum(seconds.values()):.1f} s")
-    return ExportResult(version_dir, version, parity, deltas, files, plans, seconds)
+    return ExportResult(version_dir, version, parity, gates, files, measured, chosen, plans, seconds)
+
+
+def _refuse_or_keep(precision: str, doc: dict[str, Any], opts: ExportOptions, files: dict[str, Path]) -> bool:
+    """A variant that failed the gate: stop (PrecisionError), leave it out (auto), or keep it (--force).
+
+    Returns True when it is kept although it failed."""
+    if doc.get("passed", False):
+        return False
+    if opts.force:
+        return True
+    failed = [r["attribute"] for r in doc.get("attributes", []) if not r["passed"]]
+    message = f"{precision} fails the accuracy gate on {', '.join(failed)} ({doc.get('rule', '')})"
+    if opts.skip_refused:
+        files.pop(precision, None)
+        return False
+    raise PrecisionError(
+        f"{message}; nothing was written. Calibrate on more representative photos (--calibration-data), "
+        "keep sensitive nodes in FP32 (--int8-keep), or pass --force to write it anyway"
+    )
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "?"
+
+
+def candidates_table(measured: Sequence[Measured], title: str) -> str:
+    from fashion.console import table
+
+    rows = []
+    for m in measured:
+        ips = " / ".join(f"{m.throughput_ips[b]:.0f}" for b in TIMED_BATCHES if b in m.throughput_ips)
+        verdict = m.unavailable or ("passed" if m.passed else ("forced" if m.forced else "refused"))
+        rows.append((m.candidate.runtime, m.candidate.precision, m.candidate.file, ips or "-", verdict))
+    body = table(
+        ["runtime", "precision", "file", f"img/s at batch {' / '.join(map(str, TIMED_BATCHES))}", "gate"],
+        rows,
+    )
+    return f"{title}\n{body}"
 
 
 def _build_trt(opts: ExportOptions, version_dir: Path, precision: str, image_size: int) -> Path:

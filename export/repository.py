@@ -4,8 +4,9 @@ Layout written for ``--name fashion`` (see ``model_repository/README.md``)::
 
     <repository>/fashion/
         config.pbtxt              platform onnxruntime_onnx, model.onnx (the production NGC image)
-        configs/cpu.pbtxt         backend python running model.onnx with ONNX Runtime (pip Triton)
-        configs/cpu_int8.pbtxt    the same for model.int8.onnx          (when exported)
+        configs/cpu.pbtxt         backend python running the chosen CPU candidate (pip Triton)
+        configs/cpu_<runtime>_<precision>.pbtxt   the same for each candidate that passed the gate
+        configs/openvino.pbtxt    the NGC image's openvino backend, best OpenVINO file (Helm CPU profile)
         configs/gpu_fp16.pbtxt    onnxruntime_onnx with model.fp16.onnx (when exported)
         configs/gpu_int8.pbtxt    onnxruntime_onnx with model.int8.onnx (when exported)
         labels_<tensor>.txt       one class per line, per output (label_filename: classification extension)
@@ -36,18 +37,38 @@ from typing import Any
 import numpy as np
 
 from export.errors import ExportError
+from export.runtimes import REFERENCE, Candidate, session_settings
 from fashion.schema import LabelSchema
 
 INPUT_NAME = "image"
 PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")
 VARIANT_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
-# configs/<name>.pbtxt → (precision, backend); fp16 is for GPUs only (ONNX Runtime's CPU kernels are FP32).
-CONFIG_VARIANTS = {
-    "cpu": ("fp32", "python"),
-    "cpu_int8": ("int8", "python"),
+# configs/<name>.pbtxt → (precision, backend) of the GPU variants (fp16 is for GPUs only).
+GPU_VARIANTS = {
     "gpu_fp16": ("fp16", "onnxruntime_onnx"),
     "gpu_int8": ("int8", "onnxruntime_onnx"),
 }
+
+
+@dataclass(frozen=True)
+class CpuServing:
+    """Which CPU candidate ``configs/cpu.pbtxt`` serves, and every one that gets its own config."""
+
+    chosen: Candidate = REFERENCE
+    configured: tuple[Candidate, ...] = (REFERENCE,)
+    openvino: Candidate | None = None  # what configs/openvino.pbtxt (NGC openvino backend) runs
+
+    def __init__(
+        self,
+        chosen: Candidate = REFERENCE,
+        configured: Sequence[Candidate] = (REFERENCE,),
+        openvino: Candidate | None = None,
+    ) -> None:
+        object.__setattr__(self, "chosen", chosen)
+        object.__setattr__(self, "configured", tuple(dict.fromkeys([chosen, *configured])))
+        object.__setattr__(self, "openvino", openvino)
+
+
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
@@ -101,12 +122,16 @@ def model_config(
     backend: str = "onnxruntime_onnx",
     model_filename: str = "model.onnx",
     warmup: bool = True,
+    candidate: Candidate = REFERENCE,
 ) -> str:
-    """The text of a ``config.pbtxt`` (``backend`` ``onnxruntime_onnx`` or ``python``)."""
+    """The text of a ``config.pbtxt``: ``backend`` ``onnxruntime_onnx`` (NGC, GPU), ``python`` (pip Triton,
+    CPU, running ``candidate``) or ``openvino`` (NGC, CPU, running ``model_filename``)."""
     lines = [f'name: "{name}"']
-    if backend == "python":
-        lines.append('backend: "python"')
-    else:
+    if backend in ("python", "openvino"):
+        lines.append(f'backend: "{backend}"')
+    if backend == "openvino":
+        lines.append(f'default_model_filename: "{model_filename}"')
+    elif backend != "python":
         lines += [f'platform: "{backend}"', f'default_model_filename: "{model_filename}"']
     lines += [
         f"max_batch_size: {serving.max_batch_size}",
@@ -132,14 +157,20 @@ def model_config(
             "  }"
         )
     lines += [",\n".join(outputs), "]"]
-    if backend == "python":
+    if backend in ("python", "openvino"):
         lines.append(f"instance_group [ {{ count: {serving.cpu_instances}, kind: KIND_CPU }} ]")
-        params = {
-            "model_filename": model_filename,
-            "intra_op_threads": str(serving.cpu_threads),
-            "inter_op_threads": "1",
-            "allow_spinning": "1" if serving.cpu_spinning else "0",
-        }
+        if backend == "python":
+            params = {
+                **session_settings(candidate, serving.cpu_threads),
+                "inter_op_threads": "1",
+                "allow_spinning": "1" if serving.cpu_spinning else "0",
+            }
+        else:  # the openvino backend's own parameters (triton-inference-server/openvino_backend)
+            params = {
+                "INFERENCE_NUM_THREADS": str(serving.cpu_threads),
+                "NUM_STREAMS": "1",
+                "PERFORMANCE_HINT": "LATENCY",
+            }
         for key, value in params.items():
             lines.append(f'parameters: {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
     else:
@@ -225,6 +256,7 @@ def write_model_version(
     warmup_image: np.ndarray,
     serving: ServingConfig = ServingConfig(),
     version: int | None = None,
+    cpu: CpuServing = CpuServing(),
 ) -> Path:
     """Publish a new version of model ``name`` in ``repository``; returns the version folder.
 
@@ -237,6 +269,7 @@ def write_model_version(
         metadata: the metadata document; ``model.version`` is filled in here.
         warmup_image: one ``(size, size, 3)`` uint8 image for ``model_warmup``.
         serving: batching, queue and instance settings.
+        cpu: the CPU candidate ``configs/cpu.pbtxt`` runs and those that get their own config.
         version: the version number; ``None`` takes the next free one. An existing version is an error.
     """
     if not _NAME.match(name):
@@ -274,7 +307,7 @@ def write_model_version(
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        _write_model_level(model_dir, name, schema, image_size, serving, set(model_files), warmup_image)
+        _write_model_level(model_dir, name, schema, image_size, serving, set(model_files), warmup_image, cpu)
     return final
 
 
@@ -286,20 +319,33 @@ def _write_model_level(
     serving: ServingConfig,
     precisions: set[str],
     warmup_image: np.ndarray,
+    cpu: CpuServing,
 ) -> None:
     for a in schema.attributes:
         _write_atomic(model_dir / label_filename(a.tensor), "\n".join(a.classes) + "\n")
     _write_atomic(model_dir / "warmup" / "image", np.ascontiguousarray(warmup_image).tobytes())
     _write_atomic(model_dir / "config.pbtxt", model_config(name, schema, image_size, serving))
-    for config_name, (precision, backend) in CONFIG_VARIANTS.items():
-        path = model_dir / "configs" / f"{config_name}.pbtxt"
+    wanted: dict[str, str] = {}
+    # A candidate gets a config when its file is in this version (bf16 runs model.onnx).
+    configured = [c for c in cpu.configured if c.file in {VARIANT_FILES[p] for p in precisions}]
+    wanted["cpu"] = model_config(name, schema, image_size, serving, backend="python", candidate=cpu.chosen)
+    for c in configured:
+        wanted[c.config_name] = model_config(name, schema, image_size, serving, backend="python", candidate=c)
+    if cpu.openvino is not None and cpu.openvino in configured:
+        wanted["openvino"] = model_config(
+            name, schema, image_size, serving, backend="openvino", model_filename=cpu.openvino.file
+        )
+    for config_name, (precision, backend) in GPU_VARIANTS.items():
         if precision in precisions:
-            text = model_config(
+            wanted[config_name] = model_config(
                 name, schema, image_size, serving, backend=backend, model_filename=VARIANT_FILES[precision]
             )
-            _write_atomic(path, text)
-        else:
-            path.unlink(missing_ok=True)  # a variant of an older version that the newest one lacks
+    folder = model_dir / "configs"
+    for text_name, text in wanted.items():
+        _write_atomic(folder / f"{text_name}.pbtxt", text)
+    for old in folder.glob("*.pbtxt") if folder.is_dir() else []:
+        if old.stem not in wanted:
+            old.unlink(missing_ok=True)  # a variant of an older version that the newest one lacks
 
 
 def write_trt_model(

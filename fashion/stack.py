@@ -197,7 +197,7 @@ def ensure_model(config: ServeConfig, say: Say) -> int:
             if exported_from.get("checkpoint_sha256") == _file_sha256(checkpoint):
                 say(f"model: {_where(config, version)} was exported from {checkpoint}")
                 return version
-        return _timed(say, f"export {checkpoint}", lambda: export_fp32(config, checkpoint))
+        return _timed(say, f"export {checkpoint}", lambda: export_for_cpu(config, checkpoint))
     if version is not None and not config.rebuild:
         again = "retrains the demo model" if config.demo else "exports the default model again"
         say(f"model: {_where(config, version)} (existing; --rebuild {again})")
@@ -208,7 +208,7 @@ def ensure_model(config: ServeConfig, say: Say) -> int:
         raise StackError(f"the shipped default model {DEFAULT_CHECKPOINT} is missing (a partial checkout?); "
                          "serve your own with --checkpoint, or the synthetic demo with --demo")
     return _timed(say, f"export the default model {_shown(DEFAULT_CHECKPOINT)}",
-                  lambda: export_fp32(config, DEFAULT_CHECKPOINT))
+                  lambda: export_for_cpu(config, DEFAULT_CHECKPOINT))
 
 
 def _where(config: ServeConfig, version: int) -> str:
@@ -238,7 +238,8 @@ def build_demo(config: ServeConfig, say: Say) -> int:
         if reason and best.is_file():
             say(f"      retraining: {reason}")
         _timed(say, f"[2/3] train {demo.backbone} → {demo.run_dir}", lambda: _train(demo))
-    version = _timed(say, f"[3/3] export fp32 → {config.repository}", lambda: export_fp32(config, best))
+    version = _timed(say, f"[3/3] export fp32 → {config.repository}",
+                     lambda: export_for_cpu(config, best, "fp32"))
     say(f"demo model ready in {time.perf_counter() - started:.1f} s")
     return version
 
@@ -296,10 +297,17 @@ def _train(demo: DemoSettings) -> None:
     )
 
 
-def export_fp32(config: ServeConfig, checkpoint: Path) -> int:
+def export_for_cpu(config: ServeConfig, checkpoint: Path, precisions: str = "auto") -> int:
+    """Export ``checkpoint``; ``auto`` gates and times every CPU runtime × precision (INT8 and BF16 only
+    where real photos exist to calibrate and check them) and serves the fastest that passed."""
     pipeline = _stage("export.pipeline")
     result = pipeline.export_checkpoint(
-        pipeline.ExportOptions(checkpoint=checkpoint, repository=config.repository, name=config.model_name)
+        pipeline.ExportOptions(
+            checkpoint=checkpoint,
+            repository=config.repository,
+            name=config.model_name,
+            precisions=precisions,
+        )
     )
     return int(result.version)
 

@@ -57,7 +57,9 @@ def kaggle_dir(tmp_path: Path) -> Path:
     a broken row, and one id without an image."""
     root = tmp_path / "kaggle"
     (root / "images").mkdir(parents=True)
-    header = "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName"
+    header = (
+        "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName"
+    )
     lines = [header]
     for i in range(24):
         colour = list(COLOURS)[i % 3]
@@ -107,3 +109,54 @@ def meesho_dir(tmp_path: Path) -> Path:
         w.writerow(["id", "Category", "len"] + [f"attr_{k}" for k in range(1, 11)])
         w.writerows(rows)
     return root
+
+
+# --- the tests' tiny trained model and one export of it (test_export, test_cpu_candidates) ---------
+TINY_SIZE = 64
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny trained model (timm's test_efficientnet, 64 px, 1 epoch on 48 synthetic products)."""
+    from training.config import TrainConfig
+    from training.synth import generate
+    from training.train import train
+
+    root = tmp_path_factory.mktemp("ckpt")
+    generate(root / "synth", 48, seed=0)
+    cfg = TrainConfig(
+        data=str(root / "synth"),
+        out=str(root / "run"),
+        backbone="test_efficientnet",
+        image_size=TINY_SIZE,
+        epochs=1,
+        batch_size=16,
+        workers=0,
+        seed=0,
+    )
+    return train(cfg).run_dir / "best.pt"
+
+
+@pytest.fixture(scope="session")
+def exported(checkpoint, tmp_path_factory):
+    """One export with all CPU-buildable precisions into a fresh repository."""
+    from export.pipeline import ExportOptions, export_checkpoint
+
+    repo = tmp_path_factory.mktemp("repo")
+    opts = ExportOptions(
+        checkpoint=checkpoint,
+        repository=repo,
+        precisions=("fp16", "int8"),
+        # A one-epoch 64 px model decides on noise: the gate's thresholds are loosened and --force keeps
+        # what still fails, so that every file and config is written (the gate itself is tested below).
+        min_agreement=0.5,
+        max_accuracy_drop=1.0,
+        force=True,
+        calibration_images=32,
+        gate_images=24,
+        eval_images=24,
+        max_batch_size=16,
+        time_s=0.2,
+    )
+    result = export_checkpoint(opts, report=lambda text: None)
+    return repo, result

@@ -58,6 +58,41 @@ def test_serve_exports_the_shipped_model_when_the_repository_is_empty(served_def
 
 @pytest.mark.server
 @pytest.mark.slow
+@pytest.mark.skipif(not SHARED_SAMPLE.is_dir(), reason=f"the real sample photos are not at {SHARED_SAMPLE}")
+def test_serve_gates_every_cpu_candidate_on_500_real_photos_and_serves_the_fastest_that_passed(
+    served_default,
+):
+    from export.runtimes import cpu_info
+
+    meta = read_metadata(served_default["repository"], "fashion", served_default["version"])
+    photos = meta["export"]["photos"]
+    assert photos["real_photos"] and photos["gate"]["images"] >= 500 and photos["gate"]["labelled"]
+    assert "validation split" in photos["gate"]["source"]
+    int8 = meta["export"]["precisions"]["int8"]
+    assert int8["calibration"]["real_photos"] and "training split" in int8["calibration"]["source"]
+    candidates = {f"{c['runtime']}-{c['precision']}": c for c in meta["export"]["cpu"]["candidates"]}
+    assert {"onnxruntime-fp32", "openvino-fp32", "openvino-bf16", "onnxruntime-int8", "openvino-int8"} == set(
+        candidates
+    )
+    bf16 = candidates["openvino-bf16"]
+    if cpu_info().bf16:  # measured and gated where the CPU has it, reported unavailable where not
+        assert bf16["unavailable"] is None and bf16["gate"]["images"] >= 500
+    else:
+        assert "no BF16" in bf16["unavailable"]
+    for name in ("openvino-int8", "onnxruntime-int8"):
+        gate = candidates[name]["gate"]
+        assert gate["images"] >= 500 and len(gate["attributes"]) == len(meta["outputs"])
+    passed = [c for c in candidates.values() if c["passed_gate"]]
+    fastest = max(passed, key=lambda c: max(c["throughput_ips"].values()))
+    chosen = meta["export"]["cpu"]["chosen"]
+    assert (chosen["runtime"], chosen["precision"]) == (fastest["runtime"], fastest["precision"])
+    assert (meta["model"]["runtime"], meta["model"]["precision"]) == (chosen["runtime"], chosen["precision"])
+    config = (served_default["repository"] / "fashion" / "configs" / "cpu.pbtxt").read_text()
+    assert f'string_value: "{chosen["runtime"]}"' in config and chosen["file"] in config
+
+
+@pytest.mark.server
+@pytest.mark.slow
 def test_the_shipped_example_photos_get_the_answers_the_card_shows_through_the_stack(served_default):
     """``examples/labels.json`` holds each photo's catalogue labels and the model's answer when it shipped
     (three right, one shoe called Formal Shoes); the served stack must give the same answers."""

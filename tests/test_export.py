@@ -15,47 +15,8 @@ import pytest
 from export.errors import ExportError, ParityError, TensorRTUnavailable
 from export.pipeline import ExportOptions, export_checkpoint, parse_precisions
 
-SIZE = 64
+SIZE = 64  # the tiny checkpoint's input (tests/conftest.py)
 ATOL = 1e-4  # PyTorch vs ONNX Runtime vs Triton, all FP32
-
-
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory) -> Path:
-    """A tiny trained model (timm's test_efficientnet, 64 px, 1 epoch on 48 synthetic products)."""
-    from training.config import TrainConfig
-    from training.synth import generate
-    from training.train import train
-
-    root = tmp_path_factory.mktemp("ckpt")
-    generate(root / "synth", 48, seed=0)
-    cfg = TrainConfig(
-        data=str(root / "synth"),
-        out=str(root / "run"),
-        backbone="test_efficientnet",
-        image_size=SIZE,
-        epochs=1,
-        batch_size=16,
-        workers=0,
-        seed=0,
-    )
-    return train(cfg).run_dir / "best.pt"
-
-
-@pytest.fixture(scope="session")
-def exported(checkpoint, tmp_path_factory):
-    """One export with all CPU-buildable precisions into a fresh repository."""
-    repo = tmp_path_factory.mktemp("repo")
-    opts = ExportOptions(
-        checkpoint=checkpoint,
-        repository=repo,
-        precisions=("fp16", "int8"),
-        min_agreement=0.5,
-        calibration_images=32,
-        eval_images=24,
-        max_batch_size=16,
-    )
-    result = export_checkpoint(opts, report=lambda text: None)
-    return repo, result
 
 
 def images(count: int, seed: int = 0) -> np.ndarray:
@@ -94,7 +55,9 @@ def test_onnx_input_is_uint8_nhwc_with_a_dynamic_batch_and_matches_pytorch(expor
 
 
 def test_export_stops_with_parity_error_and_writes_nothing_beyond_the_tolerance(checkpoint, tmp_path):
-    opts = ExportOptions(checkpoint=checkpoint, repository=tmp_path, parity_atol=1e-15, eval_images=8)
+    opts = ExportOptions(
+        checkpoint=checkpoint, repository=tmp_path, parity_atol=1e-15, eval_images=8, gate_images=8
+    )
     with pytest.raises(ParityError, match="tolerance"):
         export_checkpoint(opts, report=lambda text: None)
     assert not (tmp_path / "fashion").exists() or not any(
@@ -121,11 +84,21 @@ def test_model_folder_has_production_and_pip_triton_configs_with_label_files(exp
     assert prod.platform == "onnxruntime_onnx" and prod.default_model_filename == "model.onnx"
     assert prod.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     cpu = parse_config(folder / "configs" / "cpu.pbtxt")
-    assert cpu.backend == "python" and cpu.parameters["model_filename"].string_value == "model.onnx"
-    assert (
-        parse_config(folder / "configs" / "cpu_int8.pbtxt").parameters["model_filename"].string_value
-        == "model.int8.onnx"
+    meta = json.loads((folder / "1" / "metadata.json").read_text())
+    chosen = meta["export"]["cpu"]["chosen"]
+    assert cpu.backend == "python"
+    assert cpu.parameters["runtime"].string_value == chosen["runtime"] == meta["model"]["runtime"]
+    assert cpu.parameters["model_filename"].string_value == chosen["file"]
+    for runtime in ("onnxruntime", "openvino"):
+        config = parse_config(folder / "configs" / f"cpu_{runtime}_int8.pbtxt")
+        assert config.parameters["model_filename"].string_value == "model.int8.onnx"
+        assert config.parameters["runtime"].string_value == runtime
+    ngc_cpu = parse_config(folder / "configs" / "openvino.pbtxt")
+    assert ngc_cpu.backend == "openvino" and ngc_cpu.default_model_filename in (
+        "model.onnx",
+        "model.int8.onnx",
     )
+    assert ngc_cpu.parameters["INFERENCE_NUM_THREADS"].string_value == "2"
     assert parse_config(folder / "configs" / "gpu_fp16.pbtxt").default_model_filename == "model.fp16.onnx"
     for config in (prod, cpu):
         assert config.name == "fashion" and config.max_batch_size == 16
@@ -159,10 +132,12 @@ def test_metadata_carries_the_contract_outputs_training_run_and_checks(exported,
     ckpt = load_checkpoint(checkpoint)
     meta = json.loads((repo / "fashion" / "1" / "metadata.json").read_text())
     assert meta["format"] == "fashion-tagger/metadata@1"
+    chosen = meta["export"]["cpu"]["chosen"]
     assert meta["model"] == {
         "name": "fashion",
         "version": 1,
-        "precision": "fp32",
+        "precision": chosen["precision"],  # what configs/cpu.pbtxt serves
+        "runtime": chosen["runtime"],
         "backbone": "test_efficientnet",
     }
     assert meta["input"] == {
@@ -206,24 +181,39 @@ def test_int8_variant_has_qdq_nodes_and_its_deltas_are_stored(exported):
     meta = json.loads((repo / "fashion" / "1" / "metadata.json").read_text())
     int8 = meta["export"]["precisions"]["int8"]
     assert int8["quantize_linear_nodes"] == quantize
-    assert int8["excluded_nodes"]["stem_conv"] and int8["excluded_nodes"]["heads"]
-    for precision in ("fp16", "int8"):
-        rows = meta["export"]["precisions"][precision]["attributes"]
-        assert [r["attribute"] for r in rows] == [r.attribute for r in result.deltas[precision]]
-        assert all(0.0 <= r["argmax_agreement"] <= 1.0 and r["max_abs_diff"] >= 0 for r in rows)
+    assert int8["excluded_nodes"]["stem_conv"] and int8["excluded_nodes"]["heads_and_gate"]
+    assert int8["quantiser"].startswith("nncf") and int8["calibration"]["images"] == 32
+    assert "training split" in int8["calibration"]["source"] and int8["calibration"]["real_photos"]
+    gated = {**{"fp16": meta["export"]["precisions"]["fp16"]["gate"]}, **int8["gate"]}
+    assert set(gated) == {"fp16", "onnxruntime-int8", "openvino-int8"}
+    for name, doc in gated.items():
+        assert doc == result.gates[name]
+        assert [r["attribute"] for r in doc["attributes"]] == [r.attribute for r in result.parity]
+        assert all(0.0 <= r["agreement"] <= 1.0 and r["max_abs_diff"] >= 0 for r in doc["attributes"])
+        assert doc["labelled"] and "validation split" in meta["export"]["photos"]["gate"]["source"]
 
 
 def test_exports_add_a_new_version_atomically_and_never_overwrite_one(exported, checkpoint):
     repo, _ = exported
     before = (repo / "fashion" / "1" / "metadata.json").read_bytes()
     second = export_checkpoint(
-        ExportOptions(checkpoint=checkpoint, repository=repo, eval_images=8, max_batch_size=16),
+        ExportOptions(
+            checkpoint=checkpoint,
+            repository=repo,
+            eval_images=8,
+            gate_images=8,
+            max_batch_size=16,
+            time_s=0.1,
+        ),
         report=lambda text: None,
     )
     assert second.version == 2 and second.version_dir == repo / "fashion" / "2"
     assert json.loads((second.version_dir / "metadata.json").read_text())["model"]["version"] == 2
     assert (repo / "fashion" / "1" / "metadata.json").read_bytes() == before
-    assert not (repo / "fashion" / "configs" / "cpu_int8.pbtxt").exists()  # the newest version has no int8
+    # The newest version has no INT8: its configs are gone, and no config names model.int8.onnx.
+    configs = repo / "fashion" / "configs"
+    assert not (configs / "cpu_openvino_int8.pbtxt").exists() and not (configs / "gpu_int8.pbtxt").exists()
+    assert all("model.int8.onnx" not in p.read_text() for p in configs.glob("*.pbtxt"))
     with pytest.raises(ExportError, match="never overwritten"):
         export_checkpoint(
             ExportOptions(checkpoint=checkpoint, repository=repo, version=1, eval_images=8),
@@ -234,6 +224,9 @@ def test_exports_add_a_new_version_atomically_and_never_overwrite_one(exported, 
 
 def test_precision_list_always_includes_fp32_and_rejects_unknown_names():
     assert parse_precisions("int8,trt-fp16") == ("fp32", "fp16", "int8", "trt-fp16")
+    assert parse_precisions("auto") == ("fp32", "bf16", "int8")
+    assert ExportOptions(checkpoint=Path("x.pt"), precisions="auto").skip_refused
+    assert not ExportOptions(checkpoint=Path("x.pt"), precisions="int8").skip_refused
     with pytest.raises(ExportError, match="unknown precision"):
         parse_precisions("fp8")
 
