@@ -70,7 +70,9 @@ def merge(*parts: dict[str, Any]) -> dict[str, Any]:
 
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "default-cpu": {},
+    "cpu-profile": {"triton": {"profile": "cpu"}},
     "gpu": GPU,
+    "gpu-profile": merge(GPU, {"triton": {"profile": "gpu"}}),
     "tensorrt": TRT,
     "tensorrt-int8-pvc": merge(TRT, PVC, {"tensorrt": {"precision": "int8", "modelVersion": "3"}}),
     "autoscaling-off": {
@@ -263,6 +265,7 @@ def test_the_validator_rejects_a_broken_manifest():
         ({"modelRepository": {"source": "nfs"}}, "/modelRepository/source"),
         ({"triton": {"resources": {"limits": None}}}, "limits"),  # null deletes the default
         ({"gateway": {"tritonProtocol": "websocket"}}, "/gateway/tritonProtocol"),
+        ({"triton": {"profile": "openvino"}}, "/triton/profile"),
     ],
 )
 def test_values_schema_rejects_bad_values(override, message):
@@ -443,6 +446,138 @@ def test_gpu_resources_and_placement_only_in_gpu_mode(value_set):
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
     else:
         assert "nodeSelector" not in spec and "tolerations" not in spec
+
+
+# Value sets by the Triton profile they select (triton.profile, auto = gpu when triton.gpu.enabled).
+CPU_PROFILE_SETS = sorted(
+    n for n, v in VALUE_SETS.items() if not v.get("triton", {}).get("gpu", {}).get("enabled")
+)
+GPU_PROFILE_SETS = sorted(set(VALUE_SETS) - set(CPU_PROFILE_SETS))
+OPENVINO_FLAG = "--model-config-name=openvino"
+
+
+def _gpu_resources(spec: dict[str, Any]) -> list[str]:
+    return [
+        f"{c['name']} {section}"
+        for c in all_containers(spec)
+        for section in ("requests", "limits")
+        if "nvidia.com/gpu" in c["resources"][section]
+    ]
+
+
+@pytest.mark.parametrize("value_set", CPU_PROFILE_SETS)
+def test_cpu_profile_serves_configs_openvino_without_any_gpu(value_set):
+    spec = triton_spec(value_set)
+    args = container(spec, "triton")["args"]
+    assert args.count(OPENVINO_FLAG) == 1
+    assert not [a for a in args if a.startswith("--model-config-name") and a != OPENVINO_FLAG]
+    assert "--allow-gpu-metrics=true" not in args
+    assert _gpu_resources(spec) == []
+    assert "runtimeClassName" not in spec and "nodeSelector" not in spec and "tolerations" not in spec
+    _, notes = _render_set(value_set)
+    assert "CPU profile: configs/openvino.pbtxt" in notes
+
+
+@pytest.mark.parametrize("value_set", GPU_PROFILE_SETS)
+def test_gpu_profile_serves_config_pbtxt_and_keeps_the_gpu_resource(value_set):
+    spec = triton_spec(value_set)
+    args = container(spec, "triton")["args"]
+    assert not [a for a in args if a.startswith("--model-config-name")]
+    assert "--allow-gpu-metrics=true" in args
+    resources = container(spec, "triton")["resources"]
+    assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == 1
+    _, notes = _render_set(value_set)
+    assert "GPU profile: config.pbtxt" in notes and "openvino" not in notes
+
+
+def test_gpu_profile_passes_a_model_config_name_from_extra_args_through_once():
+    custom = _render_custom(
+        merge(GPU, {"triton": {"extraArgs": ["--model-config-name=gpu_fp16"]}}), "Deployment", TRITON
+    )
+    args = container(custom, "triton")["args"]
+    assert [a for a in args if a.startswith("--model-config-name")] == ["--model-config-name=gpu_fp16"]
+
+
+def test_cpu_profile_requests_one_cpu_per_thread_the_export_configures():
+    """configs/openvino.pbtxt runs one instance with INFERENCE_NUM_THREADS = `fashion export --threads`."""
+    import argparse
+
+    from export.cli import register
+
+    commands = argparse.ArgumentParser().add_subparsers()
+    register(commands)
+    export_threads = commands.choices["export"].get_default("threads")
+    requests = container(triton_spec("cpu-profile"), "triton")["resources"]["requests"]
+    assert int(requests["cpu"]) == export_threads == 2
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert int(values["triton"]["resources"]["limits"]["cpu"]) >= export_threads
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"triton": {"profile": "cpu"}, "tensorrt": {"enabled": True}}, "cannot run in the CPU profile"),
+        (merge(TRT, {"triton": {"profile": "cpu"}}), "cannot run in the CPU profile"),
+        ({"tensorrt": {"enabled": True}}, "without a GPU triton.profile=auto selects the CPU profile"),
+    ],
+)
+def test_cpu_profile_refuses_the_tensorrt_plan_builder(override, message):
+    with pytest.raises(helm.HelmRenderError, match=re.escape(message)) as failure:
+        render_raw(override)
+    assert "TensorRT is GPU-only" in str(failure.value)
+    assert "tensorrt.enabled=false" in str(failure.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"triton": {"profile": "gpu"}}, "triton.profile=gpu needs triton.gpu.enabled=true"),
+        (merge(TRT, {"triton": {"profile": "gpu", "gpu": {"enabled": False}}}), "triton.profile=gpu needs"),
+        (merge(GPU, {"triton": {"profile": "cpu"}}), "triton.profile=cpu runs no GPU"),
+        (
+            {"triton": {"extraArgs": ["--model-config-name=cpu"]}},
+            "the CPU profile sets --model-config-name=openvino itself",
+        ),
+    ],
+)
+def test_a_profile_that_contradicts_the_gpu_settings_stops_rendering(override, message):
+    with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
+        render_raw(override)
+
+
+def _run_copy_script(value_set: str, tmp_path: Path, files: list[str]) -> subprocess.CompletedProcess[str]:
+    """Runs the Triton pod's copy-model-repository script on a fake image folder holding `files`."""
+    sh = shutil.which("sh")
+    if sh is None:
+        pytest.skip("no sh on this machine")
+    src, dst = tmp_path / "image-models", tmp_path / "model-repository"
+    for name in files:
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_text('name: "fashion"\n')
+    dst.mkdir()
+    script = container(triton_spec(value_set), "copy-model-repository")["args"][0]
+    script = script.replace("/model-repository", str(dst))
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "SRC": str(src), "MODELS": "fashion"}
+    return subprocess.run([sh, "-ec", script], capture_output=True, text=True, env=env, timeout=10)
+
+
+def test_cpu_profile_startup_check_refuses_a_repository_without_configs_openvino(tmp_path):
+    old_export = _run_copy_script("default-cpu", tmp_path / "old", ["fashion/config.pbtxt"])
+    assert old_export.returncode != 0
+    assert "fashion/configs/openvino.pbtxt is missing" in old_export.stderr
+    assert "Re-export the model with a current `fashion export`" in old_export.stderr
+    current = _run_copy_script(
+        "default-cpu", tmp_path / "new", ["fashion/config.pbtxt", "fashion/configs/openvino.pbtxt"]
+    )
+    assert current.returncode == 0, current.stderr
+    assert (tmp_path / "new" / "model-repository" / "fashion" / "configs" / "openvino.pbtxt").is_file()
+
+
+def test_gpu_profile_startup_check_needs_only_config_pbtxt(tmp_path):
+    gpu = _run_copy_script("gpu", tmp_path / "gpu", ["fashion/config.pbtxt"])
+    assert gpu.returncode == 0, gpu.stderr
+    missing = _run_copy_script("gpu", tmp_path / "none", ["fashion/1/model.onnx"])
+    assert missing.returncode != 0 and "fashion/config.pbtxt is missing" in missing.stderr
 
 
 def test_model_repository_from_a_packaged_image_is_copied_by_an_init_container():

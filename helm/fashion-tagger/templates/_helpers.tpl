@@ -78,6 +78,19 @@ app.kubernetes.io/part-of: {{ include "fashion-tagger.name" .root }}
 {{- include "fashion-tagger.image" (dict "root" . "image" .Values.modelRepository.image) }}
 {{- end }}
 
+{{/*
+Triton's serving profile, "cpu" or "gpu": triton.profile, where "auto" (the default) is gpu when
+triton.gpu.enabled, else cpu. The CPU profile serves configs/openvino.pbtxt (--model-config-name=openvino).
+*/}}
+{{- define "fashion-tagger.tritonProfile" -}}
+{{- $profile := default "auto" .Values.triton.profile }}
+{{- if eq $profile "auto" }}
+{{- ternary "gpu" "cpu" .Values.triton.gpu.enabled }}
+{{- else }}
+{{- $profile }}
+{{- end }}
+{{- end }}
+
 {{/* The ONNX model the TensorRT plan is built from (default: the first model Triton loads). */}}
 {{- define "fashion-tagger.trtSourceModel" -}}
 {{- default (first .Values.triton.models) .Values.tensorrt.sourceModel }}
@@ -191,8 +204,26 @@ Deployment, so any `helm install/template/lint` stops with one of these messages
 {{- if and (eq $repo.source "objectStore") $repo.objectStore.gcsCredentialsKey (not $repo.objectStore.existingSecret) }}
 {{- fail "modelRepository.objectStore.gcsCredentialsKey needs modelRepository.objectStore.existingSecret (the Secret holding that key)" }}
 {{- end }}
-{{- if and .Values.tensorrt.enabled (not .Values.triton.gpu.enabled) }}
-{{- fail "tensorrt.enabled=true needs triton.gpu.enabled=true: a TensorRT plan is built on, and tied to, the serving GPU" }}
+{{- $profile := include "fashion-tagger.tritonProfile" . }}
+{{- $declared := default "auto" .Values.triton.profile }}
+{{- if and .Values.tensorrt.enabled (eq $declared "cpu") }}
+{{- fail "tensorrt.enabled=true cannot run in the CPU profile (triton.profile=cpu): TensorRT is GPU-only (a plan is built on, and tied to, the serving GPU), while the CPU profile serves configs/openvino.pbtxt with OpenVINO. Set tensorrt.enabled=false, or triton.profile=gpu with triton.gpu.enabled=true" }}
+{{- end }}
+{{- if and .Values.tensorrt.enabled (eq $profile "cpu") }}
+{{- fail "tensorrt.enabled=true needs triton.gpu.enabled=true: TensorRT is GPU-only (a plan is built on, and tied to, the serving GPU), and without a GPU triton.profile=auto selects the CPU profile (configs/openvino.pbtxt, OpenVINO). Set triton.gpu.enabled=true, or tensorrt.enabled=false for CPU serving" }}
+{{- end }}
+{{- if and (eq $declared "gpu") (not .Values.triton.gpu.enabled) }}
+{{- fail "triton.profile=gpu needs triton.gpu.enabled=true: the GPU profile serves config.pbtxt (KIND_GPU) on the GPUs that triton.gpu requests. For CPU serving set triton.profile=cpu (or auto)" }}
+{{- end }}
+{{- if and (eq $declared "cpu") .Values.triton.gpu.enabled }}
+{{- fail "triton.profile=cpu runs no GPU (configs/openvino.pbtxt, KIND_CPU): set triton.gpu.enabled=false, or triton.profile=gpu (or auto) for GPU serving" }}
+{{- end }}
+{{- if eq $profile "cpu" }}
+{{- range .Values.triton.extraArgs }}
+{{- if hasPrefix "--model-config-name" . }}
+{{- fail (printf "triton.extraArgs has %q, but the CPU profile sets --model-config-name=openvino itself: remove it (or use the GPU profile)" .) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- if and .Values.tensorrt.enabled (eq $repo.source "objectStore") }}
 {{- fail "tensorrt.enabled=true needs a file-system model repository (modelRepository.source=pvc or image): trtexec cannot read the ONNX model from an object store" }}
