@@ -54,17 +54,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     b = sub.add_parser(
         "bench",
-        help="raw ONNX Runtime vs Triton vs gateway vs naive Flask+PyTorch, on this machine",
-        description="Benchmark the serving stack on this machine with the same model and images; "
-        "writes OUT/bench.json and OUT/bench.md. --sweep searches Triton batching/instances and gateway "
-        "workers under a p95 SLO and writes the recommended settings.",
+        help="every CPU runtime x precision vs Triton vs gateway vs naive Flask+PyTorch, on this machine",
+        description="Benchmark the serving stack on this machine with the same model and photos; "
+        "writes OUT/bench.json and OUT/bench.md, with the CPU budget of the gateway path. --sweep searches "
+        "Triton batching/instances and gateway workers under a p95 SLO and writes the recommended settings.",
     )
     b.add_argument("--out", type=Path, required=True, help="result folder")
     b.add_argument("--quick", action="store_true", help="short runs at fewer concurrencies (smoke test)")
     b.add_argument("--sweep", action="store_true", help="also sweep the serving settings under --slo-p95-ms")
-    b.add_argument("--backbone", default="efficientnet_b0", help="timm backbone (random weights)")
-    b.add_argument("--image-size", type=int, default=224)
-    b.add_argument("--images", type=int, default=64, help="size of the synthetic JPEG pool")
+    b.add_argument(
+        "--checkpoint",
+        default=None,
+        help="the model to bench (default: the shipped models/default/model.pt), exported as `fashion serve` "
+        "does; photos come from its validation split when its dataset is on disk",
+    )
+    b.add_argument(
+        "--backbone", default=None, help="instead: random weights of this timm backbone (smoke tests)"
+    )
+    b.add_argument("--image-size", type=int, default=224, help="input size with --backbone")
+    b.add_argument("--images", type=int, default=64, help="size of the JPEG pool")
     b.add_argument("--duration", type=float, default=None, help="seconds per measurement point")
     b.add_argument("--concurrency", default=None, help="comma-separated client concurrencies")
     b.add_argument("--slo-p95-ms", type=float, default=100.0, help="p95 objective for 'best' and the sweep")

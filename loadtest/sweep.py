@@ -48,7 +48,8 @@ def measure(model: Any, opts: Any, work: Path, setting: Setting) -> dict[str, An
         cpu_instances=setting.cpu_instances,
         cpu_threads=max(1, cores // setting.cpu_instances),
     )
-    text = model_config(MODEL_NAME, model.schema, opts.image_size, serving, backend="python")
+    size = model.preprocessing.image_size
+    text = model_config(MODEL_NAME, model.schema, size, serving, backend="python", candidate=model.chosen)
     (model.repository / MODEL_NAME / "configs" / "cpu.pbtxt").write_text(text)
     # Around the knee on a few cores: beyond c=8 every setting breaks a 100 ms p95 SLO here.
     concurrencies = (2, 8) if opts.quick else (2, 4, 8)
@@ -88,9 +89,18 @@ def run_sweep(model: Any, opts: Any, work: Path) -> dict[str, Any]:
     out = opts.out / "recommended"
     (out / "configs").mkdir(parents=True, exist_ok=True)
     (out / "configs" / "cpu.pbtxt").write_text(
-        model_config(MODEL_NAME, model.schema, opts.image_size, serving, backend="python")
+        model_config(
+            MODEL_NAME,
+            model.schema,
+            model.preprocessing.image_size,
+            serving,
+            backend="python",
+            candidate=model.chosen,
+        )
     )
-    (out / "config.pbtxt").write_text(model_config(MODEL_NAME, model.schema, opts.image_size, serving))
+    (out / "config.pbtxt").write_text(
+        model_config(MODEL_NAME, model.schema, model.preprocessing.image_size, serving)
+    )
     # The concurrency that met the SLO is the queue bound to keep: spread over the workers as their
     # in-flight limit (beyond it, a fast 429), plus spare threads for the 429s and health checks.
     inflight = max(1, math.ceil(chosen["best"]["concurrency"] / current.workers))
@@ -102,7 +112,7 @@ def run_sweep(model: Any, opts: Any, work: Path) -> dict[str, Any]:
     runner_up = next((r for r in others if r is not chosen and r["slo_p95_met"]), None)
     setting_text = (
         f"max_queue_delay_us={current.max_queue_delay_us}, {current.cpu_instances} CPU instance(s) with "
-        f"{serving.cpu_threads} ONNX Runtime threads each, {current.workers} gunicorn workers × "
+        f"{serving.cpu_threads} {model.chosen.runtime} threads each, {current.workers} gunicorn workers × "
         f"{current.threads} threads: {chosen['best']['throughput_ips']} img/s at p95 "
         f"{chosen['best']['p95_ms']} ms (c={chosen['best']['concurrency']})"
     )

@@ -197,19 +197,46 @@ def test_bench_quick_with_a_tiny_model_writes_every_key(tmp_path):
         s = doc[system]
         assert s["throughput_ips"] > 0, system
         assert 0 < s["p50_ms"] <= s["p95_ms"] <= s["p99_ms"], system
-    assert set(doc["ratios"]) == {"gateway_over_raw", "gateway_over_naive", "gateway_added_p50_ms"}
-    assert doc["ratios"]["gateway_over_raw"] > 0 and doc["ratios"]["gateway_over_naive"] > 0
+    # Every CPU candidate alone; raw_best is the fastest that passed the export's accuracy gate.
+    assert {"onnxruntime-fp32", "openvino-fp32"} <= set(doc["raw"])
+    passed = {n: r for n, r in doc["raw"].items() if r.get("passed_gate")}
+    fastest = max(passed.values(), key=lambda r: r["throughput_ips"])
+    assert doc["raw_best"]["throughput_ips"] == fastest["throughput_ips"]
+    assert (doc["raw_best"]["runtime"], doc["raw_best"]["precision"]) == (
+        fastest["runtime"],
+        fastest["precision"],
+    )
+    assert doc["raw_onnxruntime"]["throughput_ips"] == doc["raw"]["onnxruntime-fp32"]["throughput_ips"]
+    assert set(doc["ratios"]) == {
+        "gateway_over_raw_best",
+        "gateway_over_raw_onnxruntime",
+        "gateway_over_naive",
+        "gateway_added_p50_ms",
+    }
+    assert doc["ratios"]["gateway_over_raw_best"] > 0 and doc["ratios"]["gateway_over_naive"] > 0
     assert math.isfinite(doc["ratios"]["gateway_added_p50_ms"])
     rounds = doc["added_latency"]["rounds"]  # Triton direct and the gateway, alternating at c=1
     assert len(rounds) == 2 and all(r["triton_p50_ms"] > 0 and r["gateway_p50_ms"] > 0 for r in rounds)
     memory = doc["memory"]
     assert memory["triton"]["total_mb"] > 0 and memory["naive_mb"] > 0
     assert len(memory["gateway_workers_mb"]) == 2 and all(m > 0 for m in memory["gateway_workers_mb"])
+    # Each target says whether it is met and, when not, by how much.
+    assert len(doc["targets"]) == 4
+    for target in doc["targets"].values():
+        assert target["met"] in (True, False) and (target["met"] or target["missed_by"])
+    # The CPU budget: every process's share per image, with Triton's formed batches.
+    budget = doc["cpu_budget"]
+    assert budget["images"] > 0 and budget["mean_batch_size"] >= 1
+    assert [r["part"].split(":")[0] for r in budget["rows"]][:2] == ["client (load generator", "gateway"]
+    assert budget["total_cpu_ms_per_image"] == pytest.approx(
+        sum(r["cpu_ms_per_image"] for r in budget["rows"]), abs=0.1
+    )
     rows = doc["preprocess"]["images"]
     assert [r["image"] for r in rows][-1] == "camera 3000x4000"
     assert all(r["preprocess_p50_ms"] > 0 and r["preprocess_over_model"] > 0 for r in rows)
+    assert "validation photos" in doc["setup"]["image_source"]
     text = (out / "bench.md").read_text()
-    assert "| gateway " in text and "| camera 3000x4000 " in text
+    assert "| gateway " in text and "| camera 3000x4000 " in text and "CPU budget" in text
 
 
 def test_sweep_keeps_the_fastest_setting_that_meets_the_slo_and_writes_its_queue_bound(tmp_path, monkeypatch):
@@ -244,14 +271,19 @@ def test_sweep_keeps_the_fastest_setting_that_meets_the_slo_and_writes_its_queue
 
     monkeypatch.setattr(sweep, "measure", fake_measure)
     schema = LabelSchema((Attribute("colour", ("red", "blue")),))
-    opts = SimpleNamespace(quick=False, slo_p95_ms=100.0, out=tmp_path, image_size=32)
-    doc = sweep.run_sweep(SimpleNamespace(schema=schema), opts, tmp_path)
+    from export.runtimes import Candidate
+    from fashion.contract import Preprocessing
+
+    opts = SimpleNamespace(quick=False, slo_p95_ms=100.0, out=tmp_path)
+    model = SimpleNamespace(
+        schema=schema, preprocessing=Preprocessing(image_size=32), chosen=Candidate("openvino", "int8")
+    )
+    doc = sweep.run_sweep(model, opts, tmp_path)
     assert doc["recommended"]["max_queue_delay_us"] == 1000
     assert doc["recommended"]["cpu_instances"] == 1 and doc["recommended"]["workers"] == 2
     env = (tmp_path / "recommended" / "gunicorn.env").read_text()
     assert "FASHION_MAX_INFLIGHT=4\n" in env  # concurrency 8 over 2 workers
-    assert (
-        "max_queue_delay_microseconds: 1000"
-        in (tmp_path / "recommended" / "configs" / "cpu.pbtxt").read_text()
-    )
+    recommended = (tmp_path / "recommended" / "configs" / "cpu.pbtxt").read_text()
+    assert "max_queue_delay_microseconds: 1000" in recommended
+    assert "model.int8.onnx" in recommended and '"openvino"' in recommended  # the served candidate
     assert "| 1000 " in (tmp_path / "sweep.md").read_text()
