@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from fashion.errors import UserError
 
-class ExportError(RuntimeError):
+
+class ExportError(UserError, RuntimeError):
     """The export cannot go on; the message says what to do."""
 
 

@@ -33,10 +33,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from fashion.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class TritonError(RuntimeError):
+class TritonError(UserError, RuntimeError):
     """Base class of the launcher's errors."""
 
 
@@ -166,6 +168,10 @@ class TritonServer:
 
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None
+
+    def exit_status(self) -> int | None:
+        """The exit status once the process has exited (negative: killed by that signal), else None."""
+        return None if self._process is None else self._process.poll()
 
     # ------------------------------------------------------------------------------------- lifecycle
     def command(self, backend_dir: Path) -> list[str]:

@@ -13,18 +13,17 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from fashion.errors import UserError
+
 # Modules that define `register(subparsers)`; each subparser sets `func(args) -> int`.
 STAGES = ("training.cli", "export.cli", "loadtest.cli", "fashion.stack")
-
-
-class CommandError(Exception):
-    """A failure the user can fix; printed as one line, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fashion",
-        description="Tag fashion catalogue photos: synthesise data, train, evaluate, export, serve, load-test.",
+        description="Tag fashion catalogue photos: synthesise data, train, evaluate, export, serve, "
+        "load-test.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -54,18 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    except Exception as e:
-        if _is_user_error(e):
-            sys.stderr.write(f"fashion {args.command}: error: {e}\n")
-            return 2
-        raise
-
-
-def _is_user_error(e: Exception) -> bool:
-    # Typed errors from the stages whose messages say what to do; anything else is a bug: traceback.
-    names = {"CommandError", "DatasetError", "ConfigError", "ModelError", "CheckpointError",
-             "ExportError", "TritonError", "ParityError", "ImageError", "StackError"}
-    return any(cls.__name__ in names for cls in type(e).__mro__)
+    except UserError as e:  # every stage's errors that say what to do; anything else is a bug: traceback
+        sys.stderr.write(f"fashion {args.command}: error: {e}\n")
+        return 2
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageChops, ImageOps, UnidentifiedImageError
 
+from fashion.errors import UserError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -34,7 +36,7 @@ INTERPOLATIONS = {
 DEFAULT_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """Base class for images that cannot be turned into a model input."""
 
     code = "invalid_image"

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
+from fashion.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "default"
 DEFAULT_CHECKPOINT = DEFAULT_MODEL_DIR / "model.pt"
 
 
-class StackError(RuntimeError):
+class StackError(UserError, RuntimeError):
     """The local stack cannot start or stopped working; the message says why and what to do."""
 
 

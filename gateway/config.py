@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from fashion.errors import UserError
+
 PROTOCOLS = ("grpc", "http")
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
 
@@ -45,7 +47,7 @@ def default_max_inflight(threads: int) -> int:
     return threads - max(1, threads // 4)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A setting has a value the gateway cannot run with; the message names the variable."""
 
 

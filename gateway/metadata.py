@@ -15,12 +15,13 @@ from types import MappingProxyType
 from typing import Any
 
 from fashion.contract import Preprocessing
+from fashion.errors import UserError
 
 FORMAT = "fashion-tagger/metadata@1"
 FILENAME = "metadata.json"
 
 
-class MetadataError(ValueError):
+class MetadataError(UserError, ValueError):
     """The metadata file is missing or does not describe a model the gateway can serve."""
 
 

@@ -1,6 +1,6 @@
 """Typed errors of the loadtest stage, and the exit codes ``fashion loadtest`` / ``fashion bench`` use.
 
-- ``LoadtestError`` (a ``CommandError``): the run could not be made (Locust missing or crashed, bad
+- ``LoadtestError`` (a ``UserError``): the run could not be made (Locust missing or crashed, bad
   options, a server that does not start) → exit status **2**, like every other usage error of ``fashion``.
 - ``SloViolation``: the run was made and the service broke an objective → exit status **1**, so that CI
   can tell "slow" from "broken".
@@ -8,12 +8,12 @@
 
 from __future__ import annotations
 
-from fashion.cli import CommandError
+from fashion.errors import UserError
 
 SLO_EXIT_CODE = 1
 
 
-class LoadtestError(CommandError):
+class LoadtestError(UserError):
     """A load test or benchmark could not run; the message says what to fix (exit status 2)."""
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from fashion.contract import Preprocessing
+from fashion.errors import UserError
 from fashion.schema import LabelSchema
 from training.model import FashionNet, build_model
 from training.novelty import NoveltyGate
@@ -22,7 +23,7 @@ from training.novelty import NoveltyGate
 FORMAT = "fashion-tagger/checkpoint@1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """The file is not a checkpoint this code can read."""
 
 

@@ -7,6 +7,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from fashion.errors import UserError
+
 EPILOG_TRAIN = """examples:
   fashion synth --out demo/synth --count 800 --seed 1
   fashion train --data demo/synth --out demo/run --image-size 96 --epochs 8
@@ -95,9 +97,7 @@ def _synth(args: argparse.Namespace) -> int:
     from training.synth import generate
 
     if args.count < 1:
-        from fashion.cli import CommandError
-
-        raise CommandError("--count must be at least 1")
+        raise UserError("--count must be at least 1")
     summary = generate(args.out, args.count, args.seed)
     emit(
         f"wrote {summary.count} products to {summary.out_dir} in {summary.seconds:.1f} s "
@@ -112,7 +112,8 @@ def _train(args: argparse.Namespace) -> int:
 
     names = [
         "data", "out", "format", "attributes", "backbone", "pretrained", "weights", "image_size",
-        "resize_mode", "trim", "colour_grid", "head_lr_scale", "epochs", "batch_size", "lr", "weight_decay", "label_smoothing", "class_weights",
+        "resize_mode", "trim", "colour_grid", "head_lr_scale", "epochs", "batch_size", "lr", "weight_decay",
+        "label_smoothing", "class_weights",
         "mixup_alpha", "cutmix_alpha", "min_class_count", "val_fraction", "patience", "seed", "workers",
         "device", "resume", "time_budget_min", "max_samples", "freeze_blocks", "aspect_views", "hold_out",
         "novelty_quantile", "novelty_heads",
@@ -248,9 +249,7 @@ def _novelty(args: argparse.Namespace) -> int:
     from training.unseen import novelty_command
 
     if not 0 < args.quantile < 1:
-        from fashion.cli import CommandError
-
-        raise CommandError("--quantile must be in (0, 1)")
+        raise UserError("--quantile must be in (0, 1)")
     novelty_command(args.checkpoint, args.out, quantile=args.quantile, heads=args.heads, device=args.device)
     return 0
 
@@ -268,9 +267,7 @@ def _predict(args: argparse.Namespace) -> int:
     from training.predict import predict
 
     if args.data is None:
-        from fashion.cli import CommandError
-
-        raise CommandError("--data is required")
+        raise UserError("--data is required")
     result = predict(args.checkpoint, args.data, args.out, format=args.format, split=args.split,
                      batch_size=args.batch_size, device=args.device, abstain=not args.no_abstain)
     emit(f"wrote {result.rows} rows to {result.out} ({result.failed} images could not be decoded)")
@@ -304,9 +301,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     from training.calibrate import calibrate
 
     if not 0.0 < args.target_precision <= 1.0:
-        from fashion.cli import CommandError
-
-        raise CommandError("--target-precision must be in (0, 1]")
+        raise UserError("--target-precision must be in (0, 1]")
     calibrate(args.checkpoint, args.out, args.data, format=args.format, split=args.split,
               target_precision=args.target_precision, batch_size=args.batch_size, device=args.device)
     return 0

@@ -9,13 +9,14 @@ from typing import Any
 
 import yaml
 
+from fashion.errors import UserError
 from training.data import FORMATS
 from training.model import BACKBONES
 
 CLASS_WEIGHTS = ("none", "balanced", "effective")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A setting is invalid; raised before any work starts."""
 
 

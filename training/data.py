@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fashion.errors import UserError
 from fashion.schema import MISSING, OTHER, Attribute, LabelSchema
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ MISSING_TEXT = {"", "NA", "N/A", "nan", "NaN", "None", "null", "dummy"}
 IMAGE_COLUMNS = ("image", "image_path", "path", "file", "filename", "image_file")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """The dataset as a whole cannot be read (missing files, unknown layout, bad attribute names)."""
 
 
@@ -235,7 +236,8 @@ def _read_meesho(root: Path, attributes: Sequence[str] | None, split: str) -> Ca
         category = _clean(row.get("Category"))
         raw_id = _clean(row.get("id"))
         if category not in schema or raw_id is None or not raw_id.isdigit():
-            problems.append(Problem(str(table), line_no, f"unknown category {category!r} or bad id {raw_id!r}"))
+            problem = f"unknown category {category!r} or bad id {raw_id!r}"
+            problems.append(Problem(str(table), line_no, problem))
             continue
         labels: dict[str, str | None] = {}
         for k, name in enumerate(schema[category], start=1):
@@ -348,7 +350,7 @@ def stratified_split(
     Byte-identical images are kept on the same side so that validation never scores a memorised copy.
     """
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        raise DatasetError(f"val_fraction must be in (0, 1), got {val_fraction}")
     groups: dict[str, list[int]] = {}
     for i, s in enumerate(samples):
         key = file_digest(s.image_path) if group_duplicates and Path(s.image_path).is_file() else f"#{i}"
@@ -369,7 +371,7 @@ def stratified_split(
     for name in sorted(strata):
         members = strata[name]
         order = rng.permutation(len(members))
-        n_val = int(round(len(members) * val_fraction))
+        n_val = round(len(members) * val_fraction)
         if len(members) >= 2:
             n_val = min(max(n_val, 1), len(members) - 1)
         val_groups.update(members[k] for k in order[:n_val])

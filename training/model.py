@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from fashion.contract import Preprocessing
+from fashion.errors import UserError
 from fashion.schema import LabelSchema
 from training.novelty import NoveltyGate
 from training.weights import load_packaged_weights
@@ -38,7 +39,7 @@ BACKBONES: dict[str, dict[str, str]] = {
 }
 
 
-class ModelError(RuntimeError):
+class ModelError(UserError, RuntimeError):
     """A backbone cannot be built or its weights cannot be loaded; the message says what to do."""
 
 

@@ -28,7 +28,15 @@ from fashion.contract import Preprocessing
 from fashion.schema import MISSING, LabelSchema
 from training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from training.config import ConfigError, TrainConfig
-from training.data import Catalogue, build_schema, encode, read_catalogue, split_held_out, stratified_split
+from training.data import (
+    Catalogue,
+    DatasetError,
+    build_schema,
+    encode,
+    read_catalogue,
+    split_held_out,
+    stratified_split,
+)
 from training.dataset import ImageCache, TrainDataset, colour_is_a_target
 from training.metrics import evaluate_arrays
 from training.model import FashionNet, build_model, pretrained_preprocessing
@@ -49,7 +57,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu")
+        raise ConfigError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu")
     return torch.device(name)
 
 
@@ -185,11 +193,12 @@ def prepare_data(cfg: TrainConfig) -> tuple[Catalogue, list, list]:
     cat = read_catalogue(cfg.data, cfg.format, cfg.attributes)
     samples = cat.samples[: cfg.max_samples] if cfg.max_samples else cat.samples
     if len(samples) < 4:
-        raise ValueError(f"{cfg.data}: only {len(samples)} usable samples; need at least 4 to train")
+        raise DatasetError(f"{cfg.data}: only {len(samples)} usable samples; need at least 4 to train")
     stratify = None if cat.category_column else cat.attributes[0]
     if not cat.category_column:
         # Stratify on the head with the most classes that is rarely missing (e.g. articleType).
-        filled = [h for h in cat.attributes if sum(s.labels.get(h) is not None for s in samples) > 0.9 * len(samples)]
+        enough = 0.9 * len(samples)
+        filled = [h for h in cat.attributes if sum(s.labels.get(h) is not None for s in samples) > enough]
         if filled:
             stratify = max(filled, key=lambda h: len({s.labels.get(h) for s in samples}))
     train, val = stratified_split(samples, stratify, cfg.val_fraction, cfg.seed)
@@ -458,10 +467,13 @@ def train(cfg: TrainConfig) -> TrainResult:
             ckpt = Checkpoint(model, cfg.backbone, cfg.to_dict(), epoch, score, per, extra=extra)
             if score > best_score:
                 best_score, best_epoch, best_metrics = score, epoch, per
-                save_checkpoint(run_dir / "best.pt", Checkpoint(model, cfg.backbone, cfg.to_dict(), epoch, score, per))
+                best = Checkpoint(model, cfg.backbone, cfg.to_dict(), epoch, score, per)
+                save_checkpoint(run_dir / "best.pt", best)
             save_checkpoint(run_dir / "last.pt", ckpt)
             out_of_patience = cfg.patience > 0 and epoch - best_epoch >= cfg.patience
-            out_of_time = cfg.time_budget_min is not None and time.monotonic() - started > 60 * cfg.time_budget_min
+            out_of_time = (
+                cfg.time_budget_min is not None and time.monotonic() - started > 60 * cfg.time_budget_min
+            )
             if out_of_patience:
                 log.info("early stop: no better validation score for %d epochs", cfg.patience)
             if out_of_time:

@@ -18,10 +18,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fashion.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class WeightsError(RuntimeError):
+class WeightsError(UserError, RuntimeError):
     """Packaged weights are missing or do not fit the architecture; the message says what to do."""
 
 
