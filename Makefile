@@ -29,5 +29,8 @@ $(DEV_STAMP): $(STAMP)
 serve: install
 	$(BIN)/fashion serve $(ARGS)
 
+# Lint and type-check first (seconds), then the suite; any failure fails the target (and CI).
 test: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

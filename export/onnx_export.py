@@ -51,7 +51,7 @@ def export_onnx(net: FashionNet, path: str | Path, *, optimize: bool = True) -> 
         torch.onnx.export(
             ProbabilityModel(net),
             (dummy,),
-            buffer,
+            buffer,  # type: ignore[arg-type]  # torch's annotation says path; file objects work and are documented
             dynamo=False,  # the TorchScript exporter: no onnxscript dependency, fine for this graph
             opset_version=OPSET,
             input_names=[INPUT_NAME],

@@ -153,7 +153,7 @@ def export_checkpoint(opts: ExportOptions, report: Callable[[str], None] | None 
     clock = time.perf_counter()
     ckpt = load_checkpoint(opts.checkpoint)
     schema, pre = ckpt.schema, ckpt.preprocessing
-    reduced = [p for p in ("bf16", "int8") if p in opts.precisions]
+    reduced: list[str] = [p for p in ("bf16", "int8") if p in opts.precisions]
     photos = export_images(
         ckpt,
         gate_count=max(opts.gate_images, opts.eval_images),

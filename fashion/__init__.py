@@ -1,1 +1,2 @@
-"""The `fashion` command and the torch-free pieces every stage shares (preprocessing contract, label schema)."""
+"""The `fashion` command and the torch-free pieces every stage shares (preprocessing contract, label
+schema, the ``UserError`` base class)."""

@@ -42,7 +42,8 @@ def test_exif_orientation_is_applied():
     image.paste((0, 0, 255), (0, 0, 50, 50))  # left half blue
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90° clockwise to display
-    out = preprocess(encode(image, "JPEG", exif=exif, quality=95), Preprocessing(image_size=64, resize_mode="squash"))
+    squash = Preprocessing(image_size=64, resize_mode="squash")
+    out = preprocess(encode(image, "JPEG", exif=exif, quality=95), squash)
     assert out[5, 32, 2] > 200 and out[60, 32, 0] > 200  # blue on top after rotation, red below
 
 

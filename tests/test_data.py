@@ -86,7 +86,7 @@ def test_split_is_stratified_deterministic_and_keeps_duplicates_together(kaggle_
     shutil.copy(kaggle_dir / "images" / "1.jpg", kaggle_dir / "images" / "2.jpg")  # byte-identical pair
     cat = read_catalogue(kaggle_dir)
     train_a, val_a = stratified_split(cat.samples, "baseColour", 0.25, seed=3)
-    train_b, val_b = stratified_split(cat.samples, "baseColour", 0.25, seed=3)
+    _, val_b = stratified_split(cat.samples, "baseColour", 0.25, seed=3)
     assert [s.id for s in val_a] == [s.id for s in val_b]
     assert {s.labels["baseColour"] for s in val_a} == {"Red", "Green", "Blue"}
     sides = {s.id: "val" for s in val_a} | {s.id: "train" for s in train_a}

@@ -35,7 +35,9 @@ FREE_PORTS = [
     "--triton-metrics-port",
     "0",
 ]
-TINY_DEMO = ["--demo", "--backbone", "test_efficientnet", "--image-size", "64", "--epochs", "1", "--demo-count", "60"]
+TINY_DEMO = [
+    "--demo", "--backbone", "test_efficientnet", "--image-size", "64", "--epochs", "1", "--demo-count", "60"
+]
 
 
 # ------------------------------------------------------------------------------------------ helpers

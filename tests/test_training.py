@@ -100,7 +100,8 @@ def test_flags_override_the_yaml_file_which_overrides_defaults(tmp_path):
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump({"data": "d", "out": "o", "lr": 0.5, "epochs": 3}))
     cfg = TrainConfig.from_sources(str(path), {"lr": 0.1, "epochs": None})
-    assert (cfg.lr, cfg.epochs, cfg.batch_size) == (0.1, 3, TrainConfig.__dataclass_fields__["batch_size"].default)
+    default_batch = TrainConfig.__dataclass_fields__["batch_size"].default
+    assert (cfg.lr, cfg.epochs, cfg.batch_size) == (0.1, 3, default_batch)
     with pytest.raises(ConfigError, match="unknown settings"):
         TrainConfig.from_sources(None, {"data": "d", "out": "o", "learning_rate": 1})
     with pytest.raises(ConfigError, match="backbone"):

@@ -570,7 +570,7 @@ def _print_motif(rng: np.random.Generator, lo: Points, hi: Points) -> Points:
 
 
 def _mix(rgb: Sequence[float], target: float, amount: float) -> RGB:
-    r, g, b = (int(round(c + (target - c) * amount)) for c in rgb)
+    r, g, b = (round(c + (target - c) * amount) for c in rgb)
     return (r, g, b)
 
 
