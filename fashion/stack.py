@@ -14,6 +14,9 @@ What ``make serve`` runs on a fresh checkout:
    gateway's ``/readyz`` answers 200 (Triton up, model ready, metadata matching the served model).
 3. **Proof.** A banner with the URLs and a curl line, then one real request through the stack with its answer.
    Then it blocks until SIGINT/SIGTERM and stops gunicorn and Triton (process groups killed if they linger).
+   Meanwhile, a Triton that exits on its own is restarted on the same ports with back-off
+   (``RestartPolicy``; the gateway answers 503 with Retry-After until it is back); a crash loop or a gateway
+   that exits stops the stack with the reason.
 
 Library use::
 
@@ -48,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
+
 from fashion.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -441,12 +445,35 @@ class Endpoints:
     logs: tuple[Path, Path]  # triton, gateway
 
 
-class RunningStack:
-    """Handle on the started processes: where they answer, and whether both still run."""
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How ``fashion serve`` brings Triton back when it exits on its own.
 
-    def __init__(self, triton: Any, gateway: Gateway) -> None:
+    The n-th restart within ``window_s`` waits ``backoff_s[n]`` (the last value beyond); the
+    ``max_restarts + 1``-th exit within ``window_s`` (a crash loop: a broken model, no memory) stops the
+    stack with a message instead. The gateway keeps running throughout and answers 503 with Retry-After.
+    """
+
+    backoff_s: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
+    window_s: float = 120.0
+    max_restarts: int = 5
+
+
+class RunningStack:
+    """Handle on the started processes: where they answer, whether both still run, and Triton's restarts."""
+
+    def __init__(
+        self,
+        triton: Any,
+        gateway: Gateway,
+        say: Say | None = None,
+        policy: RestartPolicy = RestartPolicy(),
+    ) -> None:
         self._triton = triton
         self._gateway = gateway
+        self._say = say or (lambda line: log.warning("%s", line))
+        self._policy = policy
+        self._restarts: list[float] = []  # monotonic times of this window's restarts
         self.endpoints = Endpoints(
             gateway=gateway.url,
             triton_http=f"http://{triton.http_url}",
@@ -458,14 +485,49 @@ class RunningStack:
         )
 
     def check(self) -> None:
-        """``ProcessExited`` (with the end of its log) if Triton or gunicorn is gone."""
+        """``ProcessExited`` (with the end of its log) if gunicorn is gone; Triton is restarted instead."""
         code = self._gateway.exit_code()
         if code is not None:
             raise ProcessExited(
                 f"the gateway (gunicorn) exited with status {code}:\n{_tail(self._gateway.log_path)}"
             )
         if not self._triton.is_running():
-            raise ProcessExited(f"tritonserver exited:\n{self._triton.log_tail(3000)}")
+            self.restart_triton()
+
+    @property
+    def restarts(self) -> int:
+        return len(self._restarts)
+
+    def restart_triton(self) -> None:
+        """Bring an exited Triton back on the same ports, after the policy's back-off; ``ProcessExited`` when
+        it has exited too often (``RestartPolicy``). Blocks until it is ready or its start failed (the next
+        ``check`` tries again)."""
+        from export.tritonserver import TritonError
+
+        exited_at = time.monotonic()
+        status = self._triton.exit_status()
+        policy = self._policy
+        self._restarts = [t for t in self._restarts if exited_at - t < policy.window_s]
+        if len(self._restarts) >= policy.max_restarts:
+            raise ProcessExited(
+                f"tritonserver exited {len(self._restarts) + 1} times within {policy.window_s:.0f} s "
+                f"(last status {status}); giving up. Its log ends:\n{self._triton.log_tail(3000)}"
+            )
+        delay = policy.backoff_s[min(len(self._restarts), len(policy.backoff_s) - 1)]
+        self._restarts.append(exited_at)
+        self._say(
+            f"tritonserver exited (status {status}); the gateway answers 503 meanwhile. Restarting it in "
+            f"{delay:g} s (restart {len(self._restarts)} of at most {policy.max_restarts} per "
+            f"{policy.window_s:.0f} s)"
+        )
+        time.sleep(delay)
+        self._triton.stop(timeout_s=10.0)  # reap it and end any python stub it left behind
+        try:
+            self._triton.start()
+        except TritonError as e:
+            self._say(f"tritonserver did not come back: {str(e).splitlines()[0]}")
+            return
+        self._say(f"tritonserver is back, {time.monotonic() - exited_at:.1f} s after it exited")
 
     def wait_ready(self, timeout_s: float) -> None:
         """Until the gateway's ``/readyz`` is 200 (Triton up, model ready, metadata matching)."""
@@ -489,7 +551,9 @@ class RunningStack:
 
 
 @contextlib.contextmanager
-def running_stack(config: ServeConfig, ports: Ports, workdir: Path) -> Iterator[RunningStack]:
+def running_stack(
+    config: ServeConfig, ports: Ports, workdir: Path, say: Say | None = None
+) -> Iterator[RunningStack]:
     """Triton, then the gateway; ready when the ``with`` body starts; both always stopped on exit."""
     from export.tritonserver import TritonServer
 
@@ -521,7 +585,7 @@ def running_stack(config: ServeConfig, ports: Ports, workdir: Path) -> Iterator[
     try:
         triton.start()
         gateway.start()
-        stack = RunningStack(triton, gateway)
+        stack = RunningStack(triton, gateway, say)
         stack.wait_ready(config.startup_timeout_s)
         yield stack
     finally:
@@ -673,7 +737,7 @@ def serve(config: ServeConfig, say: Say | None = None) -> int:
         try:
             say("starting Triton and the gateway ...")
             started = time.perf_counter()
-            with running_stack(config, ports, workdir) as stack:
+            with running_stack(config, ports, workdir, say) as stack:
                 endpoints = stack.endpoints
                 say(f"ready in {time.perf_counter() - started:.1f} s")
                 for line in banner(config, version, endpoints, image):
@@ -699,7 +763,8 @@ def serve(config: ServeConfig, say: Say | None = None) -> int:
 
 
 def _block_until_stopped(stack: RunningStack) -> None:
-    """Sleep until a stop signal; a child that dies on its own ends the wait with ``ProcessExited``."""
+    """Sleep until a stop signal. Triton exiting on its own is healed (``RunningStack.restart_triton``); the
+    gateway exiting, or Triton crash-looping, ends the wait with ``ProcessExited``."""
     while True:
         time.sleep(0.5)
         stack.check()
