@@ -74,8 +74,8 @@ def export_images(
     seed: int = 0,
 ) -> ExportImages:
     """Gate and calibration photos for ``ckpt`` (a ``training.checkpoint.Checkpoint``); see the module doc."""
-    from training.evaluate import checkpoint_config, encode_known
-    from training.train import prepare_data
+    from training.context import checkpoint_config, prepare_data
+    from training.evaluate import encode_known
 
     pre, rng = ckpt.preprocessing, np.random.default_rng(seed)
     if data is not None:

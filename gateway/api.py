@@ -7,9 +7,9 @@ from typing import Any
 
 from flask import Blueprint, Response, g, request
 
-from gateway.app import gateway, json_response
 from gateway.client import BatchResult, FashionClient
 from gateway.errors import BadRequest, GatewayError, PayloadTooLarge, UnsupportedMediaType
+from gateway.service import gateway, json_response
 
 bp = Blueprint("api", __name__, url_prefix="/v1")
 

@@ -2,31 +2,27 @@
 
 from __future__ import annotations
 
-import hmac
 import io
 import logging
 import re
-import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import IO, Any
+from typing import IO
 
-from flask import Flask, Response, current_app, g, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 from flask import Request as FlaskRequest
 from werkzeug.exceptions import HTTPException
 
+from gateway.api import bp as api_bp
 from gateway.config import GatewayConfig
-from gateway.errors import GatewayError, Overloaded, Unauthorized
-from gateway.metrics import GatewayMetrics
-from gateway.state import ModelState
+from gateway.errors import GatewayError, Unauthorized
+from gateway.health import bp as health_bp
+from gateway.service import EXTENSION, Gateway, gateway
 from gateway.triton import TritonBackend, TritonTransport
 
 log = logging.getLogger(__name__)
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-EXTENSION = "fashion_gateway"
 # Werkzeug's HTTP errors (routing, body limits) as codes of the JSON error shape.
 HTTP_CODES = {
     400: "bad_request",
@@ -51,50 +47,6 @@ class Request(FlaskRequest):
         content_length: int | None = None,
     ) -> IO[bytes]:
         return io.BytesIO()
-
-
-class Gateway:
-    """The resources of one app: settings, the model state (metadata + Triton), metrics, in-flight limit."""
-
-    def __init__(self, config: GatewayConfig, triton: TritonBackend) -> None:
-        self.config = config
-        self.triton = triton
-        self.state = ModelState(config, triton)
-        self.metrics = GatewayMetrics()
-        self._slots = threading.BoundedSemaphore(config.inflight_limit)
-        self._keys = [k.encode("utf-8") for k in config.api_keys]
-
-    @contextmanager
-    def inflight(self) -> Iterator[None]:
-        """Hold one of ``max_inflight`` slots, or refuse at once with 429: excess load must not queue."""
-        if not self._slots.acquire(blocking=False):
-            self.metrics.rejected.labels("inflight_limit").inc()
-            raise Overloaded(
-                f"this worker already serves {self.config.inflight_limit} requests; retry shortly"
-            )
-        self.metrics.inflight.inc()
-        try:
-            yield
-        finally:
-            self.metrics.inflight.dec()
-            self._slots.release()
-
-    def authorized(self, key: str | None) -> bool:
-        """Constant-time comparison against every configured key (no early exit on a match)."""
-        if not self._keys:
-            return True
-        if not key:
-            return False
-        given = key.encode("utf-8", "surrogateescape")
-        found = False
-        for known in self._keys:
-            found |= hmac.compare_digest(given, known)
-        return found
-
-
-def gateway() -> Gateway:
-    """The ``Gateway`` of the current app."""
-    return current_app.extensions[EXTENSION]
 
 
 def create_app(config: GatewayConfig | None = None, triton: TritonBackend | None = None) -> Flask:
@@ -123,9 +75,6 @@ def init_app(app: Flask, config: GatewayConfig, triton: TritonBackend | None = N
     # Reads the metadata files and asks Triton which versions are ready (health timeouts, so a Triton that is
     # down delays the start by seconds, not more); a missing file or version makes /readyz say why.
     gw.state.refresh(force=True)
-
-    from gateway.api import bp as api_bp
-    from gateway.health import bp as health_bp
 
     app.register_blueprint(api_bp)
     app.register_blueprint(health_bp)
@@ -207,9 +156,3 @@ def _unexpected_error(e: Exception) -> Response:
     return error_response(
         500, "internal_error", "the gateway failed unexpectedly; the request id is in the X-Request-ID header"
     )
-
-
-def json_response(body: dict[str, Any], status: int = 200) -> Response:
-    response = jsonify(body)
-    response.status_code = status
-    return response

@@ -6,7 +6,7 @@ from importlib import resources
 
 from flask import Blueprint, Response
 
-from gateway.app import gateway, json_response
+from gateway.service import gateway, json_response
 
 bp = Blueprint("health", __name__)
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import http.client
 import json
 import logging
 import os
@@ -45,11 +44,11 @@ import numpy as np
 
 from loadtest.errors import LoadtestError
 from loadtest.loadgen import Point, best, closed_loop, percentiles
+from loadtest.measure import MODEL_NAME, BenchModel, gateway_env, http_client_factory, sweep_points
 from loadtest.stack import ROOT, Gunicorn, children, peak_rss_mb, wait_for_http
 
 log = logging.getLogger(__name__)
 
-MODEL_NAME = "fashion"
 SYSTEMS = ("raw_onnxruntime", "triton", "gateway", "naive")
 TARGETS = {
     "gateway_over_raw_min": 0.5,
@@ -123,30 +122,6 @@ class BenchOptions:
             quick=quick,
             command="fashion " + " ".join(sys.argv[1:]) if sys.argv else "",
         )
-
-
-@dataclass
-class BenchModel:
-    """The exported model (its served CPU candidate and every other one), its checkpoint for the naive
-    server, and the image pool."""
-
-    repository: Path
-    version_dir: Path
-    checkpoint: Path
-    jpegs: list[bytes]
-    arrays: np.ndarray  # contract-preprocessed uint8 NHWC
-    heads: int
-    preprocessing: Any
-    schema: Any
-    description: str
-    image_source: str
-    cpu: dict[str, Any]  # metadata.json's export.cpu: every candidate, its gate and the chosen one
-
-    @property
-    def chosen(self) -> Any:
-        from export.runtimes import Candidate
-
-        return Candidate(self.cpu["chosen"]["runtime"], self.cpu["chosen"]["precision"])
 
 
 def build_bench_model(work: Path, opts: BenchOptions) -> BenchModel:
@@ -227,7 +202,7 @@ def _random_checkpoint(work: Path, backbone: str, image_size: int, count: int) -
 
 def _photo_pool(ckpt: Any, count: int, work: Path) -> tuple[list[bytes], str]:
     """``count`` JPEGs: the checkpoint's validation photos when its dataset is here, else synthetic ones."""
-    from training.evaluate import validation_samples
+    from training.context import validation_samples
 
     data = ckpt.config.get("data")
     if data and Path(data).exists():
@@ -388,69 +363,6 @@ def triton_client_factory(url: str, model: BenchModel) -> Callable[[], Callable[
         return send
 
     return factory
-
-
-def http_client_factory(url: str, path: str, jpegs: list[bytes]) -> Callable[[], Callable[[int], int]]:
-    """Raw ``image/jpeg`` POSTs on a keep-alive connection per thread."""
-    host, port = url.removeprefix("http://").split(":")
-
-    def factory() -> Callable[[int], int]:
-        conn = {"c": http.client.HTTPConnection(host, int(port), timeout=30)}
-
-        def send(i: int) -> int:
-            body = jpegs[i % len(jpegs)]
-            try:
-                conn["c"].request("POST", path, body, {"Content-Type": "image/jpeg"})
-                response = conn["c"].getresponse()
-                response.read()
-            except (OSError, http.client.HTTPException):
-                conn["c"].close()
-                conn["c"] = http.client.HTTPConnection(host, int(port), timeout=30)
-                raise
-            if response.status != 200:
-                raise RuntimeError(f"HTTP {response.status}")
-            return 1
-
-        return send
-
-    return factory
-
-
-def sweep_points(
-    factory: Callable[[], Callable[[int], int]],
-    opts: BenchOptions,
-    name: str,
-    concurrencies: tuple[int, ...] | None = None,
-) -> list[Point]:
-    points = []
-    for c in concurrencies or opts.concurrencies:
-        point = closed_loop(factory, c, opts.duration_s, opts.warmup_s)
-        log.info(
-            "%s c=%d: %.1f img/s, p50 %.1f p95 %.1f p99 %.1f ms, %d errors",
-            name,
-            c,
-            point.throughput_ips,
-            point.p50_ms,
-            point.p95_ms,
-            point.p99_ms,
-            point.errors,
-        )
-        points.append(point)
-    return points
-
-
-def gateway_env(triton_grpc: str, repository: Path, workers: int, threads: int, work: Path) -> dict[str, str]:
-    prom = work / f"prometheus-{time.monotonic_ns()}"
-    prom.mkdir(parents=True)
-    return {
-        "FASHION_TRITON_URL": triton_grpc,
-        "FASHION_TRITON_PROTOCOL": "grpc",
-        "FASHION_MODEL_REPOSITORY": str(repository),
-        "FASHION_MODEL_NAME": MODEL_NAME,
-        "FASHION_WORKERS": str(workers),
-        "FASHION_THREADS": str(threads),
-        "PROMETHEUS_MULTIPROC_DIR": str(prom),
-    }
 
 
 def triton_rss_mb(pid: int | None) -> dict[str, Any]:

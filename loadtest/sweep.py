@@ -15,11 +15,20 @@ import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from loadtest.loadgen import best
+from loadtest.measure import BenchModel, Timing
 
 log = logging.getLogger(__name__)
+
+
+class SweepOptions(Timing, Protocol):
+    """What the sweep reads of ``BenchOptions``."""
+
+    quick: bool
+    slo_p95_ms: float
+    out: Path
 
 
 @dataclass(frozen=True)
@@ -36,10 +45,10 @@ def grids(quick: bool) -> dict[str, list[int]]:
     return {"max_queue_delay_us": [0, 1000, 4000, 10000], "cpu_instances": [1, 2], "workers": [1, 2, 4]}
 
 
-def measure(model: Any, opts: Any, work: Path, setting: Setting) -> dict[str, Any]:
+def measure(model: BenchModel, opts: SweepOptions, work: Path, setting: Setting) -> dict[str, Any]:
     from export.repository import ServingConfig, model_config
     from export.tritonserver import TritonServer
-    from loadtest.bench import MODEL_NAME, gateway_env, http_client_factory, sweep_points
+    from loadtest.measure import MODEL_NAME, gateway_env, http_client_factory, sweep_points
     from loadtest.stack import Gunicorn
 
     cores = os.cpu_count() or 2
@@ -69,9 +78,9 @@ def measure(model: Any, opts: Any, work: Path, setting: Setting) -> dict[str, An
     }
 
 
-def run_sweep(model: Any, opts: Any, work: Path) -> dict[str, Any]:
+def run_sweep(model: BenchModel, opts: SweepOptions, work: Path) -> dict[str, Any]:
     from export.repository import ServingConfig, model_config
-    from loadtest.bench import MODEL_NAME
+    from loadtest.measure import MODEL_NAME
 
     cache: dict[Setting, dict[str, Any]] = {}
     current = Setting()

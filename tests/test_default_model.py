@@ -113,7 +113,7 @@ def test_the_shipped_example_photos_get_the_answers_the_card_shows_through_the_s
 def test_the_shipped_model_tags_200_real_validation_photos_through_the_stack(served_default):
     from loadtest.parity import served_labels
     from training.checkpoint import load_checkpoint
-    from training.evaluate import validation_samples
+    from training.context import validation_samples
 
     val = validation_samples(load_checkpoint(DEFAULT_CHECKPOINT), data=str(SHARED_SAMPLE))
     step = max(1, len(val) // FIXED_PHOTOS)

@@ -241,8 +241,6 @@ def test_bench_quick_with_a_tiny_model_writes_every_key(tmp_path):
 
 def test_sweep_keeps_the_fastest_setting_that_meets_the_slo_and_writes_its_queue_bound(tmp_path, monkeypatch):
     """The coordinate search over measured settings (the measuring itself is the bench test's job)."""
-    from types import SimpleNamespace
-
     from fashion.schema import Attribute, LabelSchema
     from loadtest import sweep
 
@@ -271,12 +269,26 @@ def test_sweep_keeps_the_fastest_setting_that_meets_the_slo_and_writes_its_queue
 
     monkeypatch.setattr(sweep, "measure", fake_measure)
     schema = LabelSchema((Attribute("colour", ("red", "blue")),))
-    from export.runtimes import Candidate
-    from fashion.contract import Preprocessing
+    import numpy as np
 
-    opts = SimpleNamespace(quick=False, slo_p95_ms=100.0, out=tmp_path)
-    model = SimpleNamespace(
-        schema=schema, preprocessing=Preprocessing(image_size=32), chosen=Candidate("openvino", "int8")
+    from fashion.contract import Preprocessing
+    from loadtest.bench import BenchOptions
+    from loadtest.measure import BenchModel
+
+    opts = BenchOptions(out=tmp_path, backbone="test_efficientnet", slo_p95_ms=100.0)
+    chosen = {"runtime": "openvino", "precision": "int8"}
+    model = BenchModel(
+        repository=tmp_path / "repo",
+        version_dir=tmp_path / "repo" / "fashion" / "1",
+        checkpoint=tmp_path / "model.pt",
+        jpegs=[b""],
+        arrays=np.zeros((1, 32, 32, 3), np.uint8),
+        heads=1,
+        preprocessing=Preprocessing(image_size=32),
+        schema=schema,
+        description="a stand-in model: the measuring is faked above",
+        image_source="none",
+        cpu={"chosen": chosen, "candidates": []},
     )
     doc = sweep.run_sweep(model, opts, tmp_path)
     assert doc["recommended"]["max_queue_delay_us"] == 1000

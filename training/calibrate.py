@@ -278,9 +278,9 @@ def calibrate(
 ) -> list[HeadCalibration]:
     """``fashion calibrate``: on all of ``data``, or (default) on the checkpoint's validation split
     re-created as ``fashion train`` made it."""
+    from training.context import resolve_device
     from training.evaluate import encode_known, evaluation_samples
     from training.predict import iter_batches
-    from training.train import resolve_device
 
     ckpt = load_checkpoint(checkpoint)
     samples = evaluation_samples(ckpt, data, format, split, "all" if data else "val")

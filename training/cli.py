@@ -279,8 +279,8 @@ def _predict(args: argparse.Namespace) -> int:
 def _explain(args: argparse.Namespace) -> int:
     from fashion.console import emit, table
     from training.checkpoint import load_checkpoint
+    from training.context import resolve_device
     from training.explain import explain, summarise
-    from training.train import resolve_device
 
     device = resolve_device(args.device)
     ckpt = load_checkpoint(args.checkpoint, device)

@@ -21,7 +21,7 @@ import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ import numpy as np
 from fashion.console import emit, table
 from fashion.schema import MISSING, LabelSchema
 from training.checkpoint import Checkpoint, load_checkpoint
-from training.config import TrainConfig
+from training.context import validation_samples
 from training.data import DatasetError, Sample, encode, read_catalogue
 from training.metrics import confusion_top_classes, evaluate_arrays, per_class_report
 
@@ -49,32 +49,6 @@ class EvalResult:
 
 
 # --- which images ---------------------------------------------------------------------------------
-
-
-def checkpoint_config(ckpt: Checkpoint, **overrides: Any) -> TrainConfig:
-    """The training configuration stored in ``ckpt``, with ``overrides`` (``None`` values ignored)."""
-    known = {f.name for f in fields(TrainConfig)}
-    values = {k: v for k, v in ckpt.config.items() if k in known}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    if "data" not in values:
-        raise DatasetError("the checkpoint does not record its training data; pass --data")
-    values.setdefault("out", ".")
-    return TrainConfig(**values)
-
-
-def validation_samples(ckpt: Checkpoint, data: str | None = None, format: str | None = None) -> list[Sample]:
-    """The validation split exactly as ``fashion train`` made it (same data, seed, fraction, stratum).
-
-    ``data`` replaces the recorded path (the same dataset in another place); the split is only the same
-    when the files are the same.
-    """
-    from training.train import prepare_data
-
-    cfg = checkpoint_config(ckpt, data=data, format=format)
-    if not Path(cfg.data).exists():
-        raise DatasetError(f"the checkpoint's training data {cfg.data} is not here; pass --data")
-    _, _, val = prepare_data(cfg)
-    return val
 
 
 def evaluation_samples(
@@ -220,8 +194,8 @@ def evaluate(
     aspect: float = 1.0,
 ) -> EvalResult:
     """Evaluate ``checkpoint`` on ``data`` and write the report folder (module docstring)."""
+    from training.context import resolve_device
     from training.predict import predict_paths
-    from training.train import resolve_device
 
     ckpt = load_checkpoint(checkpoint)
     schema = ckpt.schema

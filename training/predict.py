@@ -228,7 +228,7 @@ def predict(
     abstain: bool = True,
 ) -> PredictResult:
     """Predict every image of ``data`` and write ``out`` (CSV) in the layout's format (module docstring)."""
-    from training.train import resolve_device
+    from training.context import resolve_device
 
     ckpt = load_checkpoint(checkpoint)
     cat = read_for_prediction(data, format, split)

@@ -28,14 +28,11 @@ from fashion.contract import Preprocessing
 from fashion.schema import MISSING, LabelSchema
 from training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from training.config import ConfigError, TrainConfig
+from training.context import prepare_data, resolve_device
 from training.data import (
-    Catalogue,
-    DatasetError,
     build_schema,
     encode,
-    read_catalogue,
     split_held_out,
-    stratified_split,
 )
 from training.dataset import ImageCache, TrainDataset, colour_is_a_target
 from training.metrics import evaluate_arrays
@@ -51,14 +48,6 @@ class TrainResult:
     best_epoch: int
     epochs_run: int
     val_metrics: dict[str, dict[str, float]]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu")
-    return torch.device(name)
 
 
 def preprocessing_for(cfg: TrainConfig) -> Preprocessing:
@@ -187,25 +176,6 @@ def _distributed() -> tuple[int, int, int]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return int(os.environ["LOCAL_RANK"]), dist.get_rank(), dist.get_world_size()
-
-
-def prepare_data(cfg: TrainConfig) -> tuple[Catalogue, list, list]:
-    cat = read_catalogue(cfg.data, cfg.format, cfg.attributes)
-    samples = cat.samples[: cfg.max_samples] if cfg.max_samples else cat.samples
-    if len(samples) < 4:
-        raise DatasetError(f"{cfg.data}: only {len(samples)} usable samples; need at least 4 to train")
-    stratify = None if cat.category_column else cat.attributes[0]
-    if not cat.category_column:
-        # Stratify on the head with the most classes that is rarely missing (e.g. articleType).
-        enough = 0.9 * len(samples)
-        filled = [h for h in cat.attributes if sum(s.labels.get(h) is not None for s in samples) > enough]
-        if filled:
-            stratify = max(filled, key=lambda h: len({s.labels.get(h) for s in samples}))
-    train, val = stratified_split(samples, stratify, cfg.val_fraction, cfg.seed)
-    # Held-out classes leave after the split, so that the rest of the split is the usual one.
-    train, _ = split_held_out(train, cfg.hold_out)
-    val, _ = split_held_out(val, cfg.hold_out)
-    return cat, train, val
 
 
 # --- frozen trunk (cfg.freeze_blocks > 0) -------------------------------------------------------------

@@ -217,8 +217,7 @@ def novelty_command(
 ) -> NoveltyReport:
     """``fashion novelty``: re-create the checkpoint's split (and its held-out photos, if it was trained with
     ``--hold-out``), fit the gate, save the checkpoint (default: in place) and ``novelty.json`` beside it."""
-    from training.evaluate import checkpoint_config
-    from training.train import prepare_data, resolve_device
+    from training.context import checkpoint_config, prepare_data, resolve_device
 
     ckpt = load_checkpoint(checkpoint)
     cfg = checkpoint_config(ckpt)

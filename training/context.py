@@ -1,0 +1,69 @@
+"""What the training-side commands resolve before they work: the device, and the catalogue split exactly as
+``fashion train`` made it (for training, and again for evaluation, calibration, the novelty gate, the export's
+accuracy gate and the bench). Below ``train``, ``evaluate``, ``calibrate``, ``predict`` and ``unseen``,
+so that
+none of them imports another's internals back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.checkpoint import Checkpoint
+from training.config import ConfigError, TrainConfig
+from training.data import Catalogue, DatasetError, Sample, read_catalogue, split_held_out, stratified_split
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu")
+    return torch.device(name)
+
+
+def prepare_data(cfg: TrainConfig) -> tuple[Catalogue, list, list]:
+    cat = read_catalogue(cfg.data, cfg.format, cfg.attributes)
+    samples = cat.samples[: cfg.max_samples] if cfg.max_samples else cat.samples
+    if len(samples) < 4:
+        raise DatasetError(f"{cfg.data}: only {len(samples)} usable samples; need at least 4 to train")
+    stratify = None if cat.category_column else cat.attributes[0]
+    if not cat.category_column:
+        # Stratify on the head with the most classes that is rarely missing (e.g. articleType).
+        enough = 0.9 * len(samples)
+        filled = [h for h in cat.attributes if sum(s.labels.get(h) is not None for s in samples) > enough]
+        if filled:
+            stratify = max(filled, key=lambda h: len({s.labels.get(h) for s in samples}))
+    train, val = stratified_split(samples, stratify, cfg.val_fraction, cfg.seed)
+    # Held-out classes leave after the split, so that the rest of the split is the usual one.
+    train, _ = split_held_out(train, cfg.hold_out)
+    val, _ = split_held_out(val, cfg.hold_out)
+    return cat, train, val
+
+
+def checkpoint_config(ckpt: Checkpoint, **overrides: Any) -> TrainConfig:
+    """The training configuration stored in ``ckpt``, with ``overrides`` (``None`` values ignored)."""
+    known = {f.name for f in fields(TrainConfig)}
+    values = {k: v for k, v in ckpt.config.items() if k in known}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if "data" not in values:
+        raise DatasetError("the checkpoint does not record its training data; pass --data")
+    values.setdefault("out", ".")
+    return TrainConfig(**values)
+
+
+def validation_samples(ckpt: Checkpoint, data: str | None = None, format: str | None = None) -> list[Sample]:
+    """The validation split exactly as ``fashion train`` made it (same data, seed, fraction, stratum).
+
+    ``data`` replaces the recorded path (the same dataset in another place); the split is only the same
+    when the files are the same.
+    """
+    cfg = checkpoint_config(ckpt, data=data, format=format)
+    if not Path(cfg.data).exists():
+        raise DatasetError(f"the checkpoint's training data {cfg.data} is not here; pass --data")
+    _, _, val = prepare_data(cfg)
+    return val
