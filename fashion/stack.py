@@ -391,7 +391,7 @@ def _http(
         return e.code, e.read()
 
 
-class Gateway:
+class GatewayProcess:
     """gunicorn serving ``gateway:create_app()`` in its own process group; ``stop`` leaves no worker."""
 
     def __init__(self, env: dict[str, str], log_path: Path, host: str, port: int) -> None:
@@ -411,7 +411,7 @@ class Gateway:
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
 
-    def start(self) -> Gateway:
+    def start(self) -> GatewayProcess:
         cmd = [sys.executable, "-m", "gunicorn", "-c", "python:gateway.gunicorn_conf", "gateway:create_app()"]
         log.info("starting gunicorn: %s", " ".join(cmd))
         with self.log_path.open("ab") as out:
@@ -465,7 +465,7 @@ class RunningStack:
     def __init__(
         self,
         triton: Any,
-        gateway: Gateway,
+        gateway: GatewayProcess,
         say: Say | None = None,
         policy: RestartPolicy = RestartPolicy(),
     ) -> None:
@@ -581,7 +581,7 @@ def running_stack(
         "FASHION_BIND": f"{config.host}:{ports.gateway}",
         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
     }
-    gateway = Gateway(env, workdir / "gateway.log", config.host, ports.gateway)
+    gateway = GatewayProcess(env, workdir / "gateway.log", config.host, ports.gateway)
     try:
         triton.start()
         gateway.start()

@@ -45,7 +45,7 @@ import numpy as np
 from loadtest.errors import LoadtestError
 from loadtest.loadgen import Point, best, closed_loop, percentiles
 from loadtest.measure import MODEL_NAME, BenchModel, gateway_env, http_client_factory, sweep_points
-from loadtest.stack import ROOT, Gunicorn, children, peak_rss_mb, wait_for_http
+from loadtest.processes import ROOT, Gunicorn, children, peak_rss_mb, wait_for_http
 
 log = logging.getLogger(__name__)
 

@@ -49,7 +49,7 @@ def measure(model: BenchModel, opts: SweepOptions, work: Path, setting: Setting)
     from export.repository import ServingConfig, model_config
     from export.tritonserver import TritonServer
     from loadtest.measure import MODEL_NAME, gateway_env, http_client_factory, sweep_points
-    from loadtest.stack import Gunicorn
+    from loadtest.processes import Gunicorn
 
     cores = os.cpu_count() or 2
     serving = ServingConfig(

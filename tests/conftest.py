@@ -35,7 +35,7 @@ def served_repository(repository: Path, work: Path) -> Iterator[str]:
     """The pip-installed Triton serving ``repository`` and the gateway under gunicorn in front of it
     (gRPC, 2 workers), both on free loopback ports and stopped on exit; yields the gateway's URL."""
     from export.tritonserver import TritonServer
-    from loadtest.stack import Gunicorn
+    from loadtest.processes import Gunicorn
 
     with TritonServer(repository, ["fashion"], startup_timeout_s=120) as triton:
         (work / "prometheus").mkdir()

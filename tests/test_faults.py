@@ -36,7 +36,7 @@ pytest.importorskip("onnx")
 tritonserver = pytest.importorskip("export.tritonserver")
 
 from fashion.contract import Preprocessing  # noqa: E402
-from loadtest.stack import Gunicorn  # noqa: E402
+from loadtest.processes import Gunicorn  # noqa: E402
 from tests.fixtures_gateway import solid  # noqa: E402
 from tests.test_gateway_stack import BLUE, RED, SCHEMA, SIZE, colour_model, publish  # noqa: E402
 

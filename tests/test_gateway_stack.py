@@ -23,7 +23,7 @@ tritonserver = pytest.importorskip("export.tritonserver")
 
 from fashion.contract import Preprocessing  # noqa: E402
 from fashion.schema import Attribute, LabelSchema  # noqa: E402
-from loadtest.stack import Gunicorn  # noqa: E402
+from loadtest.processes import Gunicorn  # noqa: E402
 from tests.fixtures_gateway import solid  # noqa: E402
 
 pytestmark = pytest.mark.server

@@ -38,7 +38,7 @@ from PIL import Image
 from fashion.contract import DecodeLimits, ImageError, Preprocessing, preprocess
 from gateway import create_app
 from gateway.config import GatewayConfig
-from loadtest.stack import peak_rss_mb
+from loadtest.processes import peak_rss_mb
 from tests.fixtures_gateway import FakeTriton, encode, solid, write_metadata
 
 FUZZ = settings(
@@ -344,7 +344,7 @@ MIB = 1024 * 1024
 def gunicorn(tmp_path_factory) -> Iterator[dict]:
     pytest.importorskip("onnx")
     from export.tritonserver import TritonServer
-    from loadtest.stack import Gunicorn
+    from loadtest.processes import Gunicorn
     from tests.test_gateway_stack import publish
 
     work = tmp_path_factory.mktemp("hostile")

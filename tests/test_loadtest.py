@@ -81,7 +81,7 @@ def stack(tmp_path_factory) -> Iterator[dict]:
     if importlib.util.find_spec("locust") is None:
         pytest.skip("locust is not installed (pip install -e '.[loadtest]')")
     tritonserver = pytest.importorskip("export.tritonserver")
-    from loadtest.stack import Gunicorn
+    from loadtest.processes import Gunicorn
     from tests.test_gateway_stack import publish
 
     work = tmp_path_factory.mktemp("loadtest-stack")

@@ -186,7 +186,7 @@ def publish_v2(repository: Path, work: Path) -> Path:
 def stack(tmp_path_factory) -> Iterator[dict]:
     pytest.importorskip("onnx")
     from export.tritonserver import TritonServer
-    from loadtest.stack import Gunicorn
+    from loadtest.processes import Gunicorn
     from tests.test_gateway_stack import publish
 
     work = tmp_path_factory.mktemp("update")

@@ -211,7 +211,7 @@ MARKER = b"SECRET-PIXELS-7f3a9c"
 def test_gateway_logs_have_request_ids_and_no_keys_or_image_bytes(tmp_path):
     pytest.importorskip("onnx")
     from export.tritonserver import TritonServer
-    from loadtest.stack import Gunicorn
+    from loadtest.processes import Gunicorn
     from tests.test_gateway_stack import http, multipart, publish
 
     repository = tmp_path / "model_repository"

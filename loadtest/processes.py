@@ -51,19 +51,19 @@ class Gunicorn:
     """The gateway on a free loopback port; ``start`` waits for ``/readyz`` (model loaded) or fails.
 
     Process handling (own process group, graceful stop, no worker left behind) is
-    ``fashion.stack.Gateway``'s, the launcher ``fashion serve`` uses.
+    ``fashion.stack.GatewayProcess``'s, the launcher ``fashion serve`` uses.
     """
 
     def __init__(
         self, env: dict[str, str], log_path: Path, *, port: int | None = None, ready_timeout_s: float = 60.0
     ) -> None:
         from export.tritonserver import free_ports
-        from fashion.stack import Gateway
+        from fashion.stack import GatewayProcess
 
         port = port or free_ports(1)[0]
         full_env = {**os.environ, **env, "FASHION_PORT": str(port), "FASHION_BIND": f"127.0.0.1:{port}"}
         full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), full_env.get("PYTHONPATH", "")) if p)
-        self.gateway = Gateway(full_env, log_path, "127.0.0.1", port)
+        self.gateway = GatewayProcess(full_env, log_path, "127.0.0.1", port)
         self.port, self.url, self.log_path = port, self.gateway.url, log_path
         self.ready_timeout_s = ready_timeout_s
 
