@@ -8,25 +8,15 @@ Only the writer lives here; readers (the gateway) own their own parser and must 
 
 from __future__ import annotations
 
-import hashlib
 import platform
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from fashion.contract import Preprocessing
 from fashion.schema import LabelSchema
 
 FORMAT = "fashion-tagger/metadata@1"
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def build_metadata(

@@ -38,6 +38,7 @@ import numpy as np
 
 from export.errors import ExportError
 from export.runtimes import REFERENCE, Candidate, session_settings
+from fashion.repository import version_folders
 from fashion.schema import LabelSchema
 
 INPUT_NAME = "image"
@@ -213,9 +214,7 @@ def label_filename(tensor: str) -> str:
 
 
 def existing_versions(model_dir: Path) -> list[int]:
-    if not model_dir.is_dir():
-        return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    return version_folders(model_dir)
 
 
 def next_version(model_dir: Path) -> int:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import importlib
 import json
 import logging
@@ -45,7 +44,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +51,7 @@ from types import FrameType
 from typing import Any
 
 from fashion.errors import UserError
+from fashion.repository import file_sha256, multipart_image, version_folders
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +166,7 @@ def servable_version(repository: Path, name: str = "fashion") -> int | None:
     model_dir = Path(repository) / name
     if not (model_dir / "configs" / f"{MODEL_CONFIG_NAME}.pbtxt").is_file():
         return None
-    versions = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    versions = version_folders(model_dir)
     if not versions:
         return None
     latest = model_dir / str(versions[-1])
@@ -184,14 +183,6 @@ def read_metadata(repository: Path, name: str, version: int) -> dict[str, Any]:
         raise StackError(f"{path} is unreadable ({e}); re-export with `fashion serve --rebuild`") from e
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def ensure_model(config: ServeConfig, say: Say) -> int:
     """Make sure the repository serves a model (building or exporting one if needed); returns its version."""
     version = servable_version(config.repository, config.model_name)
@@ -199,7 +190,7 @@ def ensure_model(config: ServeConfig, say: Say) -> int:
     if checkpoint is not None:
         if version is not None and not config.rebuild:
             exported_from = read_metadata(config.repository, config.model_name, version).get("training", {})
-            if exported_from.get("checkpoint_sha256") == _file_sha256(checkpoint):
+            if exported_from.get("checkpoint_sha256") == file_sha256(checkpoint):
                 say(f"model: {_where(config, version)} was exported from {checkpoint}")
                 return version
         return _timed(say, f"export {checkpoint}", lambda: export_for_cpu(config, checkpoint))
@@ -659,20 +650,12 @@ def sample_image(config: ServeConfig) -> Path:
 
 def predict_file(url: str, image: Path, timeout_s: float = 30.0) -> dict[str, Any]:
     """``POST url/v1/predict`` with ``image`` as multipart field ``image`` (what the curl line sends)."""
-    boundary = f"fashion-serve-{uuid.uuid4().hex}"
-    body = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{image.name}"\r\n'
-            "Content-Type: image/jpeg\r\n\r\n"
-        ).encode()
-        + image.read_bytes()
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
+    body, content_type = multipart_image(image.read_bytes(), image.name)
     status, data = _http(
         "POST",
         url + "/v1/predict",
         body,
-        {"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        {"Content-Type": content_type},
         timeout_s,
     )
     try:

@@ -16,6 +16,7 @@ from typing import Any
 
 from fashion.contract import Preprocessing
 from fashion.errors import UserError
+from fashion.repository import version_folders
 
 FORMAT = "fashion-tagger/metadata@1"
 FILENAME = "metadata.json"
@@ -102,10 +103,7 @@ class ModelMetadata:
 
 def available_versions(repository: str | Path, model_name: str) -> list[int]:
     """Integer version folders of ``model_name`` that hold a metadata file, ascending."""
-    root = Path(repository) / model_name
-    if not root.is_dir():
-        return []
-    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / FILENAME).is_file())
+    return version_folders(Path(repository) / model_name, with_metadata=True)
 
 
 def resolve_version(repository: str | Path, model_name: str, version: str | int = "") -> int:

@@ -338,9 +338,11 @@ class TritonGrpcUser(User):
 
 def _contract(s: Settings, preprocessing_cls, size: int):
     """The version's contract from ``metadata.json`` when the repository is readable, else defaults."""
+    from fashion.repository import version_folders  # here: the locust image runs GatewayUser without fashion
+
     root = Path(s.model_repository) / s.model_name if s.model_repository else None
     if root is not None and root.is_dir():
-        versions = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit())
+        versions = version_folders(root)
         version = s.model_version or (str(versions[-1]) if versions else "")
         path = root / version / "metadata.json"
         if version and path.is_file():

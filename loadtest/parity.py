@@ -27,7 +27,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -36,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from fashion.repository import multipart_image
 from fashion.schema import MISSING
 from loadtest.errors import LoadtestError
 
@@ -88,17 +88,7 @@ class ParityReport:
 
 # ------------------------------------------------------------------------------------------ served side
 def _multipart(path: Path) -> tuple[bytes, str]:
-    boundary = f"fashion-parity-{uuid.uuid4().hex}"
-    body = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="top_k"\r\n\r\n1\r\n'
-            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{path.name}"\r\n'
-            "Content-Type: image/jpeg\r\n\r\n"
-        ).encode()
-        + path.read_bytes()
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    return body, f"multipart/form-data; boundary={boundary}"
+    return multipart_image(path.read_bytes(), path.name, top_k="1")
 
 
 def predict_one(
