@@ -254,9 +254,7 @@ def export_checkpoint(opts: ExportOptions, report: Callable[[str], None] | None 
         clock = time.perf_counter()
         cpu = cpu_info()
         measured = []
-        for candidate in candidates(opts.precisions if reduced or "fp16" in opts.precisions else ("fp32",)):
-            if candidate.precision in ("bf16", "int8") and candidate.precision not in reduced:
-                continue
+        for candidate in candidates(("fp32", *reduced)):
             m = Measured(candidate, unavailable=unavailable(candidate, cpu))
             measured.append(m)
             if m.unavailable:
@@ -265,7 +263,7 @@ def export_checkpoint(opts: ExportOptions, report: Callable[[str], None] | None 
             runner = (
                 reference
                 if candidate == REFERENCE
-                else make_runner(candidate, files[candidate.precision], opts.cpu_threads)
+                else make_runner(candidate, work / candidate.file, opts.cpu_threads)  # bf16 runs model.onnx
             )
             m.gate = gates[candidate.name] = check(candidate.name, runner)
             m.throughput_ips = {b: time_runner(runner, gate_images, b, opts.time_s) for b in TIMED_BATCHES}
