@@ -205,11 +205,22 @@ def test_real_triton_runs_the_openvino_candidate_in_the_python_backend(exported)
 
 
 def test_the_bf16_candidate_runs_model_onnx_with_openvinos_bf16_hint(checkpoint, tmp_path, monkeypatch):
-    """The plumbing of a CPU with BF16, on any CPU: the availability check is told yes (OpenVINO accepts the
-    hint where the CPU lacks BF16 and runs FP32, which is why the real check exists)."""
+    """The plumbing of a CPU with BF16, on any CPU: the availability check is told yes, and the runner the
+    export builds for BF16 is recorded and compiled as OpenVINO FP32 (this CPU cannot run BF16, and the one
+    suite run that compiled with the bf16 hint here segfaulted at interpreter exit after every test passed)."""
     import export.pipeline
+    from export.runtimes import Candidate, make_runner
+
+    built: list[tuple[str, str]] = []
+
+    def recording_runner(candidate, path, threads):
+        built.append((candidate.name, Path(path).name))
+        if candidate.precision == "bf16":
+            candidate = Candidate("openvino", "fp32")
+        return make_runner(candidate, path, threads)
 
     monkeypatch.setattr(export.pipeline, "unavailable", lambda candidate, cpu: None)
+    monkeypatch.setattr(export.pipeline, "make_runner", recording_runner)
     result = export_checkpoint(
         ExportOptions(
             checkpoint=checkpoint,
@@ -222,6 +233,7 @@ def test_the_bf16_candidate_runs_model_onnx_with_openvinos_bf16_hint(checkpoint,
         ),
         report=lambda text: None,
     )
+    assert ("openvino-bf16", "model.onnx") in built
     bf16 = next(m for m in result.cpu if m.candidate.name == "openvino-bf16")
     assert set(bf16.throughput_ips) == {1, 8} and bf16.gate is not None
     config = (tmp_path / "fashion" / "configs" / "cpu_openvino_bf16.pbtxt").read_text()
