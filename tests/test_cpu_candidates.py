@@ -206,8 +206,9 @@ def test_real_triton_runs_the_openvino_candidate_in_the_python_backend(exported)
 
 def test_the_bf16_candidate_runs_model_onnx_with_openvinos_bf16_hint(checkpoint, tmp_path, monkeypatch):
     """The plumbing of a CPU with BF16, on any CPU: the availability check is told yes, and the runner the
-    export builds for BF16 is recorded and compiled as OpenVINO FP32 (this CPU cannot run BF16, and the one
-    suite run that compiled with the bf16 hint here segfaulted at interpreter exit after every test passed)."""
+    export builds for BF16 is recorded and compiled as OpenVINO FP32 (this CPU cannot run BF16, and the
+    one suite run that compiled with the bf16 hint here segfaulted at interpreter exit after every test
+    passed)."""
     import export.pipeline
     from export.runtimes import Candidate, make_runner
 
