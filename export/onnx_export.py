@@ -121,13 +121,22 @@ def session(path: str | Path, threads: int = 2):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def run_onnx(sess, images: np.ndarray, batch_size: int = 32) -> list[np.ndarray]:
+    """Probabilities per output (in graph order) for a uint8 NHWC array, in batches."""
+    chunks: list[list[np.ndarray]] = [[] for _ in sess.get_outputs()]
+    for start in range(0, len(images), batch_size):
+        for i, out in enumerate(sess.run(None, {INPUT_NAME: images[start : start + batch_size]})):
+            chunks[i].append(np.asarray(out, dtype=np.float32))
+    return [np.concatenate(c) for c in chunks]
+
+
+@torch.no_grad()
 def run_torch(net: FashionNet, images: np.ndarray, batch_size: int = 32) -> list[np.ndarray]:
     """The reference: PyTorch probabilities per attribute (schema order) for a uint8 NHWC array."""
     model = ProbabilityModel(net.eval().cpu())
     chunks: list[list[np.ndarray]] = [[] for _ in net.schema.attributes]
-    with torch.no_grad():  # not left to the caller: a test that runs it first got grad-tracking tensors
-        for start in range(0, len(images), batch_size):
-            outs: Sequence[torch.Tensor] = model(torch.from_numpy(images[start : start + batch_size]))
-            for i, out in enumerate(outs):
-                chunks[i].append(out.float().numpy())
+    for start in range(0, len(images), batch_size):
+        outs: Sequence[torch.Tensor] = model(torch.from_numpy(images[start : start + batch_size]))
+        for i, out in enumerate(outs):
+            chunks[i].append(out.float().numpy())
     return [np.concatenate(c) for c in chunks]
