@@ -26,8 +26,11 @@ def _triton_pid(serve_pid: int) -> int | None:
     import psutil
 
     for child in psutil.Process(serve_pid).children(recursive=True):
-        if child.name() == "tritonserver":
-            return child.pid
+        try:
+            if child.name() == "tritonserver":
+                return child.pid
+        except psutil.NoSuchProcess:  # a short-lived child (Triton's own helpers) gone since the listing
+            continue
     return None
 
 
