@@ -12,7 +12,6 @@ import io
 import logging
 import tempfile
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ import torch
 
 from export.errors import ExportError
 from fashion.schema import LabelSchema
+from training.inference import collect, head_widths, image_batches
 from training.model import FashionNet, ProbabilityModel
 
 log = logging.getLogger(__name__)
@@ -130,13 +130,8 @@ def run_onnx(sess, images: np.ndarray, batch_size: int = 32) -> list[np.ndarray]
     return [np.concatenate(c) for c in chunks]
 
 
-@torch.no_grad()
 def run_torch(net: FashionNet, images: np.ndarray, batch_size: int = 32) -> list[np.ndarray]:
     """The reference: PyTorch probabilities per attribute (schema order) for a uint8 NHWC array."""
-    model = ProbabilityModel(net.eval().cpu())
-    chunks: list[list[np.ndarray]] = [[] for _ in net.schema.attributes]
-    for start in range(0, len(images), batch_size):
-        outs: Sequence[torch.Tensor] = model(torch.from_numpy(images[start : start + batch_size]))
-        for i, out in enumerate(outs):
-            chunks[i].append(out.float().numpy())
-    return [np.concatenate(c) for c in chunks]
+    net.eval().cpu()
+    probs = collect(net.probabilities, image_batches(images, batch_size), head_widths(net.schema))
+    return [probs[a.name] for a in net.schema.attributes]

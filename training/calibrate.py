@@ -30,6 +30,7 @@ from torch import nn
 from fashion.console import emit, table
 from fashion.schema import MISSING, LabelSchema
 from training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from training.inference import collect, head_widths, image_batches
 from training.metrics import expected_calibration_error
 from training.model import FashionNet
 from training.novelty import floor_thresholds
@@ -93,19 +94,12 @@ def fit_temperatures_from_logits(
     return out
 
 
-@torch.no_grad()
 def model_logits(
     model: FashionNet, images: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 64
 ) -> dict[str, np.ndarray]:
     """Raw logits (before any temperature) per head for a uint8 NHWC array."""
     model.eval().to(device)
-    chunks: dict[str, list[np.ndarray]] = {a.name: [] for a in model.schema.attributes}
-    for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
-        for name, z in model(batch).items():
-            chunks[name].append(z.float().cpu().numpy())
-    return {a.name: np.concatenate(chunks[a.name]) if chunks[a.name] else np.zeros((0, a.num_classes))
-            for a in model.schema.attributes}
+    return collect(model, image_batches(images, batch_size, device), head_widths(model.schema))
 
 
 def fit_temperatures(

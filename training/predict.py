@@ -32,6 +32,7 @@ from fashion.schema import OTHER
 from training.checkpoint import Checkpoint, load_checkpoint
 from training.data import Catalogue, DatasetError, Sample, read_catalogue
 from training.dataset import load_view
+from training.inference import collect, head_widths
 from training.model import FashionNet
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,6 @@ class Predictions:
     ok: np.ndarray  # (n,) bool: the image could be decoded
 
 
-@torch.no_grad()
 def predict_paths(
     model: FashionNet,
     paths: Sequence[str],
@@ -127,19 +127,16 @@ def predict_paths(
 ) -> Predictions:
     """Calibrated probabilities per head for image files, with a progress bar."""
     model.eval().to(device)
-    chunks: dict[str, list[np.ndarray]] = {a.name: [] for a in model.schema.attributes}
     ok: list[bool] = []
-    bar = tqdm(total=len(paths), desc=desc, unit="img")
-    for images, flags in iter_batches(paths, model.preprocessing, batch_size, aspect=aspect):
-        for name, p in model.probabilities(torch.from_numpy(images).to(device)).items():
-            chunks[name].append(p.float().cpu().numpy())
-        ok.extend(flags)
-        bar.update(len(flags))
-    bar.close()
-    probs = {
-        a.name: np.concatenate(chunks[a.name]) if chunks[a.name] else np.zeros((0, a.num_classes), np.float32)
-        for a in model.schema.attributes
-    }
+
+    def batches() -> Iterator[torch.Tensor]:
+        with tqdm(total=len(paths), desc=desc, unit="img") as bar:
+            for images, flags in iter_batches(paths, model.preprocessing, batch_size, aspect=aspect):
+                yield torch.from_numpy(images).to(device)
+                ok.extend(flags)
+                bar.update(len(flags))
+
+    probs = collect(model.probabilities, batches(), head_widths(model.schema))
     return Predictions(probs, np.asarray(ok, dtype=bool))
 
 

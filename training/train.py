@@ -35,6 +35,7 @@ from training.data import (
     split_held_out,
 )
 from training.dataset import ImageCache, TrainDataset, colour_is_a_target
+from training.inference import collect, head_widths, image_batches
 from training.metrics import evaluate_arrays
 from training.model import FashionNet, build_model, pretrained_preprocessing
 
@@ -146,18 +147,12 @@ def mix_batch(images: torch.Tensor, cfg: TrainConfig, rng: np.random.Generator) 
     return mixed, (perm, lam)
 
 
-@torch.no_grad()
 def predict_probs(
     model: FashionNet, images: np.ndarray, device: torch.device, batch_size: int = 64
 ) -> dict[str, np.ndarray]:
     """Calibrated probabilities per head for a uint8 NHWC array (no augmentation)."""
     model.eval()
-    chunks: dict[str, list[np.ndarray]] = {a.name: [] for a in model.schema.attributes}
-    for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(images[start : start + batch_size]).to(device)
-        for name, p in model.probabilities(batch).items():
-            chunks[name].append(p.float().cpu().numpy())
-    return {k: np.concatenate(v) if v else np.zeros((0, 1)) for k, v in chunks.items()}
+    return collect(model.probabilities, image_batches(images, batch_size, device), head_widths(model.schema))
 
 
 def _warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
@@ -222,19 +217,21 @@ def freeze_trunk(model: FashionNet, blocks: int) -> None:
             p.requires_grad_(False)
 
 
-@torch.no_grad()
 def probs_from_trunk(
     model: FashionNet, cache: TrunkCache, blocks: int, device: torch.device
 ) -> dict[str, np.ndarray]:
     """Calibrated probabilities for view 0 of a trunk cache (validation during frozen-trunk training)."""
     model.eval()
-    chunks: dict[str, list[np.ndarray]] = {a.name: [] for a in model.schema.attributes}
-    for start in range(0, cache.n, 128):
+
+    def step(start: int) -> dict[str, torch.Tensor]:
         h = cache.acts[start : min(start + 128, cache.n)].to(device).float()
         logits = model.from_trunk(h, cache.grids[start : start + len(h)].to(device), blocks)
-        for i, a in enumerate(model.schema.attributes):
-            chunks[a.name].append(torch.softmax(logits[a.name] / model.temperature[i], dim=1).cpu().numpy())
-    return {k: np.concatenate(v) for k, v in chunks.items()}
+        return {
+            a.name: torch.softmax(logits[a.name] / model.temperature[i], dim=1)
+            for i, a in enumerate(model.schema.attributes)
+        }
+
+    return collect(step, range(0, cache.n, 128), head_widths(model.schema))
 
 
 def _frozen_batches(cache: TrunkCache, labels: np.ndarray, batch_size: int, rng: np.random.Generator):

@@ -23,6 +23,7 @@ from fashion.console import emit, table
 from training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from training.data import encode, split_held_out
 from training.dataset import ImageCache
+from training.inference import collect, head_widths, image_batches
 from training.model import FashionNet
 from training.novelty import GATE, fit_novelty, floor_thresholds, gated_threshold
 
@@ -31,27 +32,22 @@ log = logging.getLogger(__name__)
 CANDIDATE_QUANTILES = (0.85, 0.9, 0.95, 0.97, 0.99)
 
 
-@torch.no_grad()
+POOLED = "\0pooled"  # the pooled features' key next to the heads' names in one pass's outputs
+
+
 def forward_numpy(
     model: FashionNet, images: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 64
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(pooled features, probabilities per head) of uint8 NHWC images, in one pass of the model."""
     model.eval()
-    pooled: list[np.ndarray] = []
-    chunks: dict[str, list[np.ndarray]] = {a.name: [] for a in model.schema.attributes}
-    for i in range(0, len(images), batch_size):
-        f, probs = model.pooled_and_probabilities(torch.from_numpy(images[i : i + batch_size]).to(device))
-        pooled.append(f.float().cpu().numpy())
-        for name, p in probs.items():
-            chunks[name].append(p.float().cpu().numpy())
-    width = int(model.backbone.num_features)
-    return (
-        np.concatenate(pooled) if pooled else np.zeros((0, width), np.float32),
-        {
-            a.name: np.concatenate(chunks[a.name]) if chunks[a.name] else np.zeros((0, a.num_classes))
-            for a in model.schema.attributes
-        },
-    )
+
+    def step(batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        pooled, probs = model.pooled_and_probabilities(batch)
+        return {POOLED: pooled, **probs}
+
+    widths = {POOLED: int(model.backbone.num_features), **head_widths(model.schema)}
+    out = collect(step, image_batches(images, batch_size, device), widths)
+    return out.pop(POOLED), out
 
 
 @dataclass
