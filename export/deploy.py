@@ -63,7 +63,7 @@ def version_policy_config(config: dict[str, Any], version: int) -> dict[str, Any
 
 def served_from_config(config: dict[str, Any]) -> dict[str, Any]:
     """Triton's model configuration (JSON) as the tensors the gateway compares metadata against
-    (``gateway.state.skew``): names, datatypes and shapes without the batch dimension."""
+    (``fashion.metadata.skew``): names, datatypes and shapes without the batch dimension."""
 
     def tensors(key: str) -> list[dict[str, Any]]:
         return [
@@ -85,8 +85,7 @@ def check_version_files(repository: str | Path, model: str, version: int, config
     All versions of one Triton model share one configuration, so a version whose heads or class counts
     differ needs a new model name, not a deploy.
     """
-    from gateway.metadata import MetadataError, load_metadata
-    from gateway.state import skew
+    from fashion.metadata import MetadataError, load_metadata, skew
 
     folder = Path(repository) / model / str(version)
     if not folder.is_dir():

@@ -144,10 +144,9 @@ def export_checkpoint(opts: ExportOptions, report: Callable[[str], None] | None 
     import torch
 
     from export.images import export_images
-    from export.metadata import build_metadata
     from export.onnx_export import OPSET, export_onnx, run_torch
     from export.precision import count_ops, to_fp16, to_int8
-    from fashion.repository import file_sha256
+    from fashion.metadata import build_metadata, file_sha256
     from training.checkpoint import load_checkpoint, weights_digest
 
     seconds: dict[str, float] = {}

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import re
 import shutil
@@ -38,7 +37,7 @@ import numpy as np
 
 from export.errors import ExportError
 from export.runtimes import REFERENCE, Candidate, session_settings
-from fashion.repository import version_folders
+from fashion.metadata import version_folders, write_metadata
 from fashion.schema import LabelSchema
 
 INPUT_NAME = "image"
@@ -300,7 +299,7 @@ def write_model_version(
                 (staging / label_filename(a.tensor)).write_text("\n".join(a.classes) + "\n")
             doc = dict(metadata)
             doc["model"] = {**doc.get("model", {}), "name": name, "version": chosen}
-            (staging / "metadata.json").write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+            write_metadata(staging, doc)
             os.chmod(staging, 0o755)
             os.rename(staging, final)  # atomic: Triton sees the whole version or none of it
         except BaseException:

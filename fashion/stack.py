@@ -51,7 +51,8 @@ from types import FrameType
 from typing import Any
 
 from fashion.errors import UserError
-from fashion.repository import file_sha256, multipart_image, version_folders
+from fashion.metadata import FILENAME, MetadataError, file_sha256, read_document, version_folders
+from fashion.upload import multipart_image
 
 log = logging.getLogger(__name__)
 
@@ -170,17 +171,16 @@ def servable_version(repository: Path, name: str = "fashion") -> int | None:
     if not versions:
         return None
     latest = model_dir / str(versions[-1])
-    if all((latest / f).is_file() for f in ("model.onnx", "model.py", "metadata.json")):
+    if all((latest / f).is_file() for f in ("model.onnx", "model.py", FILENAME)):
         return versions[-1]
     return None
 
 
 def read_metadata(repository: Path, name: str, version: int) -> dict[str, Any]:
-    path = Path(repository) / name / str(version) / "metadata.json"
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise StackError(f"{path} is unreadable ({e}); re-export with `fashion serve --rebuild`") from e
+        return read_document(Path(repository) / name / str(version) / FILENAME)
+    except MetadataError as e:
+        raise StackError(f"{e}; re-export with `fashion serve --rebuild`") from e
 
 
 def ensure_model(config: ServeConfig, say: Say) -> int:

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from fashion.contract import DecodeLimits, ImageError, open_image, resize
+from fashion.metadata import ModelMetadata, OutputSpec, load_metadata
 from gateway.errors import GatewayError, InvalidOption, UpstreamError, from_image_error
-from gateway.metadata import ModelMetadata, OutputSpec, load_metadata
 from gateway.triton import TritonBackend, TritonTransport
 
 MAX_TOP_K = 100

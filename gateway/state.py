@@ -20,10 +20,10 @@ import time
 from typing import Any
 
 from fashion.contract import DecodeLimits
+from fashion.metadata import MetadataError, ModelMetadata, available_versions, load_metadata, skew
 from gateway.client import FashionClient
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError, ModelUnavailable
-from gateway.metadata import MetadataError, ModelMetadata, available_versions, load_metadata
 from gateway.triton import TritonBackend
 
 log = logging.getLogger(__name__)
@@ -193,38 +193,3 @@ class ModelState:
                 }
             return True, details
         raise AssertionError("unreachable")  # pragma: no cover
-
-
-def skew(meta: ModelMetadata, served: dict[str, Any]) -> list[str]:
-    """What differs between the metadata file and the model Triton serves (empty when they agree)."""
-    problems = []
-    inputs = {t["name"]: t for t in served.get("inputs", [])}
-    given = inputs.get(meta.input.name)
-    if given is None:
-        problems.append(f"Triton's model has no input {meta.input.name!r} (it has {sorted(inputs)})")
-    elif given["datatype"] != meta.input.datatype:
-        problems.append(
-            f"input {meta.input.name!r} is {given['datatype']} in Triton, "
-            f"{meta.input.datatype} in metadata.json"
-        )
-    elif list(given["shape"][-3:]) != list(meta.input.shape[-3:]):
-        problems.append(
-            f"input {meta.input.name!r} has shape {given['shape']} in Triton, "
-            f"{list(meta.input.shape)} in metadata.json"
-        )
-    outputs = {t["name"]: t for t in served.get("outputs", [])}
-    expected = {o.tensor: o for o in meta.outputs}
-    missing = sorted(set(expected) - set(outputs))
-    extra = sorted(set(outputs) - set(expected))
-    if missing:
-        problems.append(f"outputs missing in Triton's model: {missing}")
-    if extra:
-        problems.append(f"outputs in Triton's model that metadata.json lacks: {extra}")
-    for name in sorted(set(expected) & set(outputs)):
-        shape = outputs[name]["shape"]
-        if not shape or shape[-1] != len(expected[name].classes):
-            problems.append(
-                f"output {name!r} has shape {shape} in Triton but "
-                f"{len(expected[name].classes)} classes in metadata.json"
-            )
-    return problems

@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from fashion.metadata import FILENAME, read_document
 from loadtest.errors import LoadtestError
 from loadtest.loadgen import Point, best, closed_loop, percentiles
 from loadtest.measure import MODEL_NAME, BenchModel, gateway_env, http_client_factory, sweep_points
@@ -153,7 +154,7 @@ def build_bench_model(work: Path, opts: BenchOptions) -> BenchModel:
         ),
         report=log.info,
     )
-    meta = json.loads((result.version_dir / "metadata.json").read_text())
+    meta = read_document(result.version_dir / FILENAME)
     jpegs, image_source = _photo_pool(ckpt, opts.images, work)
     arrays = np.stack([preprocess(j, ckpt.preprocessing) for j in jpegs])
     description = (

@@ -338,15 +338,19 @@ class TritonGrpcUser(User):
 
 def _contract(s: Settings, preprocessing_cls, size: int):
     """The version's contract from ``metadata.json`` when the repository is readable, else defaults."""
-    from fashion.repository import version_folders  # here: the locust image runs GatewayUser without fashion
+    from fashion.metadata import (  # here: the locust image runs GatewayUser without fashion
+        FILENAME,
+        read_document,
+        version_folders,
+    )
 
     root = Path(s.model_repository) / s.model_name if s.model_repository else None
     if root is not None and root.is_dir():
         versions = version_folders(root)
         version = s.model_version or (str(versions[-1]) if versions else "")
-        path = root / version / "metadata.json"
+        path = root / version / FILENAME
         if version and path.is_file():
-            return preprocessing_cls.from_dict(json.loads(path.read_text())["preprocessing"])
+            return preprocessing_cls.from_dict(read_document(path)["preprocessing"])
     return preprocessing_cls(image_size=size)
 
 

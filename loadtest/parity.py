@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from fashion.repository import multipart_image
 from fashion.schema import MISSING
+from fashion.upload import multipart_image
 from loadtest.errors import LoadtestError
 
 log = logging.getLogger(__name__)

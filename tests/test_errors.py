@@ -24,7 +24,7 @@ STAGE_ERRORS = [
     ("export.deploy", "DeployError"),
     ("export.tritonserver", "TritonError"),
     ("gateway.config", "ConfigError"),
-    ("gateway.metadata", "MetadataError"),
+    ("fashion.metadata", "MetadataError"),
     ("loadtest.errors", "LoadtestError"),
 ]
 

@@ -92,8 +92,8 @@ def publish_sleepy(
 ) -> None:
     """A ``SLEEPY_MODEL`` version of ``name`` with the colour model's metadata; batch size 1 (no batch
     mixes a sleeping image with a fast one), ``instances`` CPU instances, a Triton queue of ``queue``."""
-    from export.metadata import build_metadata
     from export.repository import ServingConfig, model_config, write_model_version
+    from fashion.metadata import build_metadata
 
     onnx_path = work / f"{name}.onnx"
     colour_model(onnx_path)  # required by the writer; never loaded by SLEEPY_MODEL

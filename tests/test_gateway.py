@@ -20,12 +20,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fashion.metadata import MetadataError, load_metadata, parse_metadata, skew
 from gateway import create_app
 from gateway.client import FashionClient
 from gateway.config import ConfigError, GatewayConfig
 from gateway.errors import ModelUnavailable, UpstreamError, UpstreamTimeout
-from gateway.metadata import MetadataError, load_metadata, parse_metadata
-from gateway.state import skew
 from gateway.triton import TritonTransport
 from tests.fixtures_gateway import (
     FakeTriton,

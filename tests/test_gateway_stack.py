@@ -73,8 +73,8 @@ def colour_model(path: Path) -> None:
 
 
 def publish(repository: Path, work: Path) -> None:
-    from export.metadata import build_metadata
     from export.repository import write_model_version
+    from fashion.metadata import build_metadata
 
     onnx_path = work / "model.onnx"
     colour_model(onnx_path)

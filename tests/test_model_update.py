@@ -147,9 +147,9 @@ def v2_model(v1: Path, path: Path) -> None:
 
 def publish_v2(repository: Path, work: Path) -> Path:
     """Version 2: same heads and class counts (one Triton configuration serves both), other labels."""
-    from export.metadata import build_metadata
     from export.repository import write_model_version
     from fashion.contract import Preprocessing
+    from fashion.metadata import build_metadata
     from fashion.schema import Attribute, LabelSchema
     from tests.test_gateway_stack import SCHEMA, SIZE
 

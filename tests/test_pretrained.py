@@ -12,8 +12,8 @@ import pytest
 import timm
 import torch
 
-from export.metadata import build_metadata
 from fashion.contract import Preprocessing
+from fashion.metadata import build_metadata
 from fashion.schema import Attribute, LabelSchema
 from training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from training.config import ConfigError, TrainConfig

@@ -1,10 +1,16 @@
-"""``fashion.repository``: the version folders, checksums and upload bodies every stage shares."""
+"""``fashion.metadata`` and ``fashion.upload``: the metadata file, version folders, checksums and upload
+bodies every stage shares."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 
-from fashion.repository import METADATA, file_sha256, multipart_image, version_folders
+import pytest
+
+from fashion.metadata import FILENAME as METADATA
+from fashion.metadata import MetadataError, file_sha256, read_document, version_folders, write_metadata
+from fashion.upload import multipart_image
 
 
 def test_version_folders_are_numeric_ascending_and_optionally_need_metadata(tmp_path):
@@ -33,3 +39,19 @@ def test_the_upload_body_is_what_the_gateway_parses():
     upload = request.files["image"]
     assert upload.filename == "shirt.jpg" and upload.mimetype == "image/jpeg"
     assert upload.read() == b"\xff\xd8jpeg bytes\r\n--not-a-boundary"
+
+
+def test_write_metadata_refuses_a_document_the_gateway_could_not_read(tmp_path):
+    with pytest.raises(MetadataError, match="format"):
+        write_metadata(tmp_path, {"format": "something/else@9"})
+    assert not (tmp_path / METADATA).exists()
+
+
+def test_read_document_names_the_file_that_is_missing_or_not_json(tmp_path):
+    with pytest.raises(MetadataError, match="does not exist"):
+        read_document(tmp_path / METADATA)
+    (tmp_path / METADATA).write_text("{not json")
+    with pytest.raises(MetadataError, match="not readable JSON"):
+        read_document(tmp_path / METADATA)
+    (tmp_path / METADATA).write_text(json.dumps({"format": "x"}))
+    assert read_document(tmp_path / METADATA) == {"format": "x"}

@@ -1,14 +1,23 @@
-"""Reader of the model's ``metadata.json`` (written by the export next to the model, torch-free here).
+"""The model metadata format, ``<repository>/<model>/<version>/metadata.json``, in one place.
 
-Layout: ``<repository>/<model name>/<version>/metadata.json``, version an integer folder. The file
-carries the preprocessing contract, the input tensor, and per output head its tensor name and classes;
-the gateway needs nothing else to turn bytes into tags, so nobody re-types the label vocabulary.
+It is the only thing the gateway reads besides Triton: the preprocessing contract, the input tensor,
+each output's attribute and classes, category → attributes, calibration/abstain settings, and where the
+model came from. Format ``fashion-tagger/metadata@1`` (documented in ``model_repository/README.md``).
+
+This module writes it (``build_metadata``, ``write_metadata``; the export), reads and checks it
+(``load_metadata``, ``parse_metadata``; the gateway, deploy, the bench, ``fashion serve``), lists the
+version folders that hold it, checksums the files it records and says where the model Triton serves
+differs from it (``skew``). Torch-free and dependency-free, like all of ``fashion``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import platform
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -16,10 +25,12 @@ from typing import Any
 
 from fashion.contract import Preprocessing
 from fashion.errors import UserError
-from fashion.repository import version_folders
+from fashion.schema import LabelSchema
 
 FORMAT = "fashion-tagger/metadata@1"
 FILENAME = "metadata.json"
+
+# --- reading ------------------------------------------------------------------------------------------
 
 
 class MetadataError(UserError, ValueError):
@@ -123,13 +134,7 @@ def load_metadata(repository: str | Path, model_name: str, version: str | int = 
     """Read and check ``<repository>/<model_name>/<version>/metadata.json``."""
     number = resolve_version(repository, model_name, version)
     path = Path(repository) / model_name / str(number) / FILENAME
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise MetadataError(f"{path} does not exist (model {model_name!r} version {number})") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MetadataError(f"{path} is not readable JSON: {e}") from e
-    meta = parse_metadata(data, source=str(path))
+    meta = parse_metadata(read_document(path), source=str(path))
     if meta.name != model_name or meta.version != number:
         raise MetadataError(
             f"{path} describes model {meta.name!r} version {meta.version}, but lies in the folder of "
@@ -225,3 +230,136 @@ def _parse(data: Any, source: str) -> ModelMetadata:
         categories=MappingProxyType(categories),
         path=source,
     )
+
+
+# --- the files around it ------------------------------------------------------------------------------
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def version_folders(model_dir: str | Path, *, with_metadata: bool = False) -> list[int]:
+    """The numeric version folders of a model (ascending); only those holding ``metadata.json`` if asked."""
+    root = Path(model_dir)
+    if not root.is_dir():
+        return []
+    return sorted(
+        int(p.name)
+        for p in root.iterdir()
+        if p.is_dir() and p.name.isdigit() and (not with_metadata or (p / FILENAME).is_file())
+    )
+
+
+# --- writing ------------------------------------------------------------------------------------------
+
+
+def build_metadata(
+    *,
+    schema: LabelSchema,
+    preprocessing: Preprocessing,
+    backbone: str,
+    temperatures: Mapping[str, float],
+    thresholds: Mapping[str, float],
+    training: Mapping[str, Any],
+    export: Mapping[str, Any],
+    precision: str = "fp32",
+    runtime: str = "onnxruntime",
+) -> dict[str, Any]:
+    """The metadata document; ``model.name`` and ``model.version`` are set by the repository writer."""
+    size = preprocessing.image_size
+    return {
+        "format": FORMAT,
+        "model": {
+            "name": None,
+            "version": None,
+            "precision": precision,
+            "runtime": runtime,  # what configs/cpu.pbtxt runs (export.runtimes)
+            "backbone": backbone,
+        },
+        "input": {"name": "image", "datatype": "UINT8", "shape": [-1, size, size, 3], "layout": "NHWC"},
+        "preprocessing": preprocessing.to_dict(),
+        "category_column": schema.category_column,
+        "categories": schema.categories,
+        "outputs": [
+            {
+                "attribute": a.name,
+                "label": a.label,
+                "category": a.category,
+                "tensor": a.tensor,
+                "datatype": "FP32",
+                "classes": list(a.classes),
+                "temperature": float(temperatures.get(a.name, 1.0)),
+                "threshold": thresholds.get(a.name),
+            }
+            for a in schema.attributes
+        ],
+        "training": dict(training),
+        "export": {
+            "created_unix_s": round(time.time(), 3),
+            "host_python": platform.python_version(),
+            **export,
+        },
+    }
+
+
+def write_metadata(version_dir: str | Path, doc: Mapping[str, Any]) -> Path:
+    """Write ``doc`` as ``<version_dir>/metadata.json`` (checked first: nothing unreadable is written)."""
+    parse_metadata(doc, source=f"{version_dir}/{FILENAME} (being written)")
+    path = Path(version_dir) / FILENAME
+    path.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    return path
+
+
+def read_document(path: str | Path) -> Any:
+    """The decoded JSON of a metadata file, unchecked (``parse_metadata`` checks; ``load_metadata`` does
+    both). For readers that need fields the gateway does not model, e.g. ``export.cpu`` for the bench."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise MetadataError(f"{path} does not exist") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MetadataError(f"{path} is not readable JSON: {e}") from e
+
+
+# --- skew: the metadata against the model Triton serves ------------------------------------------------
+
+
+def skew(meta: ModelMetadata, served: dict[str, Any]) -> list[str]:
+    """What differs between the metadata file and the model Triton serves (empty when they agree)."""
+    problems = []
+    inputs = {t["name"]: t for t in served.get("inputs", [])}
+    given = inputs.get(meta.input.name)
+    if given is None:
+        problems.append(f"Triton's model has no input {meta.input.name!r} (it has {sorted(inputs)})")
+    elif given["datatype"] != meta.input.datatype:
+        problems.append(
+            f"input {meta.input.name!r} is {given['datatype']} in Triton, "
+            f"{meta.input.datatype} in metadata.json"
+        )
+    elif list(given["shape"][-3:]) != list(meta.input.shape[-3:]):
+        problems.append(
+            f"input {meta.input.name!r} has shape {given['shape']} in Triton, "
+            f"{list(meta.input.shape)} in metadata.json"
+        )
+    outputs = {t["name"]: t for t in served.get("outputs", [])}
+    expected = {o.tensor: o for o in meta.outputs}
+    missing = sorted(set(expected) - set(outputs))
+    extra = sorted(set(outputs) - set(expected))
+    if missing:
+        problems.append(f"outputs missing in Triton's model: {missing}")
+    if extra:
+        problems.append(f"outputs in Triton's model that metadata.json lacks: {extra}")
+    for name in sorted(set(expected) & set(outputs)):
+        shape = outputs[name]["shape"]
+        if not shape or shape[-1] != len(expected[name].classes):
+            problems.append(
+                f"output {name!r} has shape {shape} in Triton but "
+                f"{len(expected[name].classes)} classes in metadata.json"
+            )
+    return problems
