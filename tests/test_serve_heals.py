@@ -77,6 +77,7 @@ def test_serve_restarts_a_killed_triton_and_the_gateway_rides_it_out_under_load(
         start_new_session=True,
     )
     output: list[str] = []
+    stop = threading.Event()  # set in `finally` too: a failed assertion must not leave clients running
     reader = threading.Thread(target=lambda: output.extend(iter(serve.stdout.readline, "")), daemon=True)
     reader.start()
     try:
@@ -91,7 +92,6 @@ def test_serve_restarts_a_killed_triton_and_the_gateway_rides_it_out_under_load(
         gateway_port, triton_url = int(gateway.group(1)), "http://" + triton.group(1)
 
         answers: list[tuple[float, int, float]] = []  # (sent at, status, seconds)
-        stop = threading.Event()
 
         def client() -> None:
             conn = http.client.HTTPConnection("127.0.0.1", gateway_port, timeout=GATEWAY_DEADLINE_S + 5)
@@ -111,7 +111,7 @@ def test_serve_restarts_a_killed_triton_and_the_gateway_rides_it_out_under_load(
                 answers.append((sent, status, time.monotonic() - sent))
             conn.close()
 
-        threads = [threading.Thread(target=client) for _ in range(CLIENTS)]
+        threads = [threading.Thread(target=client, daemon=True) for _ in range(CLIENTS)]
         for t in threads:
             t.start()
         time.sleep(2.0)
@@ -142,6 +142,7 @@ def test_serve_restarts_a_killed_triton_and_the_gateway_rides_it_out_under_load(
         assert serve.poll() is None, "fashion serve stopped:\n" + "".join(output)
         assert any("Restarting it" in line for line in output) and any("is back" in line for line in output)
     finally:
+        stop.set()
         if serve.poll() is None:
             serve.send_signal(signal.SIGTERM)
         assert serve.wait(60) == 0, "".join(output)
