@@ -18,6 +18,7 @@ COPY training/ training/
 COPY export/ export/
 COPY gateway/ gateway/
 COPY loadtest/ loadtest/
+COPY orchestration/ orchestration/
 RUN pip install ".[gateway]"
 
 # A fixed non-root uid: the Helm chart runs the pod as 10001 with a read-only root file system.

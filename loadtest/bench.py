@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -46,7 +45,9 @@ from fashion.metadata import FILENAME, read_document
 from loadtest.errors import LoadtestError
 from loadtest.loadgen import Point, best, closed_loop, percentiles
 from loadtest.measure import MODEL_NAME, BenchModel, gateway_env, http_client_factory, sweep_points
-from loadtest.processes import ROOT, Gunicorn, children, peak_rss_mb, wait_for_http
+from orchestration.gateway import GatewayProcess
+from orchestration.naive import NaiveServer
+from orchestration.process import ROOT, children, peak_rss_mb
 
 log = logging.getLogger(__name__)
 
@@ -374,44 +375,6 @@ def triton_rss_mb(pid: int | None) -> dict[str, Any]:
     return {"server_mb": server, "model_stubs_mb": stubs, "total_mb": round((server or 0) + sum(stubs), 1)}
 
 
-class NaiveServer:
-    """``python -m loadtest.naive_server`` on a free port; always stopped."""
-
-    def __init__(self, checkpoint: Path, log_path: Path) -> None:
-        from export.tritonserver import free_ports
-
-        self.port = free_ports(1)[0]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.checkpoint, self.log_path = checkpoint, log_path
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> NaiveServer:
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        command = [sys.executable, "-m", "loadtest.naive_server", "--checkpoint", str(self.checkpoint)]
-        with self.log_path.open("ab") as out:
-            self.process = subprocess.Popen(
-                [*command, "--port", str(self.port)],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-                start_new_session=True,
-            )
-        try:
-            wait_for_http(self.url + "/healthz", 120.0, self.process.poll, self.log_path, "the naive server")
-        except LoadtestError:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        from export.tritonserver import stop_process_group
-
-        process, self.process = self.process, None
-        if process is not None:
-            stop_process_group(process, 20.0, "the naive server")
-
-
 # ------------------------------------------------------------------------------------------- results
 def summarise(points: list[Point], slo_p95_ms: float) -> dict[str, Any]:
     chosen, met = best(points, slo_p95_ms)
@@ -725,8 +688,8 @@ def _memory_cell(memory: dict[str, Any], system: str) -> str:
 # ------------------------------------------------------------------------------------------- driver
 def run_bench(opts: BenchOptions) -> dict[str, Any]:
     """Measure every system not skipped, write bench.json and bench.md (and the sweep), print the table."""
-    from export.tritonserver import TritonServer
     from fashion.console import emit
+    from orchestration.triton import TritonServer
 
     opts.out.mkdir(parents=True, exist_ok=True)
     work = opts.out / "work"
@@ -763,7 +726,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
                 env = gateway_env(
                     triton.grpc_url, model.repository, opts.gateway_workers, opts.gateway_threads, work
                 )
-                with Gunicorn(env, work / "gunicorn.log") as gateway:
+                with GatewayProcess(env, work / "gunicorn.log", error=LoadtestError) as gateway:
                     factory = http_client_factory(gateway.url, "/v1/predict", model.jpegs)
                     results["gateway"] = summarise(sweep_points(factory, opts, "gateway"), opts.slo_p95_ms)
                     if "triton" not in opts.skip:
@@ -791,7 +754,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
                     )
             memory["triton"] = triton_rss_mb(triton.pid)
     if "naive" not in opts.skip:
-        with NaiveServer(model.checkpoint, work / "naive.log") as naive:
+        with NaiveServer(model.checkpoint, work / "naive.log", error=LoadtestError) as naive:
             factory = http_client_factory(naive.url, "/predict", model.jpegs)
             results["naive"] = summarise(sweep_points(factory, opts, "naive"), opts.slo_p95_ms)
             memory["naive_mb"] = peak_rss_mb(naive.process.pid) if naive.process else None

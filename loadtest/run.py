@@ -11,13 +11,13 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from loadtest.errors import LoadtestError, SloViolation
 from loadtest.report import EndpointStats, Slo, plot_history, read_stats, summary_rows
+from orchestration.process import ManagedProcess
 
 log = logging.getLogger(__name__)
 
@@ -136,18 +136,10 @@ def run_loadtest(opts: LoadtestOptions) -> LoadtestResult:
     log.info(
         "locust: %d users for %d s against %s (log: %s)", opts.users, opts.duration_s, opts.host, log_path
     )
-    with log_path.open("wb") as out:
-        try:
-            code = subprocess.run(
-                cmd,
-                env=locust_environment(opts, Path(images)),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                timeout=opts.duration_s + opts.stop_timeout_s + 120,
-                check=False,
-            ).returncode
-        except subprocess.TimeoutExpired as e:
-            raise LoadtestError(f"locust did not finish in time; see {log_path}") from e
+    log_path.unlink(missing_ok=True)
+    code = ManagedProcess(
+        "locust", cmd, log_path=log_path, env=locust_environment(opts, Path(images)), error=LoadtestError
+    ).run(timeout_s=opts.duration_s + opts.stop_timeout_s + 120)
     stats_csv = opts.out / "locust_stats.csv"
     if code != 0 or not stats_csv.is_file():
         tail = log_path.read_text(errors="replace")[-2000:]

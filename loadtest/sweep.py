@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from loadtest.errors import LoadtestError
 from loadtest.loadgen import best
 from loadtest.measure import BenchModel, Timing
 
@@ -47,9 +48,9 @@ def grids(quick: bool) -> dict[str, list[int]]:
 
 def measure(model: BenchModel, opts: SweepOptions, work: Path, setting: Setting) -> dict[str, Any]:
     from export.repository import ServingConfig, model_config
-    from export.tritonserver import TritonServer
     from loadtest.measure import MODEL_NAME, gateway_env, http_client_factory, sweep_points
-    from loadtest.processes import Gunicorn
+    from orchestration.gateway import GatewayProcess
+    from orchestration.triton import TritonServer
 
     cores = os.cpu_count() or 2
     serving = ServingConfig(
@@ -64,7 +65,7 @@ def measure(model: BenchModel, opts: SweepOptions, work: Path, setting: Setting)
     concurrencies = (2, 8) if opts.quick else (2, 4, 8)
     with TritonServer(model.repository, [MODEL_NAME], log_file=work / "sweep-triton.log") as triton:
         env = gateway_env(triton.grpc_url, model.repository, setting.workers, setting.threads, work)
-        with Gunicorn(env, work / "sweep-gunicorn.log") as gateway:
+        with GatewayProcess(env, work / "sweep-gunicorn.log", error=LoadtestError) as gateway:
             factory = http_client_factory(gateway.url, "/v1/predict", model.jpegs)
             points = sweep_points(factory, opts, f"sweep {setting}", concurrencies)
     chosen, met = best(points, opts.slo_p95_ms)

@@ -34,8 +34,8 @@ def draw_product(path: Path, colour: tuple[int, int, int], shape: str, size=(120
 def served_repository(repository: Path, work: Path) -> Iterator[str]:
     """The pip-installed Triton serving ``repository`` and the gateway under gunicorn in front of it
     (gRPC, 2 workers), both on free loopback ports and stopped on exit; yields the gateway's URL."""
-    from export.tritonserver import TritonServer
-    from loadtest.processes import Gunicorn
+    from orchestration.gateway import GatewayProcess
+    from orchestration.triton import TritonServer
 
     with TritonServer(repository, ["fashion"], startup_timeout_s=120) as triton:
         (work / "prometheus").mkdir()
@@ -47,7 +47,7 @@ def served_repository(repository: Path, work: Path) -> Iterator[str]:
             "FASHION_TIMEOUT_S": "30",
             "PROMETHEUS_MULTIPROC_DIR": str(work / "prometheus"),
         }
-        with Gunicorn(env, work / "gunicorn.log") as gateway:
+        with GatewayProcess(env, work / "gunicorn.log") as gateway:
             yield gateway.url
 
 

@@ -7,12 +7,17 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("fashion", "training", "export", "gateway", "loadtest")
-# Known exceptions to the layering, each with the reason it is still there. Remove an entry when it is fixed.
-UPWARD_ALLOWED = {
-    # `fashion serve` drives the export and the pip Triton launcher; it is to move out of fashion/ into the
-    # process-orchestration package of issue 14 (item 1), with export/tritonserver.py.
-    ("fashion.stack", "export.tritonserver"),
+PACKAGES = ("fashion", "training", "export", "gateway", "orchestration", "loadtest")
+# The layers, lowest first: a package may import its own modules and those of the layers below it.
+# (training and export share a layer boundary: export reads training's checkpoints; training never
+# imports export.) The gateway stands beside the stages on fashion/ alone.
+BELOW = {
+    "fashion": set(),
+    "training": {"fashion"},
+    "export": {"fashion", "training"},
+    "gateway": {"fashion"},
+    "orchestration": {"fashion", "training", "export"},
+    "loadtest": {"fashion", "training", "export", "gateway", "orchestration"},
 }
 
 
@@ -97,19 +102,50 @@ def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-def test_fashion_imports_no_stage_above_it():
-    upward = {
+def test_every_package_imports_only_its_own_layer_and_those_below():
+    """So ``fashion/`` imports no stage, and the gateway nothing but ``fashion/`` (no torch, no training)."""
+    wrong = sorted(
         (module, target)
         for module, targets in import_graph().items()
-        if module.split(".")[0] == "fashion"
         for target in targets
-        if target.split(".")[0] != "fashion"
-    }
-    assert upward <= UPWARD_ALLOWED, sorted(upward - UPWARD_ALLOWED)
+        if target.split(".")[0] not in {module.split(".")[0], *BELOW[module.split(".")[0]]}
+    )
+    assert not wrong, wrong
 
 
-def test_the_gateway_imports_neither_training_nor_export():
-    graph = import_graph()
-    for module, targets in graph.items():
-        if module.split(".")[0] == "gateway":
-            assert not {t for t in targets if t.split(".")[0] in ("training", "export")}, module
+def calls_that_start_processes(path: Path) -> list[str]:
+    """``subprocess.Popen(...)`` and ``start_new_session=`` in a module: starting a process to keep."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and node.attr == "Popen":
+            found.append(f"{path.name}:{node.lineno} Popen")
+        if isinstance(node, ast.keyword) and node.arg == "start_new_session":
+            found.append(f"{path.name}:{node.lineno} start_new_session")
+    return found
+
+
+def test_only_orchestration_starts_processes():
+    outside = [
+        call
+        for name, path in modules().items()
+        if name.split(".")[0] != "orchestration"
+        for call in calls_that_start_processes(path)
+    ]
+    assert not outside, outside
+    inside = [
+        call
+        for name, path in modules().items()
+        if name.startswith("orchestration.")
+        for call in calls_that_start_processes(path)
+    ]
+    assert inside and all(c.startswith("process.py:") for c in inside), inside
+
+
+def test_the_readme_states_the_layers_the_import_graph_is_checked_against():
+    rows = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].strip("`/") in PACKAGES:
+            imports = {i.strip() for i in cells[1].split(",")} - {"", "—"}
+            rows[cells[0].strip("`/")] = imports
+    assert rows == BELOW

@@ -186,7 +186,7 @@ def test_real_triton_runs_the_openvino_candidate_in_the_python_backend(exported)
     import tritonclient.http as httpclient
 
     from export.runtimes import REFERENCE, make_runner
-    from export.tritonserver import TritonServer
+    from orchestration.triton import TritonServer
     from tests.test_export import ATOL, images
 
     repo, result = exported

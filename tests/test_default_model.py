@@ -9,7 +9,13 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from fashion.stack import DEFAULT_CHECKPOINT, DEFAULT_MODEL_DIR, ServeConfig, ensure_model, read_metadata
+from orchestration.serve import (
+    DEFAULT_CHECKPOINT,
+    DEFAULT_MODEL_DIR,
+    ServeConfig,
+    ensure_model,
+    read_metadata,
+)
 from tests.conftest import SHARED_SAMPLE, served_repository
 
 FIXED_PHOTOS = 200
@@ -31,7 +37,7 @@ def served_default(tmp_path_factory) -> Iterator[dict]:
     Triton + gunicorn serving it."""
     pytest.importorskip("torch")
     pytest.importorskip("onnxruntime")
-    pytest.importorskip("export.tritonserver")
+    pytest.importorskip("orchestration.triton")
 
     work = tmp_path_factory.mktemp("default-model")
     repository = work / "model_repository"

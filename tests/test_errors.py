@@ -11,7 +11,7 @@ from fashion.errors import UserError
 
 STAGE_ERRORS = [
     ("fashion.contract", "ImageError"),
-    ("fashion.stack", "StackError"),
+    ("orchestration.serve", "StackError"),
     ("training.config", "ConfigError"),
     ("training.data", "DatasetError"),
     ("training.checkpoint", "CheckpointError"),
@@ -22,7 +22,7 @@ STAGE_ERRORS = [
     ("export.errors", "PrecisionError"),
     ("export.errors", "TensorRTUnavailable"),
     ("export.deploy", "DeployError"),
-    ("export.tritonserver", "TritonError"),
+    ("orchestration.triton", "TritonError"),
     ("gateway.config", "ConfigError"),
     ("fashion.metadata", "MetadataError"),
     ("loadtest.errors", "LoadtestError"),

@@ -288,7 +288,7 @@ def test_real_triton_serves_the_export_over_http_and_grpc_and_batches_concurrent
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
 
-    from export.tritonserver import TritonServer
+    from orchestration.triton import TritonServer
 
     repo, result = exported
     batch = images(6, seed=7)

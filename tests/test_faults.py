@@ -33,10 +33,10 @@ import numpy as np
 import pytest
 
 pytest.importorskip("onnx")
-tritonserver = pytest.importorskip("export.tritonserver")
+tritonserver = pytest.importorskip("orchestration.triton")
 
 from fashion.contract import Preprocessing  # noqa: E402
-from loadtest.processes import Gunicorn  # noqa: E402
+from orchestration.gateway import GatewayProcess  # noqa: E402
 from tests.fixtures_gateway import solid  # noqa: E402
 from tests.test_gateway_stack import BLUE, RED, SCHEMA, SIZE, colour_model, publish  # noqa: E402
 
@@ -154,7 +154,7 @@ def stack(tmp_path_factory) -> Iterator[dict]:
 
 
 @contextlib.contextmanager
-def gateway(stack: dict, name: str, model: str = "fashion", **settings: object) -> Iterator[Gunicorn]:
+def gateway(stack: dict, name: str, model: str = "fashion", **settings: object) -> Iterator[GatewayProcess]:
     """gunicorn serving ``model`` with ``FASHION_<SETTING>`` overrides; ready (``/readyz`` 200) on entry."""
     work = stack["work"] / f"gateway-{name}"
     (work / "prometheus").mkdir(parents=True)
@@ -166,7 +166,7 @@ def gateway(stack: dict, name: str, model: str = "fashion", **settings: object) 
         "PROMETHEUS_MULTIPROC_DIR": str(work / "prometheus"),
         **{f"FASHION_{key.upper()}": str(value) for key, value in settings.items()},
     }
-    with Gunicorn(env, work / "gunicorn.log") as server:
+    with GatewayProcess(env, work / "gunicorn.log") as server:
         yield server
 
 

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 
 pytest.importorskip("onnx")
-tritonserver = pytest.importorskip("export.tritonserver")
+tritonserver = pytest.importorskip("orchestration.triton")
 
 from fashion.contract import Preprocessing  # noqa: E402
 from fashion.schema import Attribute, LabelSchema  # noqa: E402
-from loadtest.processes import Gunicorn  # noqa: E402
+from orchestration.gateway import GatewayProcess  # noqa: E402
 from tests.fixtures_gateway import solid  # noqa: E402
 
 pytestmark = pytest.mark.server
@@ -142,7 +142,7 @@ def stack(tmp_path_factory) -> Iterator[dict]:
             "PROMETHEUS_MULTIPROC_DIR": str(work / "prometheus"),
         }
         (work / "prometheus").mkdir()
-        with Gunicorn(env, work / "gunicorn.log") as gateway:  # ready = /readyz answers 200
+        with GatewayProcess(env, work / "gunicorn.log") as gateway:  # ready = /readyz answers 200
             yield {"url": gateway.url, "triton": triton, "repository": repository, "work": work}
 
 

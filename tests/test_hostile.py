@@ -38,7 +38,7 @@ from PIL import Image
 from fashion.contract import DecodeLimits, ImageError, Preprocessing, preprocess
 from gateway import create_app
 from gateway.config import GatewayConfig
-from loadtest.processes import peak_rss_mb
+from orchestration.process import peak_rss_mb
 from tests.fixtures_gateway import FakeTriton, encode, solid, write_metadata
 
 FUZZ = settings(
@@ -343,8 +343,8 @@ MIB = 1024 * 1024
 @pytest.fixture(scope="module")
 def gunicorn(tmp_path_factory) -> Iterator[dict]:
     pytest.importorskip("onnx")
-    from export.tritonserver import TritonServer
-    from loadtest.processes import Gunicorn
+    from orchestration.gateway import GatewayProcess
+    from orchestration.triton import TritonServer
     from tests.test_gateway_stack import publish
 
     work = tmp_path_factory.mktemp("hostile")
@@ -362,7 +362,7 @@ def gunicorn(tmp_path_factory) -> Iterator[dict]:
             "FASHION_CLIENT_TIMEOUT_S": str(CLIENT_TIMEOUT_S),
             "PROMETHEUS_MULTIPROC_DIR": str(work / "prometheus"),
         }
-        with Gunicorn(env, work / "gunicorn.log") as server:
+        with GatewayProcess(env, work / "gunicorn.log") as server:
             yield {"server": server, "port": server.port, "log": work / "gunicorn.log"}
 
 

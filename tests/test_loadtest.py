@@ -80,8 +80,8 @@ def stack(tmp_path_factory) -> Iterator[dict]:
     # deadlocks a process that already runs threads (pytest's, tqdm's). It runs as a subprocess.
     if importlib.util.find_spec("locust") is None:
         pytest.skip("locust is not installed (pip install -e '.[loadtest]')")
-    tritonserver = pytest.importorskip("export.tritonserver")
-    from loadtest.processes import Gunicorn
+    tritonserver = pytest.importorskip("orchestration.triton")
+    from orchestration.gateway import GatewayProcess
     from tests.test_gateway_stack import publish
 
     work = tmp_path_factory.mktemp("loadtest-stack")
@@ -96,7 +96,7 @@ def stack(tmp_path_factory) -> Iterator[dict]:
             "FASHION_THREADS": "8",  # 6 in-flight slots: the 4 users never see a 429
             "PROMETHEUS_MULTIPROC_DIR": str(work / "prometheus"),
         }
-        with Gunicorn(env, work / "gunicorn.log") as gateway:
+        with GatewayProcess(env, work / "gunicorn.log") as gateway:
             yield {"url": gateway.url, "grpc": triton.grpc_url, "work": work, "repository": repository}
 
 
@@ -171,7 +171,7 @@ def test_loadtest_exits_1_when_the_slo_is_impossible(stack, tmp_path, capsys):
 @pytest.mark.server
 def test_bench_quick_with_a_tiny_model_writes_every_key(tmp_path):
     pytest.importorskip("timm")
-    pytest.importorskip("export.tritonserver")
+    pytest.importorskip("orchestration.triton")
     out = tmp_path / "bench"
     code = main(
         [

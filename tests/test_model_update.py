@@ -185,8 +185,8 @@ def publish_v2(repository: Path, work: Path) -> Path:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Iterator[dict]:
     pytest.importorskip("onnx")
-    from export.tritonserver import TritonServer
-    from loadtest.processes import Gunicorn
+    from orchestration.gateway import GatewayProcess
+    from orchestration.triton import TritonServer
     from tests.test_gateway_stack import publish
 
     work = tmp_path_factory.mktemp("update")
@@ -205,7 +205,7 @@ def stack(tmp_path_factory) -> Iterator[dict]:
             "FASHION_METADATA_REFRESH_S": "0.5",
             "PROMETHEUS_MULTIPROC_DIR": str(work / "prometheus"),
         }
-        with Gunicorn(env, work / "gunicorn.log") as gateway:
+        with GatewayProcess(env, work / "gunicorn.log") as gateway:
             yield {"url": gateway.url, "triton": triton, "repository": repository, "work": work}
 
 

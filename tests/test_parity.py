@@ -75,7 +75,7 @@ def served_tiny_model(tmp_path_factory) -> Iterator[dict]:
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     pytest.importorskip("torch")
-    pytest.importorskip("export.tritonserver")
+    pytest.importorskip("orchestration.triton")
     from export.pipeline import ExportOptions, export_checkpoint
     from training.config import TrainConfig
     from training.synth import generate

@@ -210,8 +210,8 @@ MARKER = b"SECRET-PIXELS-7f3a9c"
 @pytest.mark.server
 def test_gateway_logs_have_request_ids_and_no_keys_or_image_bytes(tmp_path):
     pytest.importorskip("onnx")
-    from export.tritonserver import TritonServer
-    from loadtest.processes import Gunicorn
+    from orchestration.gateway import GatewayProcess
+    from orchestration.triton import TritonServer
     from tests.test_gateway_stack import http, multipart, publish
 
     repository = tmp_path / "model_repository"
@@ -231,7 +231,7 @@ def test_gateway_logs_have_request_ids_and_no_keys_or_image_bytes(tmp_path):
             "FASHION_TIMEOUT_S": "3",
             "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prometheus"),
         }
-        with Gunicorn(env, log_path) as server:
+        with GatewayProcess(env, log_path) as server:
             url = server.url
             bearer = {"Authorization": f"Bearer {KEY}", "Content-Type": "image/jpeg"}
             answers = {

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from fashion import cli
-from fashion.stack import DemoSettings, ServeConfig, StackError, servable_version
+from orchestration.serve import DemoSettings, ServeConfig, StackError, servable_version
 
 ROOT = Path(__file__).resolve().parents[1]
 FREE_PORTS = [
@@ -208,7 +208,7 @@ def test_serve_config_rejects_clashing_ports_and_tiny_demos():
 def test_an_existing_repository_is_served_without_importing_torch(tmp_path):
     fake_servable_version(tmp_path / "repo")
     code = (
-        "import sys; from pathlib import Path; from fashion.stack import ServeConfig, ensure_model; "
+        "import sys; from pathlib import Path; from orchestration.serve import ServeConfig, ensure_model; "
         f"v = ensure_model(ServeConfig(repository=Path({str(tmp_path / 'repo')!r})), print); "
         "print(v, 'torch' in sys.modules)"
     )
@@ -222,7 +222,7 @@ def smoke(tmp_path_factory) -> Iterator[tuple[Command, Path]]:
     """``fashion serve --smoke`` on a fresh folder: builds the tiny demo model, serves, asks, stops."""
     for module in ("timm", "onnxruntime", "gunicorn", "tritonclient"):
         pytest.importorskip(module)
-    from export.tritonserver import TritonNotInstalled, pytriton_dist
+    from orchestration.triton import TritonNotInstalled, pytriton_dist
 
     try:
         pytriton_dist()

@@ -150,8 +150,9 @@ def test_serve_restarts_a_killed_triton_and_the_gateway_rides_it_out_under_load(
 
 def test_serve_gives_up_with_the_reason_when_triton_keeps_exiting(tmp_path):
     """The crash-loop bound: the restart policy's limit, then ``ProcessExited`` naming the count and log."""
-    from export.tritonserver import TritonStartError
-    from fashion.stack import GatewayProcess, ProcessExited, RestartPolicy, RunningStack
+    from orchestration.gateway import GatewayProcess
+    from orchestration.serve import ProcessExited, RestartPolicy, RunningStack
+    from orchestration.triton import TritonStartError
 
     class CrashingTriton:  # a Triton whose every start fails (a broken model): the policy's input only
         http_url, grpc_url, metrics_url, pid, log_path = (
@@ -179,7 +180,7 @@ def test_serve_gives_up_with_the_reason_when_triton_keeps_exiting(tmp_path):
         def log_tail(self, chars: int = 3000) -> str:
             return "E model failed to load"
 
-    gateway = GatewayProcess({}, tmp_path / "g.log", "127.0.0.1", 1)
+    gateway = GatewayProcess({}, tmp_path / "g.log", port=1)
     gateway.exit_code = lambda: None  # type: ignore[method-assign]
     triton, said = CrashingTriton(), []
     stack = RunningStack(

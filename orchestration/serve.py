@@ -9,9 +9,10 @@ What ``make serve`` runs on a fresh checkout:
    synthetic demo instead: a synthetic catalogue (``training.synth``), a small model trained on it
    (``training.train``), exported FP32; each step is skipped when its output is already there and still
    matches the settings. torch is imported only here, so a machine with a built repository starts without it.
-2. **Processes.** The pip-installed Triton (``export.tritonserver.TritonServer``, ``--model-config-name cpu``)
-   and the gateway under gunicorn, both on loopback by default, each in its own process group; ready when the
-   gateway's ``/readyz`` answers 200 (Triton up, model ready, metadata matching the served model).
+2. **Processes.** The pip-installed Triton (``orchestration.triton.TritonServer``, ``--model-config-name
+   cpu``) and the gateway under gunicorn (``orchestration.gateway.GatewayProcess``), both on loopback by
+   default, each in its own process group; ready when the gateway's ``/readyz`` answers 200 (Triton up,
+   model ready, metadata matching the served model).
 3. **Proof.** A banner with the URLs and a curl line, then one real request through the stack with its answer.
    Then it blocks until SIGINT/SIGTERM and stops gunicorn and Triton (process groups killed if they linger).
    Meanwhile, a Triton that exits on its own is restarted on the same ports with back-off
@@ -33,12 +34,9 @@ import csv
 import importlib
 import json
 import logging
-import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -53,6 +51,9 @@ from typing import Any
 from fashion.errors import UserError
 from fashion.metadata import FILENAME, MetadataError, file_sha256, read_document, version_folders
 from fashion.upload import multipart_image
+from orchestration.gateway import GatewayProcess
+from orchestration.process import free_ports
+from orchestration.triton import TritonError, TritonServer
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +339,6 @@ class Ports:
 
 def resolve_ports(config: ServeConfig) -> Ports:
     """The four ports, ``0`` replaced by free ones; ``PortInUse`` names the flag of a busy one."""
-    from export.tritonserver import free_ports
 
     flags = {
         "gateway": ("--port", config.port),
@@ -360,13 +360,6 @@ def resolve_ports(config: ServeConfig) -> Ports:
 
 
 # ------------------------------------------------------------------------------------------ processes
-def _tail(path: Path, chars: int = 3000) -> str:
-    try:
-        return path.read_text(errors="replace")[-chars:] or "(empty)"
-    except OSError:
-        return "(no log)"
-
-
 def _http(
     method: str,
     url: str,
@@ -380,47 +373,6 @@ def _http(
             return response.status, response.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
-
-
-class GatewayProcess:
-    """gunicorn serving ``gateway:create_app()`` in its own process group; ``stop`` leaves no worker."""
-
-    def __init__(self, env: dict[str, str], log_path: Path, host: str, port: int) -> None:
-        self.env = env
-        self.log_path = log_path
-        self.host = host
-        self.port = port
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        """Where a client on this machine reaches it (loopback when it listens on every address)."""
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        return f"http://{host}:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process else None
-
-    def start(self) -> GatewayProcess:
-        cmd = [sys.executable, "-m", "gunicorn", "-c", "python:gateway.gunicorn_conf", "gateway:create_app()"]
-        log.info("starting gunicorn: %s", " ".join(cmd))
-        with self.log_path.open("ab") as out:
-            self.process = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
-            )
-        return self
-
-    def exit_code(self) -> int | None:
-        return None if self.process is None else self.process.poll()
-
-    def stop(self, timeout_s: float) -> int | None:
-        """SIGTERM to the master (graceful: workers finish their requests), SIGKILL to the group after
-        ``timeout_s``; then SIGKILL to the group again for any worker that outlived its master."""
-        from export.tritonserver import stop_process_group
-
-        process, self.process = self.process, None
-        return None if process is None else stop_process_group(process, timeout_s, "gunicorn")
 
 
 @dataclass(frozen=True)
@@ -480,7 +432,7 @@ class RunningStack:
         code = self._gateway.exit_code()
         if code is not None:
             raise ProcessExited(
-                f"the gateway (gunicorn) exited with status {code}:\n{_tail(self._gateway.log_path)}"
+                f"the gateway (gunicorn) exited with status {code}:\n{self._gateway.log_tail()}"
             )
         if not self._triton.is_running():
             self.restart_triton()
@@ -493,8 +445,6 @@ class RunningStack:
         """Bring an exited Triton back on the same ports, after the policy's back-off; ``ProcessExited`` when
         it has exited too often (``RestartPolicy``). Blocks until it is ready or its start failed (the next
         ``check`` tries again)."""
-        from export.tritonserver import TritonError
-
         exited_at = time.monotonic()
         status = self._triton.exit_status()
         policy = self._policy
@@ -521,24 +471,13 @@ class RunningStack:
         self._say(f"tritonserver is back, {time.monotonic() - exited_at:.1f} s after it exited")
 
     def wait_ready(self, timeout_s: float) -> None:
-        """Until the gateway's ``/readyz`` is 200 (Triton up, model ready, metadata matching)."""
-        deadline = time.monotonic() + timeout_s
-        last = "no answer yet"
-        while time.monotonic() < deadline:
-            self.check()
-            try:
-                status, body = _http("GET", self._gateway.url + "/readyz", timeout_s=2)
-                if status == 200:
-                    return
-                last = f"{status} {body.decode(errors='replace')[:300]}"
-            except OSError as e:
-                last = str(e)
-            time.sleep(0.25)
-        raise StartupTimeout(
-            f"the gateway was not ready after {timeout_s:.0f} s (last /readyz: {last})\n"
-            f"--- gateway log ---\n{_tail(self._gateway.log_path)}\n"
-            f"--- triton log ---\n{self._triton.log_tail(3000)}"
-        )
+        """Until the gateway's ``/readyz`` is 200 (Triton up, model ready, metadata matching), supervising
+        both processes meanwhile (``check``)."""
+        try:
+            self._gateway.wait_ready(timeout_s, between=self.check)
+        except StartupTimeout as e:
+            triton_log = self._triton.log_tail(3000)
+            raise StartupTimeout(f"the gateway: {e}\n--- triton log ---\n{triton_log}") from None
 
 
 @contextlib.contextmanager
@@ -546,8 +485,6 @@ def running_stack(
     config: ServeConfig, ports: Ports, workdir: Path, say: Say | None = None
 ) -> Iterator[RunningStack]:
     """Triton, then the gateway; ready when the ``with`` body starts; both always stopped on exit."""
-    from export.tritonserver import TritonServer
-
     metrics_dir = workdir / "prometheus"
     metrics_dir.mkdir()
     repository = config.repository.resolve()
@@ -563,16 +500,15 @@ def running_stack(
         log_file=workdir / "triton.log",
     )
     env = {
-        **os.environ,
         "FASHION_TRITON_URL": triton.grpc_url,
         "FASHION_TRITON_PROTOCOL": "grpc",
         "FASHION_MODEL_NAME": config.model_name,
         "FASHION_MODEL_REPOSITORY": str(repository),
-        "FASHION_PORT": str(ports.gateway),
-        "FASHION_BIND": f"{config.host}:{ports.gateway}",
         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
     }
-    gateway = GatewayProcess(env, workdir / "gateway.log", config.host, ports.gateway)
+    gateway = GatewayProcess(
+        env, workdir / "gateway.log", host=config.host, port=ports.gateway, error=StartupTimeout
+    )
     try:
         triton.start()
         gateway.start()

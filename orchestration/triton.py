@@ -21,19 +21,14 @@ import importlib.util
 import logging
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
 from fashion.errors import UserError
+from orchestration.process import ManagedProcess, free_ports
 
 log = logging.getLogger(__name__)
 
@@ -78,17 +73,6 @@ def prepare_backends(target: Path, python_version: str | None = None) -> Path:
             shutil.copy2(item, python / item.name)
     shutil.copy2(stub, python / "triton_python_backend_stub")
     return target
-
-
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct free TCP ports (bound to port 0 together, then released)."""
-    with contextlib.ExitStack() as stack:
-        sockets = [
-            stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)
-        ]
-        for s in sockets:
-            s.bind((host, 0))
-        return [s.getsockname()[1] for s in sockets]
 
 
 class TritonServer:
@@ -140,7 +124,7 @@ class TritonServer:
         self.extra_args = list(extra_args)
         self._log_path = Path(log_file) if log_file else None
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
-        self._process: subprocess.Popen[bytes] | None = None
+        self._process: ManagedProcess | None = None
 
     # ------------------------------------------------------------------------------------- addresses
     @property
@@ -167,11 +151,11 @@ class TritonServer:
         return self._process.pid if self._process else None
 
     def is_running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+        return self._process is not None and self._process.is_running()
 
     def exit_status(self) -> int | None:
         """The exit status once the process has exited (negative: killed by that signal), else None."""
-        return None if self._process is None else self._process.poll()
+        return None if self._process is None else self._process.exit_code()
 
     # ------------------------------------------------------------------------------------- lifecycle
     def command(self, backend_dir: Path) -> list[str]:
@@ -217,17 +201,15 @@ class TritonServer:
         backends = prepare_backends(work / "backends")
         if self._log_path is None:
             self._log_path = work / "tritonserver.log"
-        cmd = self.command(backends)
-        log.info("starting tritonserver: %s", " ".join(cmd))
-        with open(self._log_path, "ab") as out:
-            self._process = subprocess.Popen(
-                cmd,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=self.environment(),
-                cwd=work,
-                start_new_session=True,  # its own process group: stop() also ends the python stubs
-            )
+        self._process = ManagedProcess(
+            "tritonserver",
+            self.command(backends),
+            log_path=self._log_path,
+            env=self.environment(),
+            cwd=work,
+            ready_url=f"http://{self.http_url}/v2/health/ready",
+            error=TritonStartError,
+        ).start()
         try:
             self.wait_ready(self.startup_timeout_s)
         except BaseException:
@@ -239,22 +221,12 @@ class TritonServer:
         return self
 
     def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._process is None or self._process.poll() is not None:
-                code = None if self._process is None else self._process.returncode
-                raise TritonStartError(f"tritonserver exited with status {code}:\n{self.log_tail()}")
-            if self.ready():
-                return
-            time.sleep(0.2)
-        raise TritonStartError(f"tritonserver was not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
+        if self._process is None:
+            raise TritonStartError("tritonserver was not started")
+        self._process.wait_ready(timeout_s)
 
     def ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
-                return r.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        return self._process is not None and self._process.ready()
 
     def log_tail(self, chars: int = 4000) -> str:
         if self._log_path is None or not self._log_path.is_file():
@@ -268,7 +240,7 @@ class TritonServer:
         process, self._process = self._process, None
         # The server only gets SIGTERM: it stops its python stubs itself while unloading (signalling the
         # whole group would kill the stubs first and leave Triton waiting for them).
-        code = None if process is None else stop_process_group(process, timeout_s, "tritonserver")
+        code = None if process is None else process.stop(timeout_s)
         if self._workdir is not None:
             if self._log_path is not None and self._log_path.parent == Path(self._workdir.name):
                 self._log_path = None
@@ -283,27 +255,6 @@ class TritonServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
-
-
-def stop_process_group(process: subprocess.Popen[bytes], timeout_s: float, name: str) -> int:
-    """Stop a process started with ``start_new_session=True`` and everything in its group.
-
-    SIGTERM to the leader only (it shuts down its own children gracefully), SIGKILL to the group after
-    ``timeout_s``, then SIGKILL to the group again for any child that outlived its leader. Returns the
-    leader's exit status.
-    """
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            log.warning("%s did not stop in %.0f s; killing its process group", name, timeout_s)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
-    return process.returncode
 
 
 @contextlib.contextmanager
