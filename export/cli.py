@@ -57,7 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     a(
         "--int8-keep",
         default="",
-        help="comma-separated ONNX node names to keep out of INT8, besides the stem, heads and gate",
+        help="comma-separated ONNX node names or regular expressions over them (whole-name match) to keep "
+        "out of INT8, besides the stem, heads and gate; e.g. '/backbone/blocks/blocks\\.[0-2]\\..*' keeps "
+        "the first three stages in FP32",
     )
     a(
         "--max-batch-size",

@@ -37,6 +37,7 @@ agreement of the gate (``export.parity.gate``) and is not served.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -91,15 +92,33 @@ def to_fp16(src: str | Path, dst: str | Path) -> Path:
 
 def int8_exclusions(model: onnx.ModelProto, keep: Sequence[str] = ()) -> dict[str, list[str]]:
     """Names of the nodes kept out of INT8, by reason (recorded in the metadata)."""
-    names = {n.name for n in model.graph.node}
-    missing = [k for k in keep if k not in names]
-    if missing:
-        raise ExportError(f"--int8-keep names nodes the graph does not have: {', '.join(missing[:5])}")
     return {
         "stem_conv": [_stem_conv(model).name],
         "heads_and_gate": [n.name for n in model.graph.node if n.op_type in ("Gemm", "MatMul", "Softmax")],
-        "kept_by_request": list(keep),
+        "kept_by_request": kept_nodes(model, keep),
     }
+
+
+def kept_nodes(model: onnx.ModelProto, keep: Sequence[str]) -> list[str]:
+    """The graph's node names that ``keep`` asks for, in graph order: each entry is a node name or a regular
+    expression matched against whole names (``/backbone/blocks/blocks\\.[0-2]\\..*``: the first three
+    stages). An entry that matches no node is an error, not a silent no-op."""
+    names = [n.name for n in model.graph.node]
+    wanted: set[str] = set()
+    for entry in keep:
+        if entry in names:
+            wanted.add(entry)
+            continue
+        try:
+            pattern = re.compile(entry)
+        except re.error as e:
+            why = f"no such node, and not a regular expression ({e})"
+            raise ExportError(f"--int8-keep {entry!r}: {why}") from e
+        matched = {n for n in names if pattern.fullmatch(n)}
+        if not matched:
+            raise ExportError(f"--int8-keep {entry!r} matches no node of the graph")
+        wanted |= matched
+    return [n for n in names if n in wanted]
 
 
 def to_int8(

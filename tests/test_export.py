@@ -351,3 +351,30 @@ def test_real_triton_serves_the_export_over_http_and_grpc_and_batches_concurrent
     assert not server.is_running() and pid is not None
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0  # nothing listens any more
+
+
+def test_int8_keep_takes_node_names_or_whole_name_patterns_and_refuses_what_matches_nothing():
+    import onnx
+    from onnx import TensorProto, helper
+
+    from export.errors import ExportError
+    from export.precision import kept_nodes
+
+    names = ["/stem/Conv", "/blocks/blocks.0/Conv", "/blocks/blocks.1/Conv", "/blocks/blocks.10/Add"]
+    nodes = [helper.make_node("Relu", [f"x{i}"], [f"x{i + 1}"], name=n) for i, n in enumerate(names)]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x0", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("x4", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph)
+    onnx.checker.check_model(model)
+    assert kept_nodes(model, ["/stem/Conv"]) == ["/stem/Conv"]
+    # a whole-name match: blocks.1 does not also pick blocks.10
+    assert kept_nodes(model, [r"/blocks/blocks\.[01]/.*"]) == names[1:3]
+    assert kept_nodes(model, ["/stem/Conv", r"/blocks/blocks\.1.*"]) == ["/stem/Conv", *names[2:]]
+    with pytest.raises(ExportError, match="matches no node"):
+        kept_nodes(model, [r"/head/.*"])
+    with pytest.raises(ExportError, match="not a regular expression"):
+        kept_nodes(model, ["/blocks/blocks.0/Conv(["])
