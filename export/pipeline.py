@@ -253,9 +253,7 @@ def export_checkpoint(opts: ExportOptions, report: Callable[[str], None] | None 
         clock = time.perf_counter()
         cpu = cpu_info()
         measured = []
-        for candidate in candidates(opts.precisions if reduced or "fp16" in opts.precisions else ("fp32",)):
-            if candidate.precision in ("bf16", "int8") and candidate.precision not in reduced:
-                continue
+        for candidate in candidates(("fp32", *reduced)):
             m = Measured(candidate, unavailable=unavailable(candidate, cpu))
             measured.append(m)
             if m.unavailable:

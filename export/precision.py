@@ -68,10 +68,6 @@ def _stem_conv(model: onnx.ModelProto) -> onnx.NodeProto:
     raise ExportError("the graph has no Conv node (unexpected backbone for INT8 quantisation)")
 
 
-def _group(node: onnx.NodeProto) -> int:
-    return next((int(a.i) for a in node.attribute if a.name == "group"), 1)
-
-
 def to_fp16(src: str | Path, dst: str | Path) -> Path:
     """FP16 weights and activations; UINT8 input and FP32 outputs kept (see the module docstring)."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16

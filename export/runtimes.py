@@ -17,9 +17,9 @@ BF16 is a property of the CPU, not of the file: OpenVINO runs ``model.onnx`` wit
 name, so the candidate is reported unavailable instead (``cpu_info``).
 
 Each available candidate is timed here, on the machine that exports (``time_runner``), and gated on real
-photos (``export.parity.gate``); ``choose`` picks the fastest that passed. The same runner code is what the
-Triton python backend runs (``export/triton_python_model.py`` builds its session with ``make_session``'s
-settings), so the timing is of the thing that serves.
+photos (``export.parity.gate``); ``choose`` picks the fastest that passed. The Triton python backend
+builds the same session: ``session_settings`` writes the parameters ``export/triton_python_model.py``
+builds it from (runtime, file, precision hint, threads), so the timing is of what serves.
 """
 
 from __future__ import annotations

@@ -27,9 +27,9 @@ def images(count: int, seed: int = 0) -> np.ndarray:
 
 
 def ort_probs(path: Path, batch: np.ndarray) -> list[np.ndarray]:
-    from export.onnx_export import run_onnx, session
+    from export.runtimes import REFERENCE, make_runner, run_all
 
-    return run_onnx(session(path), batch)
+    return run_all(make_runner(REFERENCE, path, 2), batch)
 
 
 def test_onnx_input_is_uint8_nhwc_with_a_dynamic_batch_and_matches_pytorch(exported, checkpoint):
@@ -273,21 +273,13 @@ def test_trt_fp16_plan_is_built_with_a_tensorrt_plan_config(checkpoint, tmp_path
     assert 'platform: "tensorrt_plan"' in (tmp_path / "fashion_trt" / "config.pbtxt").read_text()
 
 
-def metric(text: str, name: str) -> float:
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name + "{") and 'model="fashion"' in line
-    )
-
-
 @pytest.mark.server
 def test_real_triton_serves_the_export_over_http_and_grpc_and_batches_concurrent_requests(exported):
-    import urllib.request
 
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
 
+    from loadtest.bench import triton_counts
     from orchestration.triton import TritonServer
 
     repo, result = exported
@@ -311,8 +303,7 @@ def test_real_triton_serves_the_export_over_http_and_grpc_and_batches_concurrent
 
         # 64 single-image requests from 8 clients at once: the dynamic batcher must merge some of them.
         def counts() -> tuple[float, float]:
-            text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
-            return metric(text, "nv_inference_count"), metric(text, "nv_inference_exec_count")
+            return triton_counts(server.metrics_url)  # the bench's reading of Triton's metrics
 
         images_before, executions_before = counts()
         start = threading.Barrier(8)

@@ -17,6 +17,8 @@ import urllib.request
 
 import pytest
 
+from tests.test_serve import FREE_PORTS
+
 CLIENTS = 4
 GATEWAY_DEADLINE_S = 5.0  # FASHION_TIMEOUT_S given to the gateway below
 ALLOWED = {200, 429, 503, 504}
@@ -58,18 +60,8 @@ def test_serve_restarts_a_killed_triton_and_the_gateway_rides_it_out_under_load(
     Image.fromarray(images(1, seed=3)[0]).save(buffer, "JPEG", quality=90)
     photo = buffer.getvalue()
     env = {**os.environ, "FASHION_TIMEOUT_S": str(GATEWAY_DEADLINE_S), "PYTHONUNBUFFERED": "1"}
-    ports = [
-        "--port",
-        "0",
-        "--triton-http-port",
-        "0",
-        "--triton-grpc-port",
-        "0",
-        "--triton-metrics-port",
-        "0",
-    ]
     serve = subprocess.Popen(
-        [sys.executable, "-m", "fashion.cli", "serve", "--repository", str(repository), *ports],
+        [sys.executable, "-m", "fashion.cli", "serve", "--repository", str(repository), *FREE_PORTS],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env=env,
