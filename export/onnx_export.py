@@ -121,15 +121,6 @@ def session(path: str | Path, threads: int = 2):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def run_onnx(sess, images: np.ndarray, batch_size: int = 32) -> list[np.ndarray]:
-    """Probabilities per output (in graph order) for a uint8 NHWC array, in batches."""
-    chunks: list[list[np.ndarray]] = [[] for _ in sess.get_outputs()]
-    for start in range(0, len(images), batch_size):
-        for i, out in enumerate(sess.run(None, {INPUT_NAME: images[start : start + batch_size]})):
-            chunks[i].append(np.asarray(out, dtype=np.float32))
-    return [np.concatenate(c) for c in chunks]
-
-
 def run_torch(net: FashionNet, images: np.ndarray, batch_size: int = 32) -> list[np.ndarray]:
     """The reference: PyTorch probabilities per attribute (schema order) for a uint8 NHWC array."""
     net.eval().cpu()
