@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from fashion.schema import MISSING, OTHER
@@ -102,3 +104,13 @@ def test_kaggle_reader_loads_every_row_of_the_real_sample():
     assert all(s.labels["usage"] != "NA" for s in cat.samples)
     schema = build_schema(cat, cat.samples, min_class_count=0)
     assert len(schema["articleType"].classes) == 75
+
+
+def test_reading_the_meesho_parquet_starts_no_arrow_worker_threads(meesho_dir):
+    """Arrow's pools' threads segfaulted the test process at exit (mimalloc teardown): none are started."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        pytest.skip("needs Linux /proc to count threads")
+    before = len(list(tasks.iterdir()))
+    read_catalogue(meesho_dir)
+    assert len(list(tasks.iterdir())) == before

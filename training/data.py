@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -204,13 +205,30 @@ def _choose(attributes: Sequence[str] | None, available: Sequence[str], source: 
     return list(attributes)
 
 
+def _read_parquet(path: Path) -> Any:
+    """A small parquet file as a DataFrame, read without Arrow's thread pools.
+
+    ``pd.read_parquet`` starts Arrow's CPU and I/O worker threads; at interpreter exit those threads
+    free their bundled-mimalloc heaps while the allocator is being torn down, which segfaulted the test
+    process after every test had passed (gdb: ``_mi_thread_done`` in libarrow, apache/arrow#38352).
+    This file is a few KiB: one thread reads it as fast.
+    """
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path, pre_buffer=False).read(use_threads=False)
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"{path} is not a readable parquet file: {e}") from e
+    return table.to_pandas(use_threads=False)
+
+
 def _read_meesho(root: Path, attributes: Sequence[str] | None, split: str) -> Catalogue:
     import pandas as pd
 
     table = root / f"{split}.csv"
     if not table.is_file():
         raise DatasetError(f"{table} not found (Meesho layout: train.csv / test.csv)")
-    cat_attrs = pd.read_parquet(root / "category_attributes.parquet")
+    cat_attrs = _read_parquet(root / "category_attributes.parquet")
     schema: dict[str, list[str]] = {}
     for _, row in cat_attrs.iterrows():
         schema[str(row["Category"])] = [str(a) for a in list(row["Attribute_list"])]
