@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,25 +31,86 @@ def draw_product(path: Path, colour: tuple[int, int, int], shape: str, size=(120
     image.save(path, quality=90)
 
 
-@contextlib.contextmanager
-def served_repository(repository: Path, work: Path) -> Iterator[str]:
-    """The pip-installed Triton serving ``repository`` and the gateway under gunicorn in front of it
-    (gRPC, 2 workers), both on free loopback ports and stopped on exit; yields the gateway's URL."""
-    from orchestration.gateway import GatewayProcess
-    from orchestration.triton import TritonServer
+# --- the one way tests start a stack: Triton on a repository, gateways in front of it -----------------
+class Stack:
+    """The pip Triton serving ``repository`` (``models``) and gunicorn gateways in front of it, all on free
+    loopback ports; what every integration test module starts through ``stack_factory``.
 
-    with TritonServer(repository, ["fashion"], startup_timeout_s=120) as triton:
+    ``triton()`` restarts a Triton that a test stopped (or killed), so one stack can outlive such a test.
+    ``gateway(name, **settings)`` starts a gateway with ``FASHION_<SETTING>`` overrides, ready on entry
+    (``/readyz`` 200) and stopped on exit.
+    """
+
+    def __init__(self, repository: Path, work: Path, models: tuple[str, ...] = ("fashion",), **triton_args):
+        from orchestration.triton import TritonServer
+
+        self.repository, self.work = repository, work
+        self.server = TritonServer(repository, list(models), startup_timeout_s=120, **triton_args)
+
+    def triton(self):
+        if not self.server.is_running():
+            self.server.start()
+        return self.server
+
+    @contextlib.contextmanager
+    def gateway(self, name: str = "gateway", **settings: object):
+        from orchestration.gateway import GatewayProcess
+
+        work = Path(tempfile.mkdtemp(dir=self.work, prefix=f"gateway-{name}-"))  # a name may be reused
         (work / "prometheus").mkdir()
         env = {
-            "FASHION_TRITON_URL": triton.grpc_url,
+            "FASHION_TRITON_URL": self.triton().grpc_url,
             "FASHION_TRITON_PROTOCOL": "grpc",
-            "FASHION_MODEL_REPOSITORY": str(repository),
-            "FASHION_WORKERS": "2",
-            "FASHION_TIMEOUT_S": "30",
+            "FASHION_MODEL_REPOSITORY": str(self.repository),
             "PROMETHEUS_MULTIPROC_DIR": str(work / "prometheus"),
+            **{f"FASHION_{key.upper()}": str(value) for key, value in settings.items()},
         }
-        with GatewayProcess(env, work / "gunicorn.log") as gateway:
+        with GatewayProcess(env, work / "gunicorn.log") as server:
+            yield server
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+@pytest.fixture(scope="session")
+def stack_factory(tmp_path_factory) -> Iterator:
+    """``stack_factory(repository, work, models=..., **triton_args)``: a ``Stack`` stopped at the end of
+    the session (or earlier by its user)."""
+    stacks: list[Stack] = []
+
+    def make(repository: Path, work: Path, models: tuple[str, ...] = ("fashion",), **triton_args) -> Stack:
+        stack = Stack(repository, work, models, **triton_args)
+        stacks.append(stack)
+        stack.triton()
+        return stack
+
+    yield make
+    for stack in stacks:
+        stack.stop()
+
+
+@pytest.fixture(scope="session")
+def colour_stack(stack_factory, tmp_path_factory) -> Stack:
+    """The tiny colour model of ``tests/test_gateway_stack.py``, published once and served by one Triton for
+    every module that only reads it (the gateway stack, hostile clients, security, load tests)."""
+    pytest.importorskip("onnx")
+    from tests.test_gateway_stack import publish
+
+    work = tmp_path_factory.mktemp("colour-stack")
+    publish(work / "model_repository", work)
+    return stack_factory(work / "model_repository", work)
+
+
+@contextlib.contextmanager
+def served_repository(stack_factory, repository: Path, work: Path) -> Iterator[str]:
+    """A ``Stack`` on ``repository`` with one gateway (2 workers, 30 s timeout), stopped on exit; yields the
+    gateway's URL."""
+    stack = stack_factory(repository, work)
+    try:
+        with stack.gateway(workers=2, timeout_s=30) as gateway:
             yield gateway.url
+    finally:
+        stack.stop()
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ def test_the_shipped_model_and_its_card_are_in_the_tree_within_the_size_limit():
 
 
 @pytest.fixture(scope="module")
-def served_default(tmp_path_factory) -> Iterator[dict]:
+def served_default(stack_factory, tmp_path_factory) -> Iterator[dict]:
     """``fashion serve``'s model step on an empty repository (the shipped model, exported), then real
     Triton + gunicorn serving it."""
     pytest.importorskip("torch")
@@ -43,7 +43,7 @@ def served_default(tmp_path_factory) -> Iterator[dict]:
     repository = work / "model_repository"
     said: list[str] = []
     version = ensure_model(ServeConfig(repository=repository), said.append)
-    with served_repository(repository, work) as url:
+    with served_repository(stack_factory, repository, work) as url:
         yield {"url": url, "repository": repository, "version": version, "said": said}
 
 

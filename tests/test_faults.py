@@ -133,8 +133,9 @@ def publish_sleepy(
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory) -> Iterator[dict]:
-    """One Triton for the module (three models); each test starts its own gateway."""
+def stack(stack_factory, tmp_path_factory) -> Iterator[dict]:
+    """One Triton for the module (three models, its own: the tests kill it); each test starts its own
+    gateway."""
     work = tmp_path_factory.mktemp("faults")
     repository = work / "model_repository"
     publish(repository, work)
@@ -142,31 +143,19 @@ def stack(tmp_path_factory) -> Iterator[dict]:
     # batcher may hold a new request for its 500 ms scheduler wait (seen here as 0.5 s blue predictions).
     publish_sleepy(repository, work, "slow", instances=4, queue=16, red_delay_s=SLOW_RED_S)
     publish_sleepy(repository, work, "busy", instances=1, queue=1, delay_s=BUSY_S)
-    triton = tritonserver.TritonServer(
-        repository,
-        ["fashion", "slow", "busy"],
-        startup_timeout_s=120,
-        exit_timeout_s=2,
-        log_file=work / "triton.log",
+    served = stack_factory(
+        repository, work, ("fashion", "slow", "busy"), exit_timeout_s=2, log_file=work / "triton.log"
     )
-    with triton:
-        yield {"triton": triton, "repository": repository, "work": work}
+    try:
+        yield {"triton": served.triton(), "repository": repository, "work": work, "stack": served}
+    finally:
+        served.stop()
 
 
 @contextlib.contextmanager
 def gateway(stack: dict, name: str, model: str = "fashion", **settings: object) -> Iterator[GatewayProcess]:
     """gunicorn serving ``model`` with ``FASHION_<SETTING>`` overrides; ready (``/readyz`` 200) on entry."""
-    work = stack["work"] / f"gateway-{name}"
-    (work / "prometheus").mkdir(parents=True)
-    env = {
-        "FASHION_TRITON_URL": stack["triton"].grpc_url,
-        "FASHION_TRITON_PROTOCOL": "grpc",
-        "FASHION_MODEL_NAME": model,
-        "FASHION_MODEL_REPOSITORY": str(stack["repository"]),
-        "PROMETHEUS_MULTIPROC_DIR": str(work / "prometheus"),
-        **{f"FASHION_{key.upper()}": str(value) for key, value in settings.items()},
-    }
-    with GatewayProcess(env, work / "gunicorn.log") as server:
+    with stack["stack"].gateway(name, model_name=model, **settings) as server:
         yield server
 
 

@@ -23,7 +23,6 @@ tritonserver = pytest.importorskip("orchestration.triton")
 
 from fashion.contract import Preprocessing  # noqa: E402
 from fashion.schema import Attribute, LabelSchema  # noqa: E402
-from orchestration.gateway import GatewayProcess  # noqa: E402
 from tests.fixtures_gateway import solid  # noqa: E402
 
 pytestmark = pytest.mark.server
@@ -127,24 +126,15 @@ def multipart(field: str, images: list[bytes], **fields: str) -> tuple[bytes, di
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory) -> Iterator[dict]:
-    work = tmp_path_factory.mktemp("stack")
-    repository = work / "model_repository"
-    publish(repository, work)
-    with tritonserver.TritonServer(repository, ["fashion"], startup_timeout_s=120) as triton:
-        env = {
-            "FASHION_TRITON_URL": triton.grpc_url.replace("grpc://", ""),
-            "FASHION_TRITON_PROTOCOL": "grpc",
-            "FASHION_MODEL_REPOSITORY": str(repository),
-            "FASHION_WORKERS": "2",
-            "FASHION_THREADS": "2",
-            "FASHION_TIMEOUT_S": "5",
-            "PROMETHEUS_MULTIPROC_DIR": str(work / "prometheus"),
+def stack(colour_stack) -> Iterator[dict]:
+    with colour_stack.gateway("gateway-stack", workers=2, threads=2, timeout_s=5) as gateway:
+        # ready = /readyz answers 200
+        yield {
+            "url": gateway.url,
+            "triton": colour_stack.triton(),
+            "repository": colour_stack.repository,
+            "work": colour_stack.work,
         }
-        (work / "prometheus").mkdir()
-        with GatewayProcess(env, work / "gunicorn.log") as gateway:  # ready = /readyz answers 200
-            yield {"url": gateway.url, "triton": triton, "repository": repository, "work": work}
-
 
 def wait_ready(url: str, timeout_s: float = 60) -> dict:
     deadline = time.monotonic() + timeout_s

@@ -341,30 +341,11 @@ MIB = 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def gunicorn(tmp_path_factory) -> Iterator[dict]:
-    pytest.importorskip("onnx")
-    from orchestration.gateway import GatewayProcess
-    from orchestration.triton import TritonServer
-    from tests.test_gateway_stack import publish
-
-    work = tmp_path_factory.mktemp("hostile")
-    repository = work / "model_repository"
-    publish(repository, work)
-    (work / "prometheus").mkdir()
-    with TritonServer(repository, ["fashion"], startup_timeout_s=120) as triton:
-        env = {
-            "FASHION_TRITON_URL": triton.grpc_url.replace("grpc://", ""),
-            "FASHION_TRITON_PROTOCOL": "grpc",
-            "FASHION_MODEL_REPOSITORY": str(repository),
-            "FASHION_WORKERS": "2",
-            "FASHION_THREADS": "3",  # 2 in-flight slots + 1 spare thread per worker
-            "FASHION_TIMEOUT_S": "5",
-            "FASHION_CLIENT_TIMEOUT_S": str(CLIENT_TIMEOUT_S),
-            "PROMETHEUS_MULTIPROC_DIR": str(work / "prometheus"),
-        }
-        with GatewayProcess(env, work / "gunicorn.log") as server:
-            yield {"server": server, "port": server.port, "log": work / "gunicorn.log"}
-
+def gunicorn(colour_stack) -> Iterator[dict]:
+    # 2 workers × (2 in-flight slots + 1 spare thread)
+    overrides = {"workers": 2, "threads": 3, "timeout_s": 5, "client_timeout_s": CLIENT_TIMEOUT_S}
+    with colour_stack.gateway("hostile", **overrides) as server:
+        yield {"server": server, "port": server.port, "log": server.log_path}
 
 @dataclass
 class Outcome:

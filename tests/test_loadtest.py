@@ -75,30 +75,19 @@ def test_locustfile_imports_without_tritonclient_or_the_project():
 
 # ------------------------------------------------------------------------------------ real processes
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory) -> Iterator[dict]:
+def stack(colour_stack) -> Iterator[dict]:
     # Never import locust here: it monkey-patches the interpreter with gevent at import time, which
     # deadlocks a process that already runs threads (pytest's, tqdm's). It runs as a subprocess.
     if importlib.util.find_spec("locust") is None:
         pytest.skip("locust is not installed (pip install -e '.[loadtest]')")
-    tritonserver = pytest.importorskip("orchestration.triton")
-    from orchestration.gateway import GatewayProcess
-    from tests.test_gateway_stack import publish
-
-    work = tmp_path_factory.mktemp("loadtest-stack")
-    repository = work / "model_repository"
-    publish(repository, work)
-    with tritonserver.TritonServer(repository, ["fashion"], startup_timeout_s=120) as triton:
-        (work / "prometheus").mkdir()
-        env = {
-            "FASHION_TRITON_URL": triton.grpc_url,
-            "FASHION_MODEL_REPOSITORY": str(repository),
-            "FASHION_WORKERS": "1",
-            "FASHION_THREADS": "8",  # 6 in-flight slots: the 4 users never see a 429
-            "PROMETHEUS_MULTIPROC_DIR": str(work / "prometheus"),
+    # 1 worker, 8 threads: 6 in-flight slots, so the 4 users never see a 429
+    with colour_stack.gateway("loadtest", workers=1, threads=8) as gateway:
+        yield {
+            "url": gateway.url,
+            "grpc": colour_stack.triton().grpc_url,
+            "work": colour_stack.work,
+            "repository": colour_stack.repository,
         }
-        with GatewayProcess(env, work / "gunicorn.log") as gateway:
-            yield {"url": gateway.url, "grpc": triton.grpc_url, "work": work, "repository": repository}
-
 
 @pytest.mark.server
 def test_loadtest_writes_reports_and_returns_0_under_a_loose_slo(stack, tmp_path, monkeypatch):

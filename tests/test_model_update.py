@@ -183,31 +183,21 @@ def publish_v2(repository: Path, work: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory) -> Iterator[dict]:
+def stack(stack_factory, tmp_path_factory) -> Iterator[dict]:
+    """Its own repository (the tests publish versions into it), served by its own Triton."""
     pytest.importorskip("onnx")
-    from orchestration.gateway import GatewayProcess
-    from orchestration.triton import TritonServer
     from tests.test_gateway_stack import publish
 
     work = tmp_path_factory.mktemp("update")
     repository = work / "model_repository"
     publish(repository, work)  # version 1
-    (work / "prometheus").mkdir()
-    with TritonServer(repository, ["fashion"], startup_timeout_s=120, log_file=work / "triton.log") as triton:
-        env = {
-            "FASHION_TRITON_URL": triton.grpc_url,
-            "FASHION_TRITON_PROTOCOL": "grpc",
-            "FASHION_MODEL_REPOSITORY": str(repository),
-            "FASHION_WORKERS": "2",
-            "FASHION_THREADS": "8",
-            "FASHION_MAX_INFLIGHT": "6",
-            "FASHION_TIMEOUT_S": "10",
-            "FASHION_METADATA_REFRESH_S": "0.5",
-            "PROMETHEUS_MULTIPROC_DIR": str(work / "prometheus"),
-        }
-        with GatewayProcess(env, work / "gunicorn.log") as gateway:
-            yield {"url": gateway.url, "triton": triton, "repository": repository, "work": work}
-
+    served = stack_factory(repository, work, log_file=work / "triton.log")
+    settings = {"workers": 2, "threads": 8, "max_inflight": 6, "timeout_s": 10, "metadata_refresh_s": 0.5}
+    try:
+        with served.gateway("update", **settings) as gateway:
+            yield {"url": gateway.url, "triton": served.triton(), "repository": repository, "work": work}
+    finally:
+        served.stop()
 
 @dataclass
 class Answer:

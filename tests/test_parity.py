@@ -70,7 +70,7 @@ def _digests(folder: Path) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def served_tiny_model(tmp_path_factory) -> Iterator[dict]:
+def served_tiny_model(stack_factory, tmp_path_factory) -> Iterator[dict]:
     """A tiny model trained on seed-11 products, served by real Triton + gunicorn; seed-12 products unseen."""
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
@@ -103,7 +103,7 @@ def served_tiny_model(tmp_path_factory) -> Iterator[dict]:
         ExportOptions(checkpoint=run / "best.pt", repository=repository, eval_images=16),
         report=lambda _: None,
     )
-    with served_repository(repository, work) as url:
+    with served_repository(stack_factory, repository, work) as url:
         yield {"url": url, "checkpoint": run / "best.pt", "unseen": work / "unseen", "work": work}
 
 

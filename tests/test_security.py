@@ -208,61 +208,47 @@ MARKER = b"SECRET-PIXELS-7f3a9c"
 
 
 @pytest.mark.server
-def test_gateway_logs_have_request_ids_and_no_keys_or_image_bytes(tmp_path):
-    pytest.importorskip("onnx")
-    from orchestration.gateway import GatewayProcess
-    from orchestration.triton import TritonServer
-    from tests.test_gateway_stack import http, multipart, publish
+def test_gateway_logs_have_request_ids_and_no_keys_or_image_bytes(colour_stack):
+    from tests.test_gateway_stack import http, multipart
 
-    repository = tmp_path / "model_repository"
-    publish(repository, tmp_path)
-    (tmp_path / "prometheus").mkdir()
-    log_path = tmp_path / "gunicorn.log"
     # the marker in a JPEG comment and after the end-of-image marker
     photo = encode(Image.new("RGB", (40, 40), (220, 30, 30)), "JPEG", comment=MARKER) + MARKER
     assert MARKER in photo
-    with TritonServer(repository, ["fashion"], startup_timeout_s=120) as triton:
-        env = {
-            "FASHION_TRITON_URL": triton.grpc_url.replace("grpc://", ""),
-            "FASHION_MODEL_REPOSITORY": str(repository),
-            "FASHION_API_KEYS": f"{KEY},another-key",
-            "FASHION_WORKERS": "1",
-            "FASHION_THREADS": "2",
-            "FASHION_TIMEOUT_S": "3",
-            "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prometheus"),
+    triton = colour_stack.triton()
+    overrides = {"api_keys": f"{KEY},another-key", "workers": 1, "threads": 2, "timeout_s": 3}
+    with colour_stack.gateway("security", **overrides) as server:
+        log_path = server.log_path
+        url = server.url
+        bearer = {"Authorization": f"Bearer {KEY}", "Content-Type": "image/jpeg"}
+        answers = {
+            "ok": http("POST", url + "/v1/predict", photo, {**bearer, "X-Request-ID": "rid-ok-1"}),
+            "x-api-key": http(
+                "POST",
+                url + "/v1/predict",
+                photo,
+                {"X-API-Key": KEY, "Content-Type": "image/jpeg", "X-Request-ID": "rid-ok-2"},
+            ),
+            "wrong key": http(
+                "POST", url + "/v1/predict", photo, {**bearer, "Authorization": f"Bearer {WRONG_KEY}"}
+            ),
+            "undecodable": http("POST", url + "/v1/predict", MARKER * 50, bearer),
+            "batch": http(
+                "POST", url + "/v1/predict/batch", *_with(multipart("images", [photo, MARKER]), KEY)
+            ),
         }
-        with GatewayProcess(env, log_path) as server:
-            url = server.url
-            bearer = {"Authorization": f"Bearer {KEY}", "Content-Type": "image/jpeg"}
-            answers = {
-                "ok": http("POST", url + "/v1/predict", photo, {**bearer, "X-Request-ID": "rid-ok-1"}),
-                "x-api-key": http(
-                    "POST",
-                    url + "/v1/predict",
-                    photo,
-                    {"X-API-Key": KEY, "Content-Type": "image/jpeg", "X-Request-ID": "rid-ok-2"},
-                ),
-                "wrong key": http(
-                    "POST", url + "/v1/predict", photo, {**bearer, "Authorization": f"Bearer {WRONG_KEY}"}
-                ),
-                "undecodable": http("POST", url + "/v1/predict", MARKER * 50, bearer),
-                "batch": http(
-                    "POST", url + "/v1/predict/batch", *_with(multipart("images", [photo, MARKER]), KEY)
-                ),
-            }
-            # A body longer than its Content-Length: the rest (image bytes) is read as the next request line.
-            with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
-                sock.sendall(
-                    b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
-                    + f"Content-Length: 4\r\nAuthorization: Bearer {KEY}\r\n\r\n".encode()
-                    + photo
-                    + b"\r\n\r\n"
-                )
-                desync = sock.recv(65536)
-            triton.stop()  # the next answer is a 503, which the gateway logs as a warning
-            answers["triton down"] = http(
-                "POST", url + "/v1/predict", photo, {**bearer, "X-Request-ID": "rid-triton-down"}
+        # A body longer than its Content-Length: the rest (image bytes) is read as the next request line.
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(
+                b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                + f"Content-Length: 4\r\nAuthorization: Bearer {KEY}\r\n\r\n".encode()
+                + photo
+                + b"\r\n\r\n"
             )
+            desync = sock.recv(65536)
+        triton.stop()  # the next answer is a 503, which the gateway logs as a warning
+        answers["triton down"] = http(
+            "POST", url + "/v1/predict", photo, {**bearer, "X-Request-ID": "rid-triton-down"}
+        )
     statuses = {name: status for name, (status, _, _) in answers.items()}
     assert statuses == {
         "ok": 200,
