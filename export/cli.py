@@ -4,6 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
+from pathlib import Path
+
+from fashion.console import emit
 
 EPILOG = """examples:
   fashion export --checkpoint models/default/model.pt --precision auto   # what `fashion serve` does
@@ -129,11 +133,9 @@ version from the repository to make a rollback permanent.
 
 
 def _deploy(args: argparse.Namespace) -> int:
-    import logging
-    from pathlib import Path
 
+    # lazy: the command's modules import torch/ONNX; `fashion --help` imports this file and must not
     from export.deploy import deploy
-    from fashion.console import emit
 
     repository: Path | None = Path(args.repository) if args.repository else None
     if repository is not None and not (repository / args.model).is_dir():
@@ -152,6 +154,7 @@ def _deploy(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    # lazy: the command's modules import torch/ONNX; `fashion --help` imports this file and must not
     from export.pipeline import ExportOptions, export_checkpoint
 
     opts = ExportOptions(

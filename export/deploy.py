@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from export.errors import ExportError
+from fashion.metadata import MetadataError, load_metadata, skew
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,6 @@ def check_version_files(repository: str | Path, model: str, version: int, config
     All versions of one Triton model share one configuration, so a version whose heads or class counts
     differ needs a new model name, not a deploy.
     """
-    from fashion.metadata import MetadataError, load_metadata, skew
 
     folder = Path(repository) / model / str(version)
     if not folder.is_dir():

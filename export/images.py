@@ -22,6 +22,11 @@ import numpy as np
 
 from export.errors import ExportError
 from fashion.contract import Preprocessing, resize, to_rgb
+from training.context import checkpoint_config, prepare_data
+from training.data import DatasetError, read_catalogue
+from training.dataset import ImageCache
+from training.evaluate import encode_known
+from training.synth import render, sample_rows
 
 
 @dataclass(frozen=True)
@@ -34,7 +39,6 @@ class ImageSet:
 
 def synthetic(pre: Preprocessing, count: int, seed: int = 0, start_id: int = 100_000) -> ImageSet:
     """Rendered synthetic products with ids from ``start_id`` (beyond what ``fashion synth`` writes)."""
-    from training.synth import render, sample_rows
 
     rows = sample_rows(count, seed, start_id=start_id)
     images = np.stack([resize(to_rgb(render(row, seed)[0], pre.fill), pre) for row in rows])
@@ -74,8 +78,6 @@ def export_images(
     seed: int = 0,
 ) -> ExportImages:
     """Gate and calibration photos for ``ckpt`` (a ``training.checkpoint.Checkpoint``); see the module doc."""
-    from training.context import checkpoint_config, prepare_data
-    from training.evaluate import encode_known
 
     pre, rng = ckpt.preprocessing, np.random.default_rng(seed)
     if data is not None:
@@ -114,7 +116,6 @@ def export_images(
 
 
 def _catalogue_samples(path: Path) -> list[Any]:
-    from training.data import DatasetError, read_catalogue
 
     try:
         cat = read_catalogue(path)
@@ -126,6 +127,5 @@ def _catalogue_samples(path: Path) -> list[Any]:
 
 
 def _decode(samples: list[Any], pre: Preprocessing, source: str, desc: str) -> ImageSet:
-    from training.dataset import ImageCache
 
     return ImageSet(ImageCache.build([s.image_path for s in samples], pre, desc=desc).images, source)

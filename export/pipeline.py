@@ -16,10 +16,13 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from export.errors import ExportError, ParityError, PrecisionError
+from export.images import export_images
+from export.onnx_export import OPSET, export_onnx, run_torch
 from export.parity import (
     FP32_ATOL,
     GATE_MAX_ACCURACY_DROP,
@@ -31,6 +34,7 @@ from export.parity import (
     gate_table,
     worst,
 )
+from export.precision import count_ops, to_fp16, to_int8
 from export.repository import CpuServing, ServingConfig, write_model_version, write_trt_model
 from export.runtimes import (
     REFERENCE,
@@ -45,6 +49,10 @@ from export.runtimes import (
     time_runner,
     unavailable,
 )
+from export.tensorrt import build_plan, require_tensorrt
+from fashion.console import emit, table
+from fashion.metadata import build_metadata, file_sha256
+from training.checkpoint import load_checkpoint, weights_digest
 
 log = logging.getLogger(__name__)
 
@@ -130,12 +138,10 @@ class ExportResult:
 
 def export_checkpoint(opts: ExportOptions, report: Callable[[str], None] | None = None) -> ExportResult:
     """Run the whole export; ``report`` receives the tables (default: standard output)."""
-    from fashion.console import emit
 
     say = report or emit
     wants_trt = [p for p in opts.precisions if p.startswith("trt-")]
     if wants_trt:
-        from export.tensorrt import require_tensorrt
 
         require_tensorrt()  # before minutes of work, not after
 
@@ -143,11 +149,6 @@ def export_checkpoint(opts: ExportOptions, report: Callable[[str], None] | None 
     import onnxruntime
     import torch
 
-    from export.images import export_images
-    from export.onnx_export import OPSET, export_onnx, run_torch
-    from export.precision import count_ops, to_fp16, to_int8
-    from fashion.metadata import build_metadata, file_sha256
-    from training.checkpoint import load_checkpoint, weights_digest
 
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
@@ -388,7 +389,6 @@ def _refuse_or_keep(precision: str, doc: dict[str, Any], opts: ExportOptions, fi
 
 
 def _version(package: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
 
     try:
         return version(package)
@@ -397,7 +397,6 @@ def _version(package: str) -> str:
 
 
 def candidates_table(measured: Sequence[Measured], title: str) -> str:
-    from fashion.console import table
 
     rows = []
     for m in measured:
@@ -412,7 +411,6 @@ def candidates_table(measured: Sequence[Measured], title: str) -> str:
 
 
 def _build_trt(opts: ExportOptions, version_dir: Path, precision: str, image_size: int) -> Path:
-    from export.tensorrt import build_plan
 
     name = f"{opts.name}_trt" if precision == "fp16" else f"{opts.name}_trt_{precision}"
     with tempfile.TemporaryDirectory(prefix="fashion-trt-") as tmp:

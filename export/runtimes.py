@@ -140,7 +140,7 @@ def session_settings(candidate: Candidate, threads: int) -> dict[str, str]:
 def make_runner(candidate: Candidate, path: str | Path, threads: int) -> Runner:
     """A callable running ``path`` on uint8 NHWC batches, outputs in graph order."""
     if candidate.runtime == "onnxruntime":
-        from export.onnx_export import INPUT_NAME, session
+        from export.onnx_export import INPUT_NAME, session  # lazy: it imports torch; runners need none
 
         sess = session(path, threads)
         return lambda batch: list(sess.run(None, {INPUT_NAME: batch}))

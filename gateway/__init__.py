@@ -19,6 +19,7 @@ __all__ = ["create_app"]
 
 def __getattr__(name: str) -> Any:
     if name == "create_app":
+        # lazy: `import gateway.config` (gunicorn's config, the client) must not import Flask and the app
         from gateway.app import create_app
 
         return create_app

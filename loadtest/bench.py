@@ -28,26 +28,42 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import io
 import json
 import logging
 import os
 import platform
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
+from export.pipeline import ExportOptions, export_checkpoint
+from export.runtimes import Candidate, cpu_info, make_runner
+from fashion.console import emit, table
+from fashion.contract import preprocess
 from fashion.metadata import FILENAME, read_document
 from loadtest.errors import LoadtestError
 from loadtest.loadgen import Point, best, closed_loop, percentiles
 from loadtest.measure import MODEL_NAME, BenchModel, gateway_env, http_client_factory, sweep_points
+from loadtest.sweep import run_sweep
 from orchestration.gateway import GatewayProcess
 from orchestration.naive import NaiveServer
 from orchestration.process import ROOT, children, peak_rss_mb
+from orchestration.triton import TritonServer
+from training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from training.config import TrainConfig
+from training.context import validation_samples
+from training.data import build_schema, read_catalogue
+from training.model import build_model
+from training.synth import generate
+from training.train import preprocessing_for
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +145,6 @@ class BenchOptions:
 def build_bench_model(work: Path, opts: BenchOptions) -> BenchModel:
     """Export the checkpoint (or random weights of ``opts.backbone``) as ``fashion serve`` does, and pick
     the JPEG pool."""
-    from export.pipeline import ExportOptions, export_checkpoint
-    from fashion.contract import preprocess
-    from training.checkpoint import load_checkpoint
 
     if opts.backbone:
         checkpoint = _random_checkpoint(work, opts.backbone, opts.image_size, opts.images)
@@ -181,12 +194,6 @@ def _random_checkpoint(work: Path, backbone: str, image_size: int, count: int) -
     """Random weights of ``backbone`` with the heads of a synthetic catalogue (speed needs no training)."""
     import torch
 
-    from training.checkpoint import Checkpoint, save_checkpoint
-    from training.config import TrainConfig
-    from training.data import build_schema, read_catalogue
-    from training.model import build_model
-    from training.synth import generate
-    from training.train import preprocessing_for
 
     generate(work / "catalogue", max(count, 40), seed=0)
     catalogue = read_catalogue(work / "catalogue")
@@ -204,14 +211,12 @@ def _random_checkpoint(work: Path, backbone: str, image_size: int, count: int) -
 
 def _photo_pool(ckpt: Any, count: int, work: Path) -> tuple[list[bytes], str]:
     """``count`` JPEGs: the checkpoint's validation photos when its dataset is here, else synthetic ones."""
-    from training.context import validation_samples
 
     data = ckpt.config.get("data")
     if data and Path(data).exists():
         val = validation_samples(ckpt)
         picked = [val[int(i)] for i in sorted(np.random.default_rng(0).permutation(len(val))[:count])]
         return [Path(s.image_path).read_bytes() for s in picked], f"{len(picked)} validation photos of {data}"
-    from training.synth import generate
 
     generate(work / "photos", count, seed=1)
     paths = sorted((work / "photos").rglob("*.jpg"))[:count]
@@ -239,7 +244,6 @@ def bench_raw(model: BenchModel, opts: BenchOptions) -> dict[str, dict[str, Any]
 
     Per candidate: the points (latency = one batch), its summary at the best batch, whether it passed the
     export's accuracy gate, and its CPU milliseconds per image at each batch size."""
-    from export.runtimes import Candidate, make_runner
 
     threads = os.cpu_count() or 2
     out: dict[str, dict[str, Any]] = {}
@@ -306,11 +310,8 @@ def bench_preprocess(model: BenchModel, opts: BenchOptions, model_ms: float | No
     """What the gateway's preprocessing (decode, EXIF, trim, resize) costs per image, by photo size,
     next to what the model costs per image (ONNX Runtime, batch 1, p50): the issue's "preprocessing must
     not cost more than the model", measured."""
-    import io
 
-    from PIL import Image
 
-    from fashion.contract import preprocess
 
     source = Image.open(io.BytesIO(model.jpegs[0])).convert("RGB")
     reps = 5 if opts.quick else 30
@@ -347,7 +348,6 @@ def bench_preprocess(model: BenchModel, opts: BenchOptions, model_ms: float | No
 def triton_client_factory(url: str, model: BenchModel) -> Callable[[], Callable[[int], int]]:
     import tritonclient.grpc as grpcclient
 
-    from fashion.contract import preprocess
 
     outputs = [a.tensor for a in model.schema.attributes]
 
@@ -561,7 +561,6 @@ def _model_cpu_at(by_batch: dict[str, float], batch: float) -> tuple[float | Non
 
 def triton_counts(metrics_url: str) -> tuple[float, float]:
     """(images inferred, model executions) of the bench model so far, from Triton's Prometheus metrics."""
-    import urllib.request
 
     text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
 
@@ -576,7 +575,6 @@ def triton_counts(metrics_url: str) -> tuple[float, float]:
 
 
 def markdown(doc: dict[str, Any]) -> str:
-    from fashion.console import table
 
     setup = doc["setup"]
     raw_rows = []
@@ -688,8 +686,6 @@ def _memory_cell(memory: dict[str, Any], system: str) -> str:
 # ------------------------------------------------------------------------------------------- driver
 def run_bench(opts: BenchOptions) -> dict[str, Any]:
     """Measure every system not skipped, write bench.json and bench.md (and the sweep), print the table."""
-    from fashion.console import emit
-    from orchestration.triton import TritonServer
 
     opts.out.mkdir(parents=True, exist_ok=True)
     work = opts.out / "work"
@@ -774,7 +770,6 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     doc["targets"] = targets(doc)
     doc["setup"] = setup(opts, model)
     if opts.sweep:
-        from loadtest.sweep import run_sweep
 
         doc["sweep"] = run_sweep(model, opts, work)
     (opts.out / "bench.json").write_text(json.dumps(_finite(doc), indent=2) + "\n")
@@ -789,7 +784,6 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
 def setup(opts: BenchOptions, model: BenchModel) -> dict[str, Any]:
     import onnxruntime
 
-    from export.runtimes import cpu_info
 
     chosen = model.cpu["chosen"]
     return {

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
+
+from fashion.console import emit
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +84,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def loadtest_command(args: argparse.Namespace) -> int:
-    import os
 
-    from fashion.console import emit
+    # lazy: the command's modules import torch/ONNX; `fashion --help` imports this file and must not
     from loadtest.errors import SLO_EXIT_CODE, SloViolation
     from loadtest.report import Slo
     from loadtest.run import LoadtestOptions, check, run_loadtest, summary_table
@@ -114,6 +116,7 @@ def loadtest_command(args: argparse.Namespace) -> int:
 
 
 def bench_command(args: argparse.Namespace) -> int:
+    # lazy: the command's modules import torch/ONNX; `fashion --help` imports this file and must not
     from loadtest.bench import BenchOptions, run_bench
 
     opts = BenchOptions.from_args(args)

@@ -284,7 +284,7 @@ class TritonGrpcUser(User):
     wait_time = _wait_time
 
     def on_start(self) -> None:
-        # Imported here so that the locustfile loads where only GatewayUser can run (the locust image).
+        # lazy: the locustfile must load where only GatewayUser can run (the locust image: no numpy, fashion)
         import grpc.experimental.gevent as grpc_gevent
         import numpy as np
         import tritonclient.grpc as grpcclient
@@ -338,7 +338,7 @@ class TritonGrpcUser(User):
 
 def _contract(s: Settings, preprocessing_cls, size: int):
     """The version's contract from ``metadata.json`` when the repository is readable, else defaults."""
-    from fashion.metadata import (  # here: the locust image runs GatewayUser without fashion
+    from fashion.metadata import (  # lazy: the locust image runs GatewayUser without fashion
         FILENAME,
         read_document,
         version_folders,

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from export.runtimes import Candidate
 from loadtest.loadgen import Point, closed_loop
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,6 @@ class BenchModel:
 
     @property
     def chosen(self) -> Any:
-        from export.runtimes import Candidate
 
         return Candidate(self.cpu["chosen"]["runtime"], self.cpu["chosen"]["precision"])
 

@@ -13,14 +13,16 @@ import argparse
 import io
 from pathlib import Path
 
+import numpy as np
+from flask import Flask, jsonify, request
+from PIL import Image
+
+from training.checkpoint import load_checkpoint
+
 
 def create_app(checkpoint: str | Path):
-    import numpy as np
     import torch
-    from flask import Flask, jsonify, request
-    from PIL import Image
 
-    from training.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     net, schema = ckpt.model.eval(), ckpt.schema

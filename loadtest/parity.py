@@ -35,9 +35,13 @@ from typing import Any
 
 import numpy as np
 
+from fashion.console import emit, table
 from fashion.schema import MISSING
 from fashion.upload import multipart_image
 from loadtest.errors import LoadtestError
+from training.checkpoint import load_checkpoint
+from training.evaluate import encode_known, evaluate, evaluation_samples
+from training.predict import predict_paths
 
 log = logging.getLogger(__name__)
 
@@ -215,9 +219,6 @@ def check_parity(
     ``data`` is a labelled dataset in any layout ``fashion evaluate`` reads. Raises ``LoadtestError`` when
     the gateway serves a model whose classes differ from the checkpoint's (a different model).
     """
-    from training.checkpoint import load_checkpoint
-    from training.evaluate import encode_known, evaluate, evaluation_samples
-    from training.predict import predict_paths
 
     out = Path(out_dir)
     ckpt = load_checkpoint(checkpoint)
@@ -248,7 +249,6 @@ def check_parity(
 
 
 def parity_table(report: ParityReport) -> str:
-    from fashion.console import table
 
     rows = [
         [
@@ -267,7 +267,6 @@ def parity_table(report: ParityReport) -> str:
 
 # ------------------------------------------------------------------------------------------ CLI
 def main(argv: Sequence[str] | None = None) -> int:
-    from fashion.console import emit
 
     p = argparse.ArgumentParser(
         prog="python -m loadtest.parity",

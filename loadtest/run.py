@@ -15,9 +15,11 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from fashion.console import table
 from loadtest.errors import LoadtestError, SloViolation
 from loadtest.report import EndpointStats, Slo, plot_history, read_stats, summary_rows
 from orchestration.process import ManagedProcess
+from training.synth import generate
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,6 @@ class LoadtestResult:
 
 def prepare_pool(folder: Path, count: int, seed: int = 0) -> Path:
     """``count`` synthetic catalogue JPEGs (``training.synth``, real JPEG encodes of 512 px photos)."""
-    from training.synth import generate
 
     images = folder / "images"
     if images.is_dir() and len(list(images.glob("*.jpg"))) >= count:
@@ -174,7 +175,6 @@ def _finite(row: dict) -> dict:
 
 
 def summary_table(result: LoadtestResult) -> str:
-    from fashion.console import table
 
     return table(*summary_rows(result.stats))
 

@@ -17,9 +17,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from export.repository import ServingConfig, model_config
+from fashion.console import table
 from loadtest.errors import LoadtestError
 from loadtest.loadgen import best
-from loadtest.measure import BenchModel, Timing
+from loadtest.measure import MODEL_NAME, BenchModel, Timing, gateway_env, http_client_factory, sweep_points
+from orchestration.gateway import GatewayProcess
+from orchestration.triton import TritonServer
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +51,6 @@ def grids(quick: bool) -> dict[str, list[int]]:
 
 
 def measure(model: BenchModel, opts: SweepOptions, work: Path, setting: Setting) -> dict[str, Any]:
-    from export.repository import ServingConfig, model_config
-    from loadtest.measure import MODEL_NAME, gateway_env, http_client_factory, sweep_points
-    from orchestration.gateway import GatewayProcess
-    from orchestration.triton import TritonServer
 
     cores = os.cpu_count() or 2
     serving = ServingConfig(
@@ -80,8 +80,6 @@ def measure(model: BenchModel, opts: SweepOptions, work: Path, setting: Setting)
 
 
 def run_sweep(model: BenchModel, opts: SweepOptions, work: Path) -> dict[str, Any]:
-    from export.repository import ServingConfig, model_config
-    from loadtest.measure import MODEL_NAME
 
     cache: dict[Setting, dict[str, Any]] = {}
     current = Setting()
@@ -143,7 +141,6 @@ def run_sweep(model: BenchModel, opts: SweepOptions, work: Path) -> dict[str, An
         )
     doc = {"recommended": current.__dict__, "reason": reason, "tried": list(cache.values())}
     (opts.out / "sweep.json").write_text(json.dumps(doc, indent=2) + "\n")
-    from fashion.console import table
 
     rows = [
         [

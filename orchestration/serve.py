@@ -29,6 +29,7 @@ Ports: ``0`` picks a free one. A busy port is a ``PortInUse`` error before any w
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import importlib
@@ -48,6 +49,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from fashion.console import emit
 from fashion.errors import UserError
 from fashion.metadata import FILENAME, MetadataError, file_sha256, read_document, version_folders
 from fashion.upload import multipart_image
@@ -644,7 +646,6 @@ def banner(config: ServeConfig, version: int, endpoints: Endpoints, image: Path)
 def serve(config: ServeConfig, say: Say | None = None) -> int:
     """Build the model if needed, run Triton and the gateway, prove a request works, block until a stop
     signal (or return at once with ``smoke``), stop both. Returns 0; raises ``StackError`` subclasses."""
-    from fashion.console import emit
 
     say = say or emit
     with stop_signals():
@@ -700,7 +701,6 @@ EPILOG = """examples:
 
 
 def register(sub: Any) -> None:
-    import argparse
 
     p = sub.add_parser(
         "serve",

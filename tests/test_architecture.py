@@ -149,3 +149,58 @@ def test_the_readme_states_the_layers_the_import_graph_is_checked_against():
             imports = {i.strip() for i in cells[1].split(",")} - {"", "—"}
             rows[cells[0].strip("`/")] = imports
     assert rows == BELOW
+
+
+# Third-party packages that are optional extras or heavy at import (torch alone takes seconds): importing
+# them inside the function that needs them is the point, and needs no comment.
+OPTIONAL = {
+    "torch", "timm", "onnx", "onnxruntime", "openvino", "nncf", "tensorrt", "tritonclient", "matplotlib",
+    "scipy", "pandas", "pyarrow", "psutil", "playwright", "locust", "gevent", "grpc", "urllib3",
+    "helm_python", "yaml", "prometheus_client", "flask",
+}
+
+
+def unexplained_local_imports(path: Path) -> list[str]:
+    """Function-local imports of project or standard modules with no ``# lazy: <reason>`` comment on the
+    import or in the comment lines right above its block of imports."""
+    lines = path.read_text().splitlines()
+    found = []
+    for fn in ast.walk(ast.parse("\n".join(lines))):
+        if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        for node in ast.walk(fn):
+            if not isinstance(node, ast.Import | ast.ImportFrom):
+                continue
+            module = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+            if (module or "").split(".")[0] in OPTIONAL:
+                continue
+            above = node.lineno - 1  # 0-based index of the import line
+            explained = "# lazy:" in lines[above]
+            while not explained and above > 0:
+                above -= 1
+                text = lines[above].strip()
+                in_block = text.startswith(("from ", "import ", "#")) or text.endswith(",") or text == ")"
+                if text and not in_block:
+                    break
+                explained = "# lazy:" in text
+            if not explained:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} {module}")
+    return found
+
+
+def test_function_local_imports_are_optional_packages_or_say_why_they_are_lazy():
+    unexplained = [hit for path in modules().values() for hit in unexplained_local_imports(path)]
+    assert not unexplained, unexplained
+
+
+def test_fashion_help_imports_no_torch_and_no_optional_runtime():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from fashion.cli import build_parser; build_parser(); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'timm', 'onnx', 'onnxruntime', "
+        "'openvino', 'nncf', 'tritonclient', 'pandas'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", out.stdout

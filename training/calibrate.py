@@ -26,14 +26,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from fashion.console import emit, table
 from fashion.schema import MISSING, LabelSchema
 from training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from training.context import resolve_device
+from training.evaluate import encode_known, evaluation_samples
 from training.inference import collect, head_widths, image_batches
 from training.metrics import expected_calibration_error
 from training.model import FashionNet
 from training.novelty import floor_thresholds
+from training.predict import iter_batches
 
 log = logging.getLogger(__name__)
 
@@ -272,9 +276,6 @@ def calibrate(
 ) -> list[HeadCalibration]:
     """``fashion calibrate``: on all of ``data``, or (default) on the checkpoint's validation split
     re-created as ``fashion train`` made it."""
-    from training.context import resolve_device
-    from training.evaluate import encode_known, evaluation_samples
-    from training.predict import iter_batches
 
     ckpt = load_checkpoint(checkpoint)
     samples = evaluation_samples(ckpt, data, format, split, "all" if data else "val")
@@ -282,7 +283,6 @@ def calibrate(
         raise ValueError("no labelled images to calibrate on")
     labels = encode_known(ckpt.schema, samples)
     dev = resolve_device(device)
-    from tqdm import tqdm
 
     chunks: dict[str, list[np.ndarray]] = {a.name: [] for a in ckpt.schema.attributes}
     ok: list[bool] = []

@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from fashion.console import emit, table
 from fashion.errors import UserError
 
 EPILOG_TRAIN = """examples:
@@ -93,7 +94,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from fashion.console import emit
+    # lazy: the command's modules import torch/ONNX; `fashion --help` imports this file and must not
     from training.synth import generate
 
     if args.count < 1:
@@ -107,6 +108,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    # lazy: the command's modules import torch/ONNX; `fashion --help` imports this file and must not
     from training.config import TrainConfig
     from training.train import train
 
@@ -246,6 +248,7 @@ def register_analysis(sub: argparse._SubParsersAction) -> None:
 
 
 def _novelty(args: argparse.Namespace) -> int:
+    # lazy: the command's modules import torch/ONNX; `fashion --help` imports this file and must not
     from training.unseen import novelty_command
 
     if not 0 < args.quantile < 1:
@@ -255,6 +258,7 @@ def _novelty(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    # lazy: the command's modules import torch/ONNX; `fashion --help` imports this file and must not
     from training.evaluate import evaluate
 
     evaluate(args.checkpoint, args.out, args.data, format=args.format, split=args.split, subset=args.subset,
@@ -263,7 +267,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from fashion.console import emit
+    # lazy: the command's modules import torch/ONNX; `fashion --help` imports this file and must not
     from training.predict import predict
 
     if args.data is None:
@@ -277,7 +281,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from fashion.console import emit, table
+    # lazy: the command's modules import torch/ONNX; `fashion --help` imports this file and must not
     from training.checkpoint import load_checkpoint
     from training.context import resolve_device
     from training.explain import explain, summarise
@@ -298,6 +302,7 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
+    # lazy: the command's modules import torch/ONNX; `fashion --help` imports this file and must not
     from training.calibrate import calibrate
 
     if not 0.0 < args.target_precision <= 1.0:

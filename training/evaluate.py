@@ -30,9 +30,10 @@ import numpy as np
 from fashion.console import emit, table
 from fashion.schema import MISSING, LabelSchema
 from training.checkpoint import Checkpoint, load_checkpoint
-from training.context import validation_samples
+from training.context import resolve_device, validation_samples
 from training.data import DatasetError, Sample, encode, read_catalogue
 from training.metrics import confusion_top_classes, evaluate_arrays, per_class_report
+from training.predict import predict_paths
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +195,6 @@ def evaluate(
     aspect: float = 1.0,
 ) -> EvalResult:
     """Evaluate ``checkpoint`` on ``data`` and write the report folder (module docstring)."""
-    from training.context import resolve_device
-    from training.predict import predict_paths
 
     ckpt = load_checkpoint(checkpoint)
     schema = ckpt.schema

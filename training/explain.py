@@ -28,6 +28,7 @@ counts as not on the product.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -252,7 +253,6 @@ def summarise(results: Sequence[Explanation]) -> PeakSummary:
 
 def write_summary(path: str | Path, results: Sequence[Explanation]) -> PeakSummary:
     """``summary.json``: the peak-on-product counts and one record per heatmap."""
-    import json
 
     summary = summarise(results)
     doc = {

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from fashion.contract import ImageError, Preprocessing
 from fashion.schema import OTHER
 from training.checkpoint import Checkpoint, load_checkpoint
+from training.context import resolve_device
 from training.data import Catalogue, DatasetError, Sample, read_catalogue
 from training.dataset import load_view
 from training.inference import collect, head_widths
@@ -225,7 +226,6 @@ def predict(
     abstain: bool = True,
 ) -> PredictResult:
     """Predict every image of ``data`` and write ``out`` (CSV) in the layout's format (module docstring)."""
-    from training.context import resolve_device
 
     ckpt = load_checkpoint(checkpoint)
     cat = read_for_prediction(data, format, split)

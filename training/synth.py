@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import math
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -786,7 +787,6 @@ def generate(
 
 
 def _benchmark(count: int = 1000) -> SynthSummary:
-    import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         return generate(tmp, count, seed=0)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from fashion.console import emit, table
 from fashion.contract import Preprocessing
 from fashion.schema import MISSING, LabelSchema
+from training.calibrate import calibrate_in_memory
 from training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from training.config import ConfigError, TrainConfig
 from training.context import prepare_data, resolve_device
@@ -38,6 +39,7 @@ from training.dataset import ImageCache, TrainDataset, colour_is_a_target
 from training.inference import collect, head_widths, image_batches
 from training.metrics import evaluate_arrays
 from training.model import FashionNet, build_model, pretrained_preprocessing
+from training.unseen import fit_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -461,12 +463,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         emit(f"best validation score {best_score:.4f} at epoch {best_epoch}; run directory {run_dir}")
         if (run_dir / "best.pt").is_file():
             # Per-head temperatures and abstain thresholds for best.pt, fitted on the validation split.
-            from training.calibrate import calibrate_in_memory
 
             calibrate_in_memory(run_dir / "best.pt", cache_val.images, y_val, device=device)
             if cfg.novelty_quantile > 0:
                 # The gate against unseen product types, measured on the held-out classes if any.
-                from training.unseen import fit_checkpoint
 
                 held = [s.image_path for s in split_held_out(cat.samples, cfg.hold_out)[1]]
                 held_images = ImageCache.build(held, pre, desc="decode held-out").images

@@ -21,6 +21,7 @@ import torch
 
 from fashion.console import emit, table
 from training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from training.context import checkpoint_config, prepare_data, resolve_device
 from training.data import encode, split_held_out
 from training.dataset import ImageCache
 from training.inference import collect, head_widths, image_batches
@@ -213,7 +214,6 @@ def novelty_command(
 ) -> NoveltyReport:
     """``fashion novelty``: re-create the checkpoint's split (and its held-out photos, if it was trained with
     ``--hold-out``), fit the gate, save the checkpoint (default: in place) and ``novelty.json`` beside it."""
-    from training.context import checkpoint_config, prepare_data, resolve_device
 
     ckpt = load_checkpoint(checkpoint)
     cfg = checkpoint_config(ckpt)
