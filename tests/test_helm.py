@@ -1,6 +1,7 @@
 """The Helm chart (helm/fashion-tagger), its TensorRT build script and the Dockerfiles, checked offline.
 
-- Rendering and linting use Helm's own Go SDK through ``helm_python`` (helm-python-sdk): no helm binary.
+- Rendering and linting use Helm's own Go SDK through ``helm_python`` (helm-python-sdk), in a process of
+  its own (``tests/helm_worker.py``): no helm binary.
 - Every rendered object is validated with ``kubernetes_validate`` against the Kubernetes JSON schemas the
   package bundles (strict: unknown fields are errors). The ServiceMonitor CRD has no bundled schema and is
   checked structurally instead.
@@ -17,10 +18,10 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
-import helm_python as helm
 import kubernetes_validate
 import pytest
 import yaml
@@ -119,14 +120,65 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
 # --- rendering -------------------------------------------------------------------------------------
 
 
-@functools.cache
-def _chart() -> helm.Chart:
-    return helm.Chart.load(CHART)
+class HelmValuesError(Exception):
+    """helm_python's error for values the chart's schema rejects (raised again here from the worker)."""
+
+
+class HelmRenderError(Exception):
+    """helm_python's error for a template that fails (``fail`` in the chart) or does not render."""
+
+
+class HelmWorker:
+    """``tests/helm_worker.py``: Helm's Go SDK in its own process (see there why), one request at a time."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen[str] | None = None
+
+    def call(self, op: str, **request: Any) -> Any:
+        if self.process is None or self.process.poll() is not None:
+            self.process = subprocess.Popen(
+                [sys.executable, str(Path(__file__).with_name("helm_worker.py"))],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(json.dumps({"op": op, "chart": str(CHART), **request}) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the helm worker exited with status {self.process.wait()}")
+        reply = json.loads(line)
+        if "error" in reply:
+            typed = {"HelmValuesError": HelmValuesError, "HelmRenderError": HelmRenderError}
+            if reply["error"] in typed:
+                raise typed[reply["error"]](reply["message"])
+            raise RuntimeError(f"{reply['error']}: {reply['message']}")
+        return reply["ok"]
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            assert self.process.stdin is not None
+            self.process.stdin.close()
+            self.process.wait(10)
+
+
+HELM = HelmWorker()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _helm_worker_stopped_at_the_end() -> Any:
+    yield
+    HELM.stop()
+
+
+def lint(values: dict[str, Any], **options: Any) -> dict[str, Any]:
+    return HELM.call("lint", values=values, options=options)
 
 
 def render_raw(values: dict[str, Any]) -> dict[str, str]:
     """Template path -> rendered text, exactly as `helm template` would produce."""
-    return _chart().render(values, name=RELEASE, namespace=NAMESPACE)
+    return HELM.call("render", values=values, name=RELEASE, namespace=NAMESPACE)
 
 
 @functools.cache
@@ -220,7 +272,7 @@ def test_chart_metadata_is_helm_v2_with_an_app_version():
 
 @pytest.mark.parametrize("value_set", sorted(VALUE_SETS))
 def test_chart_lints_without_errors_or_warnings(value_set):
-    report = helm.lint(CHART, VALUE_SETS[value_set], strict=True, namespace=NAMESPACE, kube_version="v1.30.0")
+    report = lint(VALUE_SETS[value_set], strict=True, namespace=NAMESPACE, kube_version="v1.30.0")
     problems = [m for m in report["messages"] if m["severity"] >= 2]
     assert report["errors"] == [] and problems == [], json.dumps(report, indent=1)
 
@@ -269,9 +321,9 @@ def test_the_validator_rejects_a_broken_manifest():
     ],
 )
 def test_values_schema_rejects_bad_values(override, message):
-    with pytest.raises(helm.HelmValuesError, match=re.escape(message)):
+    with pytest.raises(HelmValuesError, match=re.escape(message)):
         render_raw(override)
-    report = helm.lint(CHART, override)
+    report = lint(override)
     assert report["errors"], "helm lint accepted values the schema must reject"
 
 
@@ -298,7 +350,7 @@ def test_values_schema_rejects_bad_values(override, message):
     ],
 )
 def test_inconsistent_values_stop_rendering_with_a_clear_message(override, message):
-    with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
+    with pytest.raises(HelmRenderError, match=re.escape(message)):
         render_raw(override)
 
 
@@ -522,7 +574,7 @@ def test_cpu_profile_requests_one_cpu_per_thread_the_export_configures():
     ],
 )
 def test_cpu_profile_refuses_the_tensorrt_plan_builder(override, message):
-    with pytest.raises(helm.HelmRenderError, match=re.escape(message)) as failure:
+    with pytest.raises(HelmRenderError, match=re.escape(message)) as failure:
         render_raw(override)
     assert "TensorRT is GPU-only" in str(failure.value)
     assert "tensorrt.enabled=false" in str(failure.value)
@@ -541,7 +593,7 @@ def test_cpu_profile_refuses_the_tensorrt_plan_builder(override, message):
     ],
 )
 def test_a_profile_that_contradicts_the_gpu_settings_stops_rendering(override, message):
-    with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
+    with pytest.raises(HelmRenderError, match=re.escape(message)):
         render_raw(override)
 
 
