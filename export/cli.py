@@ -62,8 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--int8-keep",
         default="",
         help="comma-separated ONNX node names or regular expressions over them (whole-name match) to keep "
-        "out of INT8, besides the stem, heads and gate; e.g. '/backbone/blocks/blocks\\.[0-2]\\..*' keeps "
-        "the first three stages in FP32",
+        "out of INT8, besides the stem, heads and gate; e.g. '/backbone/blocks/blocks\\.[0-2]/.*' keeps "
+        "the first three stages in FP32. Default: the int8_keep list of an export.yaml next to the "
+        "checkpoint (models/default has one)",
     )
     a(
         "--max-batch-size",

@@ -20,6 +20,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from export.errors import ExportError, ParityError, PrecisionError
 from export.images import export_images
 from export.onnx_export import OPSET, export_onnx, run_torch
@@ -136,6 +138,28 @@ class ExportResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+EXPORT_SETTINGS = "export.yaml"  # next to a checkpoint: export settings that belong to that model
+
+
+def int8_keep(opts: ExportOptions) -> tuple[tuple[str, ...], str | None]:
+    """The nodes (names or patterns) kept out of INT8 and where they came from: ``--int8-keep``, else the
+    ``int8_keep`` list of an ``export.yaml`` next to the checkpoint (the shipped model has one: its INT8
+    passes the accuracy gate only with its first stages in FP32), else none."""
+    if opts.int8_keep:
+        return opts.int8_keep, "--int8-keep"
+    settings = opts.checkpoint.parent / EXPORT_SETTINGS
+    if not settings.is_file():
+        return (), None
+    try:
+        doc = yaml.safe_load(settings.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ExportError(f"{settings} is not readable YAML: {e}") from e
+    keep = doc.get("int8_keep", []) if isinstance(doc, dict) else None
+    if not isinstance(keep, list) or not all(isinstance(k, str) for k in keep):
+        raise ExportError(f"{settings}: int8_keep must be a list of node names or patterns")
+    return tuple(keep), str(settings) if keep else None
+
+
 def export_checkpoint(opts: ExportOptions, report: Callable[[str], None] | None = None) -> ExportResult:
     """Run the whole export; ``report`` receives the tables (default: standard output)."""
 
@@ -234,8 +258,11 @@ def export_checkpoint(opts: ExportOptions, report: Callable[[str], None] | None 
         if "int8" in reduced:
             clock = time.perf_counter()
             assert photos.calibration is not None
+            keep, keep_source = int8_keep(opts)
+            if keep_source is not None:
+                say(f"int8: keeping {', '.join(keep)} in FP32 ({keep_source})")
             files["int8"], excluded = to_int8(
-                files["fp32"], work / "model.int8.onnx", photos.calibration.images, opts.int8_keep
+                files["fp32"], work / "model.int8.onnx", photos.calibration.images, keep
             )
             seconds["int8_quantise"] = time.perf_counter() - clock
             precision_meta["int8"] = {
@@ -248,6 +275,7 @@ def export_checkpoint(opts: ExportOptions, report: Callable[[str], None] | None 
                     "real_photos": photos.real,
                 },
                 "excluded_nodes": excluded,
+                "keep": {"patterns": list(keep), "from": keep_source},
                 "quantize_linear_nodes": count_ops(onnx.load(files["int8"]), "QuantizeLinear"),
             }
 

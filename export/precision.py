@@ -97,7 +97,7 @@ def int8_exclusions(model: onnx.ModelProto, keep: Sequence[str] = ()) -> dict[st
 
 def kept_nodes(model: onnx.ModelProto, keep: Sequence[str]) -> list[str]:
     """The graph's node names that ``keep`` asks for, in graph order: each entry is a node name or a regular
-    expression matched against whole names (``/backbone/blocks/blocks\\.[0-2]\\..*``: the first three
+    expression matched against whole names (``/backbone/blocks/blocks\\.[0-2]/.*``: the first three
     stages). An entry that matches no node is an error, not a silent no-op."""
     names = [n.name for n in model.graph.node]
     wanted: set[str] = set()

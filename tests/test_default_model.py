@@ -88,6 +88,11 @@ def test_serve_gates_every_cpu_candidate_on_500_real_photos_and_serves_the_faste
     for name in ("openvino-int8", "onnxruntime-int8"):
         gate = candidates[name]["gate"]
         assert gate["images"] >= 500 and len(gate["attributes"]) == len(meta["outputs"])
+        # INT8 of the shipped model passes with stages 0-4 in FP32 (models/default/export.yaml)
+        assert candidates[name]["passed_gate"], gate
+    assert int8["keep"]["from"].endswith("models/default/export.yaml")
+    kept = int8["excluded_nodes"]["kept_by_request"]
+    assert any("/blocks.4/" in n for n in kept) and not any("/blocks.5/" in n for n in kept)
     passed = [c for c in candidates.values() if c["passed_gate"]]
     fastest = max(passed, key=lambda c: max(c["throughput_ips"].values()))
     chosen = meta["export"]["cpu"]["chosen"]

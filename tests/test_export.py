@@ -369,3 +369,24 @@ def test_int8_keep_takes_node_names_or_whole_name_patterns_and_refuses_what_matc
         kept_nodes(model, [r"/head/.*"])
     with pytest.raises(ExportError, match="not a regular expression"):
         kept_nodes(model, ["/blocks/blocks.0/Conv(["])
+
+
+def test_an_export_yaml_next_to_the_checkpoint_sets_the_int8_keep_list_unless_the_command_line_does(
+    checkpoint, tmp_path
+):
+    import shutil
+
+    from export.errors import ExportError
+    from export.pipeline import EXPORT_SETTINGS, ExportOptions, int8_keep
+
+    copy = tmp_path / "model" / "best.pt"
+    copy.parent.mkdir()
+    shutil.copyfile(checkpoint, copy)
+    assert int8_keep(ExportOptions(checkpoint=copy)) == ((), None)
+    settings = copy.parent / EXPORT_SETTINGS
+    settings.write_text("int8_keep:\n  - '/backbone/blocks/blocks\\.0/.*'\n")
+    assert int8_keep(ExportOptions(checkpoint=copy)) == ((r"/backbone/blocks/blocks\.0/.*",), str(settings))
+    assert int8_keep(ExportOptions(checkpoint=copy, int8_keep=("x",))) == (("x",), "--int8-keep")
+    settings.write_text("int8_keep: 3\n")
+    with pytest.raises(ExportError, match="int8_keep must be a list"):
+        int8_keep(ExportOptions(checkpoint=copy))
