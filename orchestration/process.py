@@ -201,6 +201,9 @@ class ManagedProcess:
                 f"{self.name} did not finish in {timeout_s:.0f} s; its log ({self.log_path}) ends:\n"
                 f"{self.log_tail()}"
             ) from None
+        except BaseException:  # Ctrl-C or SIGTERM of the caller: its own session would keep it running
+            self.stop(10.0)
+            raise
 
     def __enter__(self) -> ManagedProcess:
         return self.start()

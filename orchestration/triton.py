@@ -196,6 +196,8 @@ class TritonServer:
         """Start the process and wait until ``/v2/health/ready``; raises ``TritonStartError`` otherwise."""
         if self.is_running():
             return self
+        if self._process is not None:  # exited or killed: reap it, end its stubs, drop its work folder
+            self.stop(timeout_s=10.0)
         self._workdir = tempfile.TemporaryDirectory(prefix="fashion-triton-")
         work = Path(self._workdir.name)
         backends = prepare_backends(work / "backends")

@@ -27,10 +27,10 @@ def answer(request: dict[str, Any]) -> Any:
 def main() -> None:
     for line in sys.stdin:
         try:
-            reply = {"ok": answer(json.loads(line))}
+            text = json.dumps({"ok": answer(json.loads(line))})
         except Exception as e:  # every failure goes back to the test, typed by its class name
-            reply = {"error": type(e).__name__, "message": str(e)}
-        sys.stdout.write(json.dumps(reply) + "\n")
+            text = json.dumps({"error": type(e).__name__, "message": str(e)})
+        sys.stdout.write(text + "\n")
         sys.stdout.flush()
 
 

@@ -1,0 +1,74 @@
+"""``orchestration.process.ManagedProcess``: the one launcher's typed failures and its stops."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from orchestration.process import ManagedProcess, ProcessError
+
+
+class Refused(ProcessError):
+    """A caller's own error type (the launcher raises what it is given)."""
+
+
+def python(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def test_a_process_that_exits_before_it_is_ready_raises_the_callers_error_with_its_log(tmp_path):
+    process = ManagedProcess(
+        "server",
+        python("import sys; print('bad model file'); sys.exit(3)"),
+        log_path=tmp_path / "log",
+        ready_url="http://127.0.0.1:9/never",
+        error=Refused,
+    ).start()
+    with pytest.raises(Refused, match=r"(?s)server exited with status 3.*bad model file"):
+        process.wait_ready(30)
+
+
+def test_run_stops_the_whole_process_when_the_caller_is_interrupted(tmp_path):
+    process = ManagedProcess("sleeper", python("import time; time.sleep(60)"), log_path=tmp_path / "log")
+    process.start()
+    assert process.process is not None
+    popen, calls = process.process, []
+    real_wait = popen.wait
+
+    def interrupted_once(timeout=None):
+        calls.append(timeout)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # Ctrl-C arrives while the caller waits for it to finish
+        return real_wait(timeout)
+
+    popen.wait = interrupted_once  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        process.run(timeout_s=60)
+    assert popen.poll() is not None  # stopped, not left running in its own session
+    with pytest.raises(ProcessLookupError):
+        os.kill(popen.pid, 0)
+
+
+def test_run_past_its_deadline_stops_it_and_says_so(tmp_path):
+    process = ManagedProcess(
+        "locust", python("import time; print('started'); time.sleep(60)"), log_path=tmp_path / "log"
+    )
+    with pytest.raises(ProcessError, match="locust did not finish in 1 s"):
+        process.run(timeout_s=1)
+    assert process.exit_code() is None and process.process is None  # stopped and forgotten
+
+
+@pytest.mark.server
+def test_a_killed_triton_starts_again_on_its_ports_with_a_fresh_log(colour_stack):
+    import signal
+
+    triton = colour_stack.triton()
+    ports, old_log = (triton.http_port, triton.grpc_port), triton.log_path
+    os.kill(triton.pid, signal.SIGKILL)
+    triton._process.process.wait(10)  # type: ignore[union-attr]
+    assert not triton.is_running()
+    again = colour_stack.triton()  # start() reaps the killed one, ends its stubs, drops its work folder
+    assert again.is_running() and again.ready() and (again.http_port, again.grpc_port) == ports
+    assert again.log_path is not None and again.log_path != old_log and again.log_path.is_file()
