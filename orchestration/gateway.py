@@ -37,8 +37,8 @@ class GatewayProcess(ManagedProcess):
         env = {**os.environ, **settings}
         env.update(FASHION_PORT=str(self.port), FASHION_BIND=f"{host}:{self.port}")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-        super().__init__("gunicorn", GUNICORN, log_path=log_path, env=env, ready_url=None, error=error)
-        self.ready_url = self.url + "/readyz"
+        ready = self.url + "/readyz"
+        super().__init__("gunicorn", GUNICORN, log_path=log_path, env=env, ready_url=ready, error=error)
 
     @property
     def url(self) -> str:

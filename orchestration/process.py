@@ -55,10 +55,6 @@ def http_status(url: str, timeout_s: float = 2.0) -> tuple[int | None, str]:
         return None, str(e)
 
 
-def http_ok(url: str, timeout_s: float = 2.0) -> bool:
-    return http_status(url, timeout_s)[0] == 200
-
-
 def tail(path: Path | None, chars: int = 3000) -> str:
     """The end of a log file, or a word saying there is none."""
     if path is None:
