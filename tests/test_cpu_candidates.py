@@ -12,7 +12,16 @@ import pytest
 from export.errors import ExportError, PrecisionError
 from export.parity import gate
 from export.pipeline import ExportOptions, export_checkpoint
-from export.runtimes import Candidate, CpuInfo, Measured, choose, cpu_info, unavailable
+from export.runtimes import (
+    Candidate,
+    CpuInfo,
+    Measured,
+    choose,
+    cpu_info,
+    run_all,
+    timed_pass,
+    unavailable,
+)
 from fashion.schema import Attribute, LabelSchema
 
 SCHEMA = LabelSchema([Attribute("colour", ("red", "blue", "green"))])
@@ -44,6 +53,22 @@ def test_gate_refuses_an_accuracy_drop_beyond_half_a_point_even_when_agreement_p
     assert gate(SCHEMA, reference, one_flip, labels)["passed"]
     labels[:, 0] = -1  # missing labels do not count
     assert gate(SCHEMA, reference, candidate, labels)["attributes"][0]["labelled_images"] == 0
+
+
+def test_the_gate_pass_is_the_timing_and_its_outputs_are_every_photo_in_order():
+    calls: list[int] = []
+
+    def runner(x: np.ndarray) -> list[np.ndarray]:
+        calls.append(len(x))
+        return [x.reshape(len(x), -1).sum(axis=1, keepdims=True).astype(np.float32)]
+
+    images = np.arange(25 * 3, dtype=np.uint8).reshape(25, 3)
+    outputs, ips = timed_pass(runner, images, 8, seconds=0.01)
+    assert calls == [8, 8, 8, 1] and ips > 0  # one pass over real photos, no extra timing calls
+    np.testing.assert_array_equal(outputs[0], run_all(runner, images)[0])
+    calls.clear()
+    _, ips = timed_pass(runner, images[:9], 8, seconds=0.01)  # one batch after the warm-up: timed apart
+    assert calls[:2] == [8, 1] and len(calls) > 3 and ips > 0
 
 
 def info(caps: tuple[str, ...], openvino: str | None = "2026.4") -> CpuInfo:
