@@ -29,8 +29,11 @@ $(DEV_STAMP): $(STAMP)
 serve: install
 	$(BIN)/fashion serve $(ARGS)
 
-# Lint and type-check first (seconds), then the suite; any failure fails the target (and CI).
+# Lint and type-check first (seconds), then the suite on TEST_WORKERS processes (pytest-xdist; one test file
+# per worker, longest files first, see tests/conftest.py; TEST_WORKERS=0 runs it in this process). Any failure
+# fails the target (and CI).
+TEST_WORKERS ?= 2
 test: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,26 @@ from PIL import Image
 
 SHARED_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "fashion-products-sample"
 COLOURS = {"Red": (220, 30, 30), "Blue": (30, 60, 220), "Green": (30, 170, 60)}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``make test`` runs two workers on two cores) each worker, and every process it
+    starts, uses one OpenMP thread unless OMP_NUM_THREADS is set: two workers each running two torch threads
+    on two cores made the suite 41 s slower here (345 s against 304 s). Runs before any test imports torch."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules that train or export real models run first, then those that start servers, then the rest
+    (stable within each), so that with ``-n 2 --dist loadfile`` the longest work starts at once and both
+    workers finish together instead of one waiting on a long module scheduled last."""
+    weight: dict[str, int] = {}
+    for item in items:
+        module = item.nodeid.split("::", 1)[0]
+        mark = 2 if item.get_closest_marker("slow") else 1 if item.get_closest_marker("server") else 0
+        weight[module] = max(weight.get(module, 0), mark)
+    items.sort(key=lambda item: -weight[item.nodeid.split("::", 1)[0]])
 
 
 def draw_product(path: Path, colour: tuple[int, int, int], shape: str, size=(120, 160), seed=0) -> None:

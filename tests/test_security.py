@@ -7,6 +7,7 @@ are in ``tests/test_gateway.py``.
 
 from __future__ import annotations
 
+import importlib.metadata
 import io
 import json
 import os
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import date
@@ -321,11 +323,30 @@ def unreachable(message: str) -> None:
     pytest.skip(f"NO AUDIT RAN: {message} (FASHION_REQUIRE_AUDIT=1 makes this a failure)")
 
 
+VULNERABILITY_SERVICE = "https://pypi.org/pypi/{name}/{version}/json"  # what pip-audit asks per package
+
+
+def probe_vulnerability_service(timeout_s: float = 10.0) -> str | None:
+    """Why pypi.org's JSON API cannot answer, or None when it can: one lookup (pip-audit's own entry) before
+    pip-audit makes ~170 of them, each of which would fail the same way."""
+    url = VULNERABILITY_SERVICE.format(name="pip-audit", version=importlib.metadata.version("pip-audit"))
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            json.loads(response.read())
+    except (OSError, ValueError) as e:  # URLError/HTTPError/timeouts are OSErrors; a non-JSON answer
+        return f"{url} answered {e}"
+    return None
+
+
 def test_dependencies_have_no_known_vulnerabilities_outside_the_allow_list():
     """pip-audit over this environment (PyPI's vulnerability data); needs pypi.org's JSON API."""
     pip_audit = Path(sys.executable).with_name("pip-audit")
     if not pip_audit.exists():
         pytest.fail(f"pip-audit is not installed next to {sys.executable}: pip install -e '.[dev]'")
+    if (why := probe_vulnerability_service()) is not None:
+        unreachable(
+            f"the vulnerability service (pypi.org's JSON API) cannot be reached or does not answer: {why}"
+        )
     allowed = read_allowlist()
     command = [
         str(pip_audit),
