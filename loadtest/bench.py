@@ -547,6 +547,19 @@ def cpu_budget(
     }
 
 
+def budget_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """Why a "rest of" row is negative: it is a process's CPU minus a part timed alone, minutes apart."""
+    negative = [r["part"] for r in rows if "(rest of" in r["part"] and r["cpu_ms_per_image"] < 0]
+    if not negative:
+        return []
+    return [
+        "",
+        f"Negative: {'; '.join(negative)}. Such a row is the process's CPU minus the part measured alone "
+        "(minutes earlier, outside the server); here that part cost more alone than the whole process did "
+        "under load, so the two measurements disagree by at least that much (this VM's speed drifts).",
+    ]
+
+
 def _model_cpu_at(by_batch: dict[str, float], batch: float) -> tuple[float | None, str]:
     """The model's CPU ms per image at a mean batch size, interpolated between the measured sizes."""
     points = sorted((int(b), ms) for b, ms in by_batch.items())
@@ -653,6 +666,7 @@ def markdown(doc: dict[str, Any]) -> str:
             f"Total {budget['total_cpu_ms_per_image']} CPU ms per image on {budget['cores']} cores: "
             f"a ceiling of {budget['ceiling_ips_from_budget']} img/s for the whole path, against "
             f"{budget['model_only_ceiling_ips']} img/s for the model alone.",
+            *budget_notes(budget["rows"]),
         ]
     lines += [
         "",

@@ -228,6 +228,18 @@ def test_bench_quick_with_a_tiny_model_writes_every_key(tmp_path):
     assert "| gateway " in text and "| camera 3000x4000 " in text and "CPU budget" in text
 
 
+def test_a_negative_rest_of_the_budget_is_explained_not_shown_bare():
+    from loadtest.bench import budget_notes
+
+    rows = [
+        {"part": "model: openvino-int8 alone at batch 2.35 (interpolated)", "cpu_ms_per_image": 19.31},
+        {"part": "Triton python backend: IPC (rest of the model process)", "cpu_ms_per_image": -2.64},
+    ]
+    notes = budget_notes(rows)
+    assert "Negative: Triton python backend" in notes[-1] and "measured alone" in notes[-1]
+    assert budget_notes([{**rows[1], "cpu_ms_per_image": 0.5}]) == []
+
+
 def test_sweep_keeps_the_fastest_setting_that_meets_the_slo_and_writes_its_queue_bound(tmp_path, monkeypatch):
     """The coordinate search over measured settings (the measuring itself is the bench test's job)."""
     from fashion.schema import Attribute, LabelSchema
