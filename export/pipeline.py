@@ -43,6 +43,7 @@ from export.runtimes import (
     GATE_BATCH,
     REFERENCE,
     TIMED_BATCHES,
+    TURN_ROUNDS,
     Measured,
     candidates,
     choose,
@@ -50,6 +51,7 @@ from export.runtimes import (
     make_runner,
     run_all,
     time_runner,
+    time_taking_turns,
     timed_pass,
     unavailable,
 )
@@ -285,6 +287,7 @@ def export_checkpoint(opts: ExportOptions, report: Callable[[str], None] | None 
         clock = time.perf_counter()
         cpu = cpu_info()
         measured = []
+        runners = {}
         for candidate in candidates(("fp32", *reduced)):
             m = Measured(candidate, unavailable=unavailable(candidate, cpu))
             measured.append(m)
@@ -296,6 +299,7 @@ def export_checkpoint(opts: ExportOptions, report: Callable[[str], None] | None 
             else:  # bf16 runs model.onnx
                 runner = make_runner(candidate, work / candidate.file, opts.cpu_threads)
                 outputs, gate_ips = timed_pass(runner, gate_images, GATE_BATCH, opts.time_s)
+            runners[candidate.name] = runner
             m.gate = gates[candidate.name] = check(candidate.name, outputs)
             m.throughput_ips = {
                 b: gate_ips if b == GATE_BATCH else time_runner(runner, gate_images, b, opts.time_s)
@@ -315,6 +319,20 @@ def export_checkpoint(opts: ExportOptions, report: Callable[[str], None] | None 
             precision_meta["int8"]["gate"] = {
                 m.candidate.name: m.gate for m in measured if m.candidate.precision == "int8"
             }
+        # Those that passed, timed again taking turns: what `choose` ranks by.
+        contenders = [m for m in measured if m.passed]
+        compare_s = opts.time_s / 4
+        if len(contenders) > 1:
+            rates = time_taking_turns(
+                [runners[m.candidate.name] for m in contenders],
+                gate_images,
+                TIMED_BATCHES,
+                TURN_ROUNDS,
+                compare_s,
+            )
+            for m, rate in zip(contenders, rates, strict=True):
+                m.compared_ips = rate
+        del runners
         chosen, why = choose(measured)
         seconds["cpu_candidates"] = time.perf_counter() - clock
         say(
@@ -364,6 +382,12 @@ def export_checkpoint(opts: ExportOptions, report: Callable[[str], None] | None 
                     "threads": opts.cpu_threads,
                     "timed_seconds_per_batch_size": opts.time_s,
                     "timed_on_the_gate_pass": {"batch": GATE_BATCH, "images": len(gate_images)},
+                    "compared": {
+                        "candidates": [m.candidate.name for m in contenders if m.compared_ips],
+                        "batches": list(TIMED_BATCHES),
+                        "rounds": TURN_ROUNDS,
+                        "seconds_per_turn": compare_s,
+                    },
                     "candidates": [m.to_dict() for m in measured],
                     "chosen": {**chosen.to_dict(), "why": why},
                 },
@@ -433,13 +457,17 @@ def _version(package: str) -> str:
 
 def candidates_table(measured: Sequence[Measured], title: str) -> str:
 
+    def rates(by_batch: dict[int, float]) -> str:
+        return " / ".join(f"{by_batch[b]:.0f}" for b in TIMED_BATCHES if b in by_batch) or "-"
+
     rows = []
     for m in measured:
-        ips = " / ".join(f"{m.throughput_ips[b]:.0f}" for b in TIMED_BATCHES if b in m.throughput_ips)
         verdict = m.unavailable or ("passed" if m.passed else ("forced" if m.forced else "refused"))
-        rows.append((m.candidate.runtime, m.candidate.precision, m.candidate.file, ips or "-", verdict))
+        row = (m.candidate.runtime, m.candidate.precision, m.candidate.file, rates(m.throughput_ips))
+        rows.append((*row, rates(m.compared_ips), verdict))
+    batches = " / ".join(map(str, TIMED_BATCHES))
     body = table(
-        ["runtime", "precision", "file", f"img/s at batch {' / '.join(map(str, TIMED_BATCHES))}", "gate"],
+        ["runtime", "precision", "file", f"img/s at batch {batches}", "taking turns", "gate"],
         rows,
     )
     return f"{title}\n{body}"
