@@ -137,7 +137,7 @@ def test_taking_turns_rotates_the_order_and_keeps_the_median_of_each_runner():
 
     images = np.zeros((4, 2, 2, 3), np.uint8)
     fast, slow = time_taking_turns(
-        [runner("fast", 0.001), runner("slow", 0.004)], images, (1, 2), rounds=3, seconds=0.02
+        [runner("fast", 0.001), runner("slow", 0.006)], images, (1, 2), rounds=3, seconds=0.02
     )
     assert set(fast) == set(slow) == {1, 2}
     assert all(fast[b] > 1.5 * slow[b] for b in (1, 2)), (fast, slow)
