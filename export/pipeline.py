@@ -299,8 +299,9 @@ def export_checkpoint(opts: ExportOptions, report: Callable[[str], None] | None 
             else:  # bf16 runs model.onnx
                 runner = make_runner(candidate, work / candidate.file, opts.cpu_threads)
                 outputs, gate_ips = timed_pass(runner, gate_images, GATE_BATCH, opts.time_s)
-            runners[candidate.name] = runner
             m.gate = gates[candidate.name] = check(candidate.name, outputs)
+            if m.passed:  # only those that passed take turns below; the others' sessions are freed now
+                runners[candidate.name] = runner
             m.throughput_ips = {
                 b: gate_ips if b == GATE_BATCH else time_runner(runner, gate_images, b, opts.time_s)
                 for b in TIMED_BATCHES
@@ -383,11 +384,13 @@ def export_checkpoint(opts: ExportOptions, report: Callable[[str], None] | None 
                     "timed_seconds_per_batch_size": opts.time_s,
                     "timed_on_the_gate_pass": {"batch": GATE_BATCH, "images": len(gate_images)},
                     "compared": {
-                        "candidates": [m.candidate.name for m in contenders if m.compared_ips],
+                        "candidates": [m.candidate.name for m in contenders],
                         "batches": list(TIMED_BATCHES),
                         "rounds": TURN_ROUNDS,
                         "seconds_per_turn": compare_s,
-                    },
+                    }
+                    if len(contenders) > 1
+                    else None,
                     "candidates": [m.to_dict() for m in measured],
                     "chosen": {**chosen.to_dict(), "why": why},
                 },

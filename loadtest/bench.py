@@ -556,7 +556,8 @@ def budget_notes(rows: list[dict[str, Any]]) -> list[str]:
         "",
         f"Negative: {'; '.join(negative)}. Such a row is the process's CPU minus the part measured alone "
         "(minutes earlier, outside the server); here that part cost more alone than the whole process did "
-        "under load, so the two measurements disagree by at least that much (this VM's speed drifts).",
+        "under load, so the two measurements disagree by at least that much (e.g. the VM's speed drifted, "
+        "or the model's CPU interpolated at the mean batch is not that of the mixed batches Triton formed).",
     ]
 
 

@@ -3,7 +3,6 @@ without real photos, and a real Triton serving the OpenVINO candidate through th
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
@@ -122,29 +121,35 @@ def test_the_choice_ranks_by_the_timing_taken_in_turns_not_the_separate_one():
     assert "(then openvino-int8 110)" in why
 
 
-def test_taking_turns_rotates_the_order_and_keeps_the_median_of_each_runner():
-    import time
+def test_taking_turns_rotates_the_order_and_keeps_the_median_of_each_runner(monkeypatch):
+    from export import runtimes
 
-    calls: list[str] = []
+    def fast(x: np.ndarray) -> list[np.ndarray]:
+        return [x]
 
-    def runner(name: str, seconds_per_image: float):
-        def run(x: np.ndarray) -> list[np.ndarray]:
-            calls.append(name)
-            time.sleep(seconds_per_image * len(x))
-            return [x]
+    def slow(x: np.ndarray) -> list[np.ndarray]:
+        return [x]
 
-        return run
+    # Rates each runner's turns measure, in turn order; one outlier round each.
+    scripted = {
+        (fast, 1): [100.0, 500.0, 110.0],
+        (fast, 8): [200.0, 210.0, 10.0],
+        (slow, 1): [60.0, 61.0, 1.0],
+        (slow, 8): [90.0, 95.0, 999.0],
+    }
+    turns: list[tuple[str, int]] = []
 
-    images = np.zeros((4, 2, 2, 3), np.uint8)
-    fast, slow = time_taking_turns(
-        [runner("fast", 0.001), runner("slow", 0.006)], images, (1, 2), rounds=3, seconds=0.02
-    )
-    assert set(fast) == set(slow) == {1, 2}
-    assert all(fast[b] > 1.5 * slow[b] for b in (1, 2)), (fast, slow)
-    # Rounds: fast then slow, slow then fast, fast then slow; without the rotation the runs of calls
-    # would alternate six times.
-    runs = [calls[0]] + [b for a, b in itertools.pairwise(calls) if a != b]
-    assert runs == ["fast", "slow", "fast", "slow"]
+    def scripted_rate(runner, images, batch, seconds):
+        turns.append((runner.__name__, batch))
+        return scripted[(runner, batch)].pop(0)
+
+    monkeypatch.setattr(runtimes, "time_runner", scripted_rate)
+    rates = time_taking_turns([fast, slow], np.zeros((4, 2, 2, 3), np.uint8), (1, 8), rounds=3, seconds=0.5)
+    assert rates == [{1: 110.0, 8: 200.0}, {1: 60.0, 8: 95.0}]  # medians, the outliers ignored
+    # Round 1: fast then slow; round 2: slow then fast; round 3: fast then slow; each at batch 1 then 8.
+    order = [name for name, _ in turns[::2]]
+    assert order == ["fast", "slow", "slow", "fast", "fast", "slow"]
+    assert [batch for _, batch in turns] == [1, 8] * 6
 
 
 @pytest.fixture(scope="module")
