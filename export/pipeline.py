@@ -322,7 +322,7 @@ def export_checkpoint(opts: ExportOptions, report: Callable[[str], None] | None 
             }
         # Those that passed, timed again taking turns: what `choose` ranks by.
         contenders = [m for m in measured if m.passed]
-        compare_s = opts.time_s / 4
+        compare_s = opts.time_s / 4  # 3 rounds × 2 batch sizes: 1.5 × time_s per candidate in all
         if len(contenders) > 1:
             rates = time_taking_turns(
                 [runners[m.candidate.name] for m in contenders],
@@ -399,12 +399,9 @@ def export_checkpoint(opts: ExportOptions, report: Callable[[str], None] | None 
             runtime=chosen.candidate.runtime,
         )
         serving = ServingConfig(max_batch_size=opts.max_batch_size, cpu_threads=opts.cpu_threads)
-        # The NGC image's openvino backend (Helm CPU profile): the first OpenVINO candidate that passed.
-        ngc_openvino = max(
-            (m for m in measured if m.candidate.runtime == "openvino" and m.passed),
-            key=lambda m: m.rank_ips,  # the same ranking as `choose`
-            default=None,
-        )
+        # The NGC image's openvino backend (Helm CPU profile): the OpenVINO candidate `choose` would serve.
+        openvino = [m for m in measured if m.candidate.runtime == "openvino"]
+        ngc_openvino = choose(openvino)[0] if any(m.passed for m in openvino) else None
         version_dir = write_model_version(
             opts.repository,
             opts.name,
