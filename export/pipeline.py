@@ -40,7 +40,6 @@ from export.parity import (
 from export.precision import count_ops, to_fp16, to_int8
 from export.repository import CpuServing, ServingConfig, write_model_version, write_trt_model
 from export.runtimes import (
-    GATE_BATCH,
     REFERENCE,
     TIMED_BATCHES,
     TURN_ROUNDS,
@@ -50,9 +49,7 @@ from export.runtimes import (
     cpu_info,
     make_runner,
     run_all,
-    time_runner,
     time_taking_turns,
-    timed_pass,
     unavailable,
 )
 from export.tensorrt import build_plan, require_tensorrt
@@ -105,7 +102,7 @@ class ExportOptions:
     gate_images: int = 500
     eval_images: int = 64  # of the gate photos, for the PyTorch vs ONNX Runtime parity
     cpu_threads: int = 2
-    time_s: float = 2.0  # per candidate and batch size
+    time_s: float = 1.5  # timing per candidate and batch size, over the rounds taking turns
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "checkpoint", Path(self.checkpoint))
@@ -227,9 +224,7 @@ def export_checkpoint(opts: ExportOptions, report: Callable[[str], None] | None 
                 f"(tolerance {opts.parity_atol:g}); "
                 "nothing was written"
             )
-        # The reference's pass over the gate photos is also its timing at the gate batch (it is not run again
-        # as a candidate).
-        fp32, fp32_ips = timed_pass(reference, gate_images, GATE_BATCH, opts.time_s)
+        fp32 = run_all(reference, gate_images)  # what every candidate is gated against
 
         def check(name: str, outputs: list[np.ndarray]) -> dict[str, Any]:
             doc = gate(
@@ -286,8 +281,7 @@ def export_checkpoint(opts: ExportOptions, report: Callable[[str], None] | None 
 
         clock = time.perf_counter()
         cpu = cpu_info()
-        measured = []
-        runners = {}
+        measured, runners = [], []
         for candidate in candidates(("fp32", *reduced)):
             m = Measured(candidate, unavailable=unavailable(candidate, cpu))
             measured.append(m)
@@ -295,17 +289,12 @@ def export_checkpoint(opts: ExportOptions, report: Callable[[str], None] | None 
                 say(f"{candidate.name}: not measured: {m.unavailable}")
                 continue
             if candidate == REFERENCE:
-                runner, outputs, gate_ips = reference, fp32, fp32_ips
+                runner, outputs = reference, fp32
             else:  # bf16 runs model.onnx
                 runner = make_runner(candidate, work / candidate.file, opts.cpu_threads)
-                outputs, gate_ips = timed_pass(runner, gate_images, GATE_BATCH, opts.time_s)
+                outputs = run_all(runner, gate_images)
             m.gate = gates[candidate.name] = check(candidate.name, outputs)
-            if m.passed:  # only those that passed take turns below; the others' sessions are freed now
-                runners[candidate.name] = runner
-            m.throughput_ips = {
-                b: gate_ips if b == GATE_BATCH else time_runner(runner, gate_images, b, opts.time_s)
-                for b in TIMED_BATCHES
-            }
+            runners.append((m, runner))
         for precision in reduced:
             ran = [m for m in measured if m.candidate.precision == precision and m.unavailable is None]
             if (
@@ -320,19 +309,11 @@ def export_checkpoint(opts: ExportOptions, report: Callable[[str], None] | None 
             precision_meta["int8"]["gate"] = {
                 m.candidate.name: m.gate for m in measured if m.candidate.precision == "int8"
             }
-        # Those that passed, timed again taking turns: what `choose` ranks by.
-        contenders = [m for m in measured if m.passed]
-        compare_s = opts.time_s / 4  # 3 rounds × 2 batch sizes: 1.5 × time_s per candidate in all
-        if len(contenders) > 1:
-            rates = time_taking_turns(
-                [runners[m.candidate.name] for m in contenders],
-                gate_images,
-                TIMED_BATCHES,
-                TURN_ROUNDS,
-                compare_s,
-            )
-            for m, rate in zip(contenders, rates, strict=True):
-                m.compared_ips = rate
+        # Every candidate that ran, timed taking turns (after the gate: a refused export stops before this).
+        turn_s = opts.time_s / TURN_ROUNDS
+        rates = time_taking_turns([r for _, r in runners], gate_images, TIMED_BATCHES, TURN_ROUNDS, turn_s)
+        for (m, _), rate in zip(runners, rates, strict=True):
+            m.throughput_ips = rate
         del runners
         chosen, why = choose(measured)
         seconds["cpu_candidates"] = time.perf_counter() - clock
@@ -381,16 +362,11 @@ def export_checkpoint(opts: ExportOptions, report: Callable[[str], None] | None 
                 "cpu": {
                     "host": cpu.to_dict(),
                     "threads": opts.cpu_threads,
-                    "timed_seconds_per_batch_size": opts.time_s,
-                    "timed_on_the_gate_pass": {"batch": GATE_BATCH, "images": len(gate_images)},
-                    "compared": {
-                        "candidates": [m.candidate.name for m in contenders],
+                    "timing": {
                         "batches": list(TIMED_BATCHES),
                         "rounds": TURN_ROUNDS,
-                        "seconds_per_turn": compare_s,
-                    }
-                    if len(contenders) > 1
-                    else None,
+                        "seconds_per_turn": turn_s,
+                    },
                     "candidates": [m.to_dict() for m in measured],
                     "chosen": {**chosen.to_dict(), "why": why},
                 },
@@ -457,17 +433,13 @@ def _version(package: str) -> str:
 
 def candidates_table(measured: Sequence[Measured], title: str) -> str:
 
-    def rates(by_batch: dict[int, float]) -> str:
-        return " / ".join(f"{by_batch[b]:.0f}" for b in TIMED_BATCHES if b in by_batch) or "-"
-
     rows = []
     for m in measured:
+        ips = " / ".join(f"{m.throughput_ips[b]:.0f}" for b in TIMED_BATCHES if b in m.throughput_ips)
         verdict = m.unavailable or ("passed" if m.passed else ("forced" if m.forced else "refused"))
-        row = (m.candidate.runtime, m.candidate.precision, m.candidate.file, rates(m.throughput_ips))
-        rows.append((*row, rates(m.compared_ips), verdict))
-    batches = " / ".join(map(str, TIMED_BATCHES))
+        rows.append((m.candidate.runtime, m.candidate.precision, m.candidate.file, ips or "-", verdict))
     body = table(
-        ["runtime", "precision", "file", f"img/s at batch {batches}", "taking turns", "gate"],
+        ["runtime", "precision", "file", f"img/s at batch {' / '.join(map(str, TIMED_BATCHES))}", "gate"],
         rows,
     )
     return f"{title}\n{body}"

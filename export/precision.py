@@ -33,7 +33,8 @@ one by one) moved it from 91.8 % to 92.5 % in 25 steps: baseColour's decisions a
 (±2 grey levels of noise on the input change 15 % of them). What passes the gate (``export.parity.gate``)
 is keeping whole early stages: ``models/default/export.yaml`` keeps stages 0–4 in FP32 (the table in
 ``model_repository/README.md``). On the development VM (AVX2, no VNNI or AMX) OpenVINO runs that INT8
-28 % faster than OpenVINO FP32, timed taking turns in two exports (``export.runtimes.time_taking_turns``).
+18–28 % faster than OpenVINO FP32, timed taking turns in three exports
+(``export.runtimes.time_taking_turns``).
 """
 
 from __future__ import annotations

@@ -16,11 +16,10 @@ BF16 is a property of the CPU, not of the file: OpenVINO runs ``model.onnx`` wit
 ``INFERENCE_PRECISION_HINT=bf16``. Where the CPU lacks BF16 OpenVINO would silently run FP32 under that
 name, so the candidate is reported unavailable instead (``cpu_info``).
 
-Each available candidate is timed here, on the machine that exports, and gated on real photos
-(``export.parity.gate``): its pass over the gate's photos at the largest timed batch is that batch's timing
-(``timed_pass``), batch 1 is timed apart (``time_runner``). The candidates that passed are then timed
-again taking turns (``time_taking_turns``: separate timings on a shared VM drift more than the candidates
-differ), and ``choose`` serves the fastest of those. The Triton python backend builds the same session:
+Each available candidate is gated on real photos (``export.parity.gate``) and timed here, on the machine
+that exports, at batch 1 and 8, all candidates taking turns (``time_taking_turns``: timed one after the
+other on a shared VM, they drift more than they differ); ``choose`` serves the fastest that passed. The
+Triton python backend builds the same session:
 ``session_settings`` writes the parameters ``export/triton_python_model.py`` builds it from (runtime, file,
 precision hint, threads), so the timing is of what serves.
 """
@@ -42,8 +41,7 @@ RUNTIMES = ("onnxruntime", "openvino")
 FILES = {"fp32": "model.onnx", "bf16": "model.onnx", "int8": "model.int8.onnx"}
 OPENVINO_HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # INT8 comes from the graph's Q/DQ nodes
 TIMED_BATCHES = (1, 8)
-GATE_BATCH = TIMED_BATCHES[-1]  # the gate's pass runs at this batch and is its timing
-TURN_ROUNDS = 3  # rounds in which the candidates that passed are timed against each other
+TURN_ROUNDS = 3  # rounds in which the candidates are timed, taking turns
 
 
 @dataclass(frozen=True)
@@ -180,28 +178,6 @@ def run_all(runner: Runner, images: np.ndarray, batch_size: int = 32) -> list[np
     return [np.concatenate(c) for c in zip(*chunks, strict=True)]
 
 
-def timed_pass(
-    runner: Runner, images: np.ndarray, batch: int, seconds: float
-) -> tuple[list[np.ndarray], float]:
-    """``run_all(runner, images, batch)`` and the images per second it ran at.
-
-    The gate's pass over its photos is the timing at ``batch``: the first call is the warm-up and is not
-    counted, the rest are real photos, not one batch repeated. Too few photos for that (two calls) and the
-    rate comes from ``time_runner`` for ``seconds`` instead."""
-    chunks, done, elapsed = [], 0, 0.0
-    for i in range(0, len(images), batch):
-        x = images[i : i + batch]
-        start = time.perf_counter()
-        chunks.append(runner(x))
-        if i:  # the first call warms up
-            elapsed += time.perf_counter() - start
-            done += len(x)
-    outputs = [np.concatenate(c) for c in zip(*chunks, strict=True)]
-    if done < 2 * batch or elapsed <= 0:
-        return outputs, time_runner(runner, images, batch, seconds)
-    return outputs, done / elapsed
-
-
 def time_taking_turns(
     runners: Sequence[Runner], images: np.ndarray, batches: Sequence[int], rounds: int, seconds: float
 ) -> list[dict[int, float]]:
@@ -237,10 +213,9 @@ class Measured:
 
     candidate: Candidate
     unavailable: str | None = None
-    throughput_ips: dict[int, float] = field(default_factory=dict)  # batch size -> images/s
+    throughput_ips: dict[int, float] = field(default_factory=dict)  # batch -> images/s (time_taking_turns)
     gate: dict[str, Any] | None = None  # export.parity.gate's document
     forced: bool = False
-    compared_ips: dict[int, float] = field(default_factory=dict)  # batch -> images/s (time_taking_turns)
 
     @property
     def passed(self) -> bool:
@@ -254,11 +229,6 @@ class Measured:
     def best_ips(self) -> float:
         return max(self.throughput_ips.values(), default=0.0)
 
-    @property
-    def rank_ips(self) -> float:
-        """What ``choose`` ranks by: the turn-taking timing where there is one, else the separate one."""
-        return max(self.compared_ips.values(), default=self.best_ips)
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "runtime": self.candidate.runtime,
@@ -268,7 +238,6 @@ class Measured:
             "unavailable": self.unavailable,
             "throughput_ips": {str(b): round(v, 1) for b, v in sorted(self.throughput_ips.items())},
             "best_batch": self.best_batch,
-            "compared_ips": {str(b): round(v, 1) for b, v in sorted(self.compared_ips.items())},
             "passed_gate": self.passed,
             "forced": self.forced,
             "gate": self.gate,
@@ -276,19 +245,16 @@ class Measured:
 
 
 def choose(measured: Sequence[Measured]) -> tuple[Measured, str]:
-    """The fastest candidate that passed the gate (``rank_ips``: timed taking turns with the others that
-    passed, at its best batch), and why, in words."""
-    passed = sorted((m for m in measured if m.passed), key=lambda m: -m.rank_ips)
+    """The fastest candidate (best batch) that passed the gate, and why, in words."""
+    passed = sorted((m for m in measured if m.passed), key=lambda m: -m.best_ips)
     if not passed:
         raise ExportError("no CPU candidate passed the accuracy gate, not even ONNX Runtime FP32")
     best = passed[0]
-    turns = best.compared_ips
-    batch = max(turns, key=turns.__getitem__) if turns else best.best_batch
-    how = f" taking turns with the others over {TURN_ROUNDS} rounds" if turns else ""
-    others = ", ".join(f"{m.candidate.name} {m.rank_ips:.0f}" for m in passed[1:])
+    others = ", ".join(f"{m.candidate.name} {m.best_ips:.0f}" for m in passed[1:])
     refused = [m.candidate.name for m in measured if m.unavailable is None and not m.passed]
     why = (
-        f"fastest that passed the accuracy gate: {best.rank_ips:.0f} img/s at batch {batch}{how}"
+        f"fastest that passed the accuracy gate: {best.best_ips:.0f} img/s at batch {best.best_batch}, "
+        f"the candidates taking turns over {TURN_ROUNDS} rounds"
         + (f" (then {others})" if others else "")
         + (f"; refused by the gate: {', '.join(refused)}" if refused else "")
     )
