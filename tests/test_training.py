@@ -143,3 +143,38 @@ def test_trained_model_learns_a_visible_attribute(kaggle_dir, tmp_path):
                                val_fraction=0.3, patience=0))
     assert result.val_metrics["baseColour"]["accuracy"] > 0.6  # chance is 1/3
     np.testing.assert_equal(result.epochs_run, 12)
+
+
+def test_split_by_year_trains_on_earlier_rows_and_validates_on_later_ones(tmp_path):
+    from training.data import Sample, split_by_column
+
+    samples = [
+        Sample(id=str(i), image_path="x", labels={}, extra={"year": str(y)})
+        for i, y in enumerate([2010, 2011, 2011, 2012, 2016, 2009])
+    ] + [Sample(id="no-year", image_path="x", labels={})]
+    train, val, missing = split_by_column(samples, "year", "2012")
+    assert [s.extra["year"] for s in train] == ["2010", "2011", "2011", "2009"]
+    assert [s.extra["year"] for s in val] == ["2012", "2016"]
+    assert missing == 1
+
+
+def test_split_by_a_value_outside_the_column_is_a_clear_error():
+    from training.data import DatasetError, Sample, split_by_column
+
+    samples = [Sample(id="1", image_path="x", labels={}, extra={"year": "2011"})]
+    with pytest.raises(DatasetError, match="between the column's smallest and largest"):
+        split_by_column(samples, "year", "2020")
+
+
+def test_kaggle_reader_keeps_the_title_and_year_out_of_the_labels(tmp_path):
+    from training.data import read_catalogue
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "1.jpg").write_bytes(b"x")
+    (tmp_path / "styles.csv").write_text(
+        "id,gender,year,productDisplayName\n1,Men,2012,Turtle Check Men Navy Blue Shirt\n"
+    )
+    sample = read_catalogue(tmp_path).samples[0]
+    assert sample.labels == {"gender": "Men"}
+    assert sample.title == "Turtle Check Men Navy Blue Shirt"
+    assert sample.extra["year"] == "2012"

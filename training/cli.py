@@ -69,6 +69,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("--cutmix-alpha", type=float, help="CutMix Beta(α, α); 0 = off (default)")
     a("--min-class-count", type=int, help="fold rarer classes into 'other' (default 5; 0 = off)")
     a("--val-fraction", type=float, help="validation share of the stratified split (default 0.2)")
+    a("--split-by", help="split by a column instead of at random (e.g. year): see --val-from")
+    a("--val-from", help="with --split-by: rows from this value on validate, earlier rows train (e.g. 2012)")
     a("--patience", type=int, help="early stopping patience in epochs (default 5; 0 = off)")
     a("--seed", type=int)
     a("--workers", type=int, help="DataLoader workers (default: cores - 1)")
@@ -115,7 +117,7 @@ def _train(args: argparse.Namespace) -> int:
     names = [
         "data", "out", "format", "attributes", "backbone", "pretrained", "weights", "image_size",
         "resize_mode", "trim", "colour_grid", "head_lr_scale", "epochs", "batch_size", "lr", "weight_decay",
-        "label_smoothing", "class_weights",
+        "label_smoothing", "class_weights", "split_by", "val_from",
         "mixup_alpha", "cutmix_alpha", "min_class_count", "val_fraction", "patience", "seed", "workers",
         "device", "resume", "time_budget_min", "max_samples", "freeze_blocks", "aspect_views", "hold_out",
         "novelty_quantile", "novelty_heads",

@@ -49,6 +49,10 @@ class TrainConfig:
     patience: int = 5  # early stopping: epochs without a better validation score
     min_class_count: int = 5  # rarer classes fold into "other"; 0 or 1 turns folding off
     val_fraction: float = 0.2
+    # A split by period instead of a random one: rows whose ``split_by`` column (e.g. ``year``) is below
+    # ``val_from`` train, the rest validate (``--split-by year --val-from 2012``); None: random split.
+    split_by: str | None = None
+    val_from: str | None = None
     seed: int = 0
     workers: int = -1  # DataLoader workers; -1: one per spare core
     device: str = "auto"
@@ -89,6 +93,10 @@ class TrainConfig:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.attributes is not None:
             object.__setattr__(self, "attributes", tuple(self.attributes))
+        if (self.split_by is None) != (self.val_from is None):
+            raise ConfigError("split_by and val_from go together: --split-by year --val-from 2012")
+        if self.val_from is not None:
+            object.__setattr__(self, "val_from", str(self.val_from))
         if self.freeze_blocks < 0:
             raise ConfigError(f"freeze_blocks must be 0 or more, got {self.freeze_blocks}")
         object.__setattr__(self, "aspect_views", tuple(float(a) for a in self.aspect_views))

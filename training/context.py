@@ -15,7 +15,15 @@ import torch
 
 from training.checkpoint import Checkpoint
 from training.config import ConfigError, TrainConfig
-from training.data import Catalogue, DatasetError, Sample, read_catalogue, split_held_out, stratified_split
+from training.data import (
+    Catalogue,
+    DatasetError,
+    Sample,
+    read_catalogue,
+    split_by_column,
+    split_held_out,
+    stratified_split,
+)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -38,7 +46,10 @@ def prepare_data(cfg: TrainConfig) -> tuple[Catalogue, list, list]:
         filled = [h for h in cat.attributes if sum(s.labels.get(h) is not None for s in samples) > enough]
         if filled:
             stratify = max(filled, key=lambda h: len({s.labels.get(h) for s in samples}))
-    train, val = stratified_split(samples, stratify, cfg.val_fraction, cfg.seed)
+    if cfg.split_by is not None and cfg.val_from is not None:
+        train, val, _ = split_by_column(samples, cfg.split_by, cfg.val_from)
+    else:
+        train, val = stratified_split(samples, stratify, cfg.val_fraction, cfg.seed)
     # Held-out classes leave after the split, so that the rest of the split is the usual one.
     train, _ = split_held_out(train, cfg.hold_out)
     val, _ = split_held_out(val, cfg.hold_out)

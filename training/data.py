@@ -43,6 +43,8 @@ KAGGLE_DEFAULT_ATTRIBUTES = (
 )
 # Columns of styles.csv that are not attributes to learn.
 KAGGLE_NON_ATTRIBUTES = {"id", "year", "productDisplayName"}
+TITLE = "title"  # Sample.extra key of the listing's title: styles.csv's productDisplayName, a CSV's title
+TITLE_COLUMNS = ("title", "productDisplayName", "product_title", "name")  # a plain CSV's title column
 MISSING_TEXT = {"", "NA", "N/A", "nan", "NaN", "None", "null", "dummy"}
 IMAGE_COLUMNS = ("image", "image_path", "path", "file", "filename", "image_file")
 
@@ -68,6 +70,14 @@ class Sample:
     labels: dict[str, str | None]  # head name → class text, None when missing or not applicable
     category: str | None = None
     row: int = 0  # line in the source table, for problem reports
+    # Columns that are not labels but describe the listing: the product title (``TITLE``), the year a
+    # drift split can cut on (``fashion train --split-by year --val-from 2012``).
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def title(self) -> str:
+        """The listing's title ("" when the layout has none, as Meesho's)."""
+        return self.extra.get(TITLE, "")
 
 
 @dataclass
@@ -191,9 +201,22 @@ def _read_kaggle(root: Path, attributes: Sequence[str] | None) -> Catalogue:
                 image_path=str(root / "images" / f"{pid}.jpg"),
                 labels={a: _clean(row[a]) for a in chosen},
                 row=line_no,
+                extra=_extra(row, "productDisplayName", exclude=set(chosen)),
             )
         )
     return Catalogue("kaggle", root, samples, chosen, problems)
+
+
+def _extra(row: dict[str, Any], title_column: str | None, exclude: set[str]) -> dict[str, str]:
+    """The row's non-label columns as text (``title`` for the title column), empty values left out."""
+    out: dict[str, str] = {}
+    for key, value in row.items():
+        if key in exclude or key == "id":
+            continue
+        text = _clean(value)
+        if text is not None:
+            out[TITLE if key == title_column else key] = text
+    return out
 
 
 def _choose(attributes: Sequence[str] | None, available: Sequence[str], source: Path) -> list[str]:
@@ -284,7 +307,8 @@ def _read_plain_csv(path: Path, attributes: Sequence[str] | None, image_column: 
         raise DatasetError(
             f"{path} has no image column; name it one of {IMAGE_COLUMNS} or pass --image-column"
         )
-    available = [c for c in columns if c not in {column, "id"}]
+    title = next((c for c in TITLE_COLUMNS if c in columns), None)
+    available = [c for c in columns if c not in {column, "id", title}]
     chosen = _choose(attributes, available, path)
     problems: list[Problem] = []
     samples = []
@@ -300,6 +324,7 @@ def _read_plain_csv(path: Path, attributes: Sequence[str] | None, image_column: 
                 image_path=str(image_path),
                 labels={a: _clean(row[a]) for a in chosen},
                 row=i + 2,
+                extra=_extra(row, title, exclude={*chosen, column}),
             )
         )
     return Catalogue("csv", path, samples, chosen, problems)
@@ -396,6 +421,37 @@ def stratified_split(
     train = [samples[i] for g, m in enumerate(group_list) if g not in val_groups for i in m]
     val = [samples[i] for g, m in enumerate(group_list) if g in val_groups for i in m]
     return train, val
+
+
+def split_by_column(
+    samples: Sequence[Sample], column: str, val_from: str
+) -> tuple[list[Sample], list[Sample], int]:
+    """(train, validation, rows without the column): rows whose ``column`` is below ``val_from`` train,
+    the rest validate — a split by period (``year``) that shows the drift a random split hides. Numbers
+    compare as numbers, anything else as text."""
+
+    def key(value: str) -> tuple[int, float | str]:
+        try:
+            return (0, float(value))
+        except ValueError:
+            return (1, value)
+
+    cut = key(val_from)
+    train, val, missing = [], [], 0
+    for s in samples:
+        value = s.extra.get(column)
+        if value is None:
+            missing += 1
+        elif key(value) < cut:
+            train.append(s)
+        else:
+            val.append(s)
+    if not train or not val:
+        raise DatasetError(
+            f"--split-by {column} --val-from {val_from} leaves {len(train)} training and {len(val)} "
+            f"validation rows; choose a value between the column's smallest and largest"
+        )
+    return train, val, missing
 
 
 def split_held_out(samples: list, hold_out: tuple[str, ...]) -> tuple[list, list]:
