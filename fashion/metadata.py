@@ -18,7 +18,8 @@ import math
 import platform
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -29,6 +30,7 @@ from fashion.schema import LabelSchema
 
 FORMAT = "fashion-tagger/metadata@1"
 FILENAME = "metadata.json"
+INPUT_NAME = "image"  # the model's one input tensor (uint8 NHWC), in the graph, the configs and here
 
 # --- reading ------------------------------------------------------------------------------------------
 
@@ -266,13 +268,30 @@ def build_metadata(
     backbone: str,
     temperatures: Mapping[str, float],
     thresholds: Mapping[str, float],
-    training: Mapping[str, Any],
-    export: Mapping[str, Any],
+    record: ExportRecord | None = None,
+    training: Mapping[str, Any] | None = None,
+    export: Mapping[str, Any] | None = None,
     precision: str = "fp32",
     runtime: str = "onnxruntime",
 ) -> dict[str, Any]:
-    """The metadata document; ``model.name`` and ``model.version`` are set by the repository writer."""
+    """The metadata document; ``model.name`` and ``model.version`` are set by the repository writer.
+
+    ``record`` (what the export measured and chose) fills the ``training`` and ``export`` sections and the
+    served runtime and precision; without one (hand-made test models) ``training``, ``export``,
+    ``precision`` and ``runtime`` are written as given."""
     size = preprocessing.image_size
+    if record is not None:
+        precision, runtime = record.chosen.precision, record.chosen.runtime
+        sections = record.to_dict()
+    else:
+        sections = {
+            "training": dict(training or {}),
+            "export": {
+                "created_unix_s": round(time.time(), 3),
+                "host_python": platform.python_version(),
+                **(export or {}),
+            },
+        }
     return {
         "format": FORMAT,
         "model": {
@@ -282,7 +301,7 @@ def build_metadata(
             "runtime": runtime,  # what configs/cpu.pbtxt runs (export.runtimes)
             "backbone": backbone,
         },
-        "input": {"name": "image", "datatype": "UINT8", "shape": [-1, size, size, 3], "layout": "NHWC"},
+        "input": {"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, size, size, 3], "layout": "NHWC"},
         "preprocessing": preprocessing.to_dict(),
         "category_column": schema.category_column,
         "categories": schema.categories,
@@ -299,18 +318,15 @@ def build_metadata(
             }
             for a in schema.attributes
         ],
-        "training": dict(training),
-        "export": {
-            "created_unix_s": round(time.time(), 3),
-            "host_python": platform.python_version(),
-            **export,
-        },
+        **sections,
     }
 
 
 def write_metadata(version_dir: str | Path, doc: Mapping[str, Any]) -> Path:
     """Write ``doc`` as ``<version_dir>/metadata.json`` (checked first: nothing unreadable is written)."""
     parse_metadata(doc, source=f"{version_dir}/{FILENAME} (being written)")
+    if "cpu" in doc.get("export", {}):  # an export's document: its record must read back too
+        parse_export_record(doc, source=f"{version_dir}/{FILENAME} (being written)")
     path = Path(version_dir) / FILENAME
     path.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     return path
@@ -325,6 +341,705 @@ def read_document(path: str | Path) -> Any:
         raise MetadataError(f"{path} does not exist") from e
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise MetadataError(f"{path} is not readable JSON: {e}") from e
+
+
+# --- the export record: what the export measured and chose (the ``training`` and ``export`` sections) ----
+#
+# Typed values with their own ``to_dict``/``from_dict``; nobody else indexes these keys. The export builds
+# an ``ExportRecord`` and writes it with ``build_metadata``; ``fashion serve`` (which checkpoint a version
+# came from), ``fashion bench`` (the ranking of the CPU candidates) and the gateway read it back with
+# ``load_export_record``.
+
+
+class PhotoOrigin(StrEnum):
+    """Where the photos an export gates and calibrates on come from."""
+
+    REAL = "real"  # a catalogue of real product photos
+    SYNTHETIC_CATALOGUE = "synthetic_catalogue"  # a folder written by `fashion synth`: renders, not photos
+    SYNTHETIC_RENDERS = "synthetic_renders"  # rendered by the export itself (no catalogue on disk)
+
+
+@dataclass(frozen=True)
+class PhotoSet:
+    """A set of photos the export used: where from, how many, and whether they are real photos."""
+
+    source: str
+    images: int
+    origin: PhotoOrigin = PhotoOrigin.REAL
+
+    @property
+    def real_photos(self) -> bool:
+        return self.origin is PhotoOrigin.REAL
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "images": self.images,
+            "origin": self.origin.value,
+            "real_photos": self.real_photos,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PhotoSet:
+        origin = d.get("origin") or (PhotoOrigin.REAL if d.get("real_photos", True) else "synthetic_renders")
+        return cls(str(d["source"]), int(d["images"]), PhotoOrigin(origin))
+
+
+@dataclass(frozen=True)
+class ExportPhotos:
+    """The gate photos (parity and the accuracy gate) and the INT8 calibration photos."""
+
+    gate: PhotoSet
+    labelled: bool
+    calibration: PhotoSet | None = None
+
+    @property
+    def real_photos(self) -> bool:
+        return self.gate.real_photos and (self.calibration is None or self.calibration.real_photos)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "gate": {**self.gate.to_dict(), "labelled": self.labelled},
+            "calibration": None if self.calibration is None else self.calibration.to_dict(),
+            "real_photos": self.real_photos,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ExportPhotos:
+        real = bool(d.get("real_photos", True))
+        gate = {"real_photos": real, **d["gate"]}
+        calibration = d.get("calibration")
+        return cls(
+            PhotoSet.from_dict(gate),
+            bool(d["gate"].get("labelled", False)),
+            None if calibration is None else PhotoSet.from_dict({"real_photos": real, **calibration}),
+        )
+
+
+@dataclass(frozen=True)
+class FlagAgreement:
+    """How often a candidate raises a flag (e.g. ``uncertain``) on the same photos as FP32.
+
+    Photos whose FP32 confidence lies within ``margin`` of the flag's threshold are not counted
+    (``at_threshold``): there, a float's last bit decides, and no user could tell the two answers apart."""
+
+    flag: str
+    threshold: float | None
+    margin: float
+    agreement: float
+    images: int
+    at_threshold: int
+    raised_fp32: int  # photos FP32 flags
+    raised: int  # photos the candidate flags
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "agreement": round(self.agreement, 4)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> FlagAgreement:
+        threshold = d.get("threshold")
+        return cls(
+            flag=str(d["flag"]),
+            threshold=None if threshold is None else float(threshold),
+            margin=float(d["margin"]),
+            agreement=float(d["agreement"]),
+            images=int(d["images"]),
+            at_threshold=int(d["at_threshold"]),
+            raised_fp32=int(d["raised_fp32"]),
+            raised=int(d["raised"]),
+        )
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _rounded(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+@dataclass(frozen=True)
+class AttributeVerdict:
+    """One attribute of a candidate against FP32 on the gate photos: what a user receives, compared.
+
+    ``failures`` says in words which rule it broke (empty: it passed)."""
+
+    attribute: str
+    agreement: float  # top-1 agreement with FP32 on photos whose two best FP32 classes are not a near-tie
+    agreement_images: int
+    near_ties: int
+    max_abs_diff: float  # largest |Δp| over every class of every photo
+    confidence_max_delta: float = 0.0  # largest |Δ top-1 confidence|
+    confidence_mean_delta: float = 0.0  # mean |Δ top-1 confidence|
+    top_k: int = 3
+    top_k_agreement: float = 1.0  # the top-k list is FP32's, up to near-ties
+    flags: tuple[FlagAgreement, ...] = ()
+    labelled_images: int | None = None
+    accuracy_fp32: float | None = None
+    accuracy: float | None = None
+    ece_fp32: float | None = None  # expected calibration error of the top-1 confidence vs the labels
+    ece: float | None = None
+    failures: tuple[str, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def accuracy_delta(self) -> float | None:
+        if self.accuracy is None or self.accuracy_fp32 is None:
+            return None
+        return self.accuracy - self.accuracy_fp32
+
+    def flag(self, name: str) -> FlagAgreement | None:
+        return next((f for f in self.flags if f.flag == name), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "attribute": self.attribute,
+            "agreement": round(self.agreement, 4),
+            "agreement_images": self.agreement_images,
+            "near_ties": self.near_ties,
+            "max_abs_diff": self.max_abs_diff,
+            "confidence": {
+                "max_abs_delta": self.confidence_max_delta,
+                "mean_abs_delta": self.confidence_mean_delta,
+                "ece_fp32": _rounded(self.ece_fp32),
+                "ece": _rounded(self.ece),
+            },
+            "top_k": {"k": self.top_k, "agreement": round(self.top_k_agreement, 4)},
+            "flags": [f.to_dict() for f in self.flags],
+        }
+        if self.labelled_images is not None:
+            out.update(
+                labelled_images=self.labelled_images,
+                accuracy_fp32=self.accuracy_fp32,
+                accuracy=self.accuracy,
+            )
+            if self.accuracy_delta is not None:
+                out["accuracy_delta"] = round(self.accuracy_delta, 4)
+        out["failures"] = list(self.failures)
+        out["passed"] = self.passed
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> AttributeVerdict:
+        confidence = d.get("confidence") or {}
+        top_k = d.get("top_k") or {}
+        labelled = d.get("labelled_images")
+        failures = tuple(str(f) for f in d.get("failures", ()))
+        if not failures and d.get("passed") is False:  # written before failures were recorded
+            failures = ("failed the gate",)
+        return cls(
+            attribute=str(d["attribute"]),
+            agreement=float(d["agreement"]),
+            agreement_images=int(d["agreement_images"]),
+            near_ties=int(d["near_ties"]),
+            max_abs_diff=float(d["max_abs_diff"]),
+            confidence_max_delta=float(confidence.get("max_abs_delta", 0.0)),
+            confidence_mean_delta=float(confidence.get("mean_abs_delta", 0.0)),
+            top_k=int(top_k.get("k", 3)),
+            top_k_agreement=float(top_k.get("agreement", 1.0)),
+            flags=tuple(FlagAgreement.from_dict(f) for f in d.get("flags", ())),
+            labelled_images=None if labelled is None else int(labelled),
+            accuracy_fp32=_opt_float(d.get("accuracy_fp32")),
+            accuracy=_opt_float(d.get("accuracy")),
+            ece_fp32=_opt_float(confidence.get("ece_fp32")),
+            ece=_opt_float(confidence.get("ece")),
+            failures=failures,
+        )
+
+
+@dataclass(frozen=True)
+class GateVerdict:
+    """A candidate's accuracy gate against FP32: per attribute, and the rule it was held to."""
+
+    attributes: tuple[AttributeVerdict, ...]
+    images: int
+    labelled: bool
+    rule: str
+
+    @property
+    def passed(self) -> bool:
+        return all(a.passed for a in self.attributes)
+
+    @property
+    def failed(self) -> tuple[str, ...]:
+        """The attributes that failed, in schema order."""
+        return tuple(a.attribute for a in self.attributes if not a.passed)
+
+    def attribute(self, name: str) -> AttributeVerdict:
+        return next(a for a in self.attributes if a.attribute == name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "images": self.images,
+            "labelled": self.labelled,
+            "rule": self.rule,
+            "attributes": [a.to_dict() for a in self.attributes],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> GateVerdict:
+        return cls(
+            attributes=tuple(AttributeVerdict.from_dict(a) for a in d["attributes"]),
+            images=int(d["images"]),
+            labelled=bool(d["labelled"]),
+            rule=str(d.get("rule", "")),
+        )
+
+
+@dataclass(frozen=True)
+class CandidateRecord:
+    """One CPU candidate (a runtime running one file at one precision): its gate, its timing, its verdict."""
+
+    runtime: str
+    precision: str
+    file: str
+    config_name: str  # configs/<config_name>.pbtxt runs it (written when it passed or was forced)
+    unavailable: str | None = None  # why it could not run here
+    # batch size -> images/s, timed taking turns with the other candidates
+    throughput_ips: Mapping[int, float] = field(default_factory=lambda: MappingProxyType({}))
+    gate: GateVerdict | None = None
+    forced: bool = False  # failed the gate, written anyway (--force); never served
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "throughput_ips", MappingProxyType(dict(self.throughput_ips)))
+
+    @property
+    def name(self) -> str:
+        return f"{self.runtime}-{self.precision}"
+
+    @property
+    def passed(self) -> bool:
+        return self.unavailable is None and self.gate is not None and self.gate.passed
+
+    @property
+    def configured(self) -> bool:
+        """Whether the export wrote ``configs/<config_name>.pbtxt`` for it."""
+        return self.passed or self.forced
+
+    @property
+    def best_batch(self) -> int | None:
+        rates = self.throughput_ips
+        return max(rates, key=rates.__getitem__) if rates else None
+
+    @property
+    def best_ips(self) -> float:
+        return max(self.throughput_ips.values(), default=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "runtime": self.runtime,
+            "precision": self.precision,
+            "file": self.file,
+            "config": f"configs/{self.config_name}.pbtxt" if self.configured else None,
+            "config_name": self.config_name,
+            "unavailable": self.unavailable,
+            "throughput_ips": {str(b): round(v, 1) for b, v in sorted(self.throughput_ips.items())},
+            "best_batch": self.best_batch,
+            "passed_gate": self.passed,
+            "forced": self.forced,
+            "gate": None if self.gate is None else self.gate.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CandidateRecord:
+        config = d.get("config")
+        name = d.get("config_name") or (
+            Path(config).stem if config else f"cpu_{d['runtime']}_{d['precision']}"
+        )
+        return cls(
+            runtime=str(d["runtime"]),
+            precision=str(d["precision"]),
+            file=str(d["file"]),
+            config_name=str(name),
+            unavailable=d.get("unavailable"),
+            throughput_ips={int(b): float(v) for b, v in (d.get("throughput_ips") or {}).items()},
+            gate=None if d.get("gate") is None else GateVerdict.from_dict(d["gate"]),
+            forced=bool(d.get("forced", False)),
+        )
+
+
+@dataclass(frozen=True)
+class HostRecord:
+    """The exporting CPU: its name, the ISA flags that matter, OpenVINO's version and view of it."""
+
+    model: str
+    flags: tuple[str, ...]
+    openvino: str | None
+    openvino_capabilities: tuple[str, ...]
+
+    @property
+    def bf16(self) -> bool:
+        return "BF16" in self.openvino_capabilities
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "flags": list(self.flags),
+            "openvino": self.openvino,
+            "openvino_capabilities": list(self.openvino_capabilities),
+            "bf16": self.bf16,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> HostRecord:
+        return cls(
+            str(d["model"]),
+            tuple(d.get("flags", ())),
+            d.get("openvino"),
+            tuple(d.get("openvino_capabilities", ())),
+        )
+
+
+@dataclass(frozen=True)
+class TimingRecord:
+    """How the candidates were timed: batch sizes, rounds taking turns, seconds per turn."""
+
+    batches: tuple[int, ...]
+    rounds: int
+    seconds_per_turn: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "batches": list(self.batches),
+            "rounds": self.rounds,
+            "seconds_per_turn": self.seconds_per_turn,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TimingRecord:
+        return cls(tuple(int(b) for b in d["batches"]), int(d["rounds"]), float(d["seconds_per_turn"]))
+
+
+@dataclass(frozen=True)
+class CpuRecord:
+    """Every CPU candidate, gated and timed, and the one ``configs/cpu.pbtxt`` serves (and why)."""
+
+    host: HostRecord
+    threads: int
+    timing: TimingRecord
+    candidates: tuple[CandidateRecord, ...]
+    chosen: CandidateRecord
+    why: str
+
+    def __post_init__(self) -> None:
+        if self.chosen not in self.candidates:
+            raise MetadataError(f"the chosen candidate {self.chosen.name} is not one of the candidates")
+
+    @property
+    def ranking(self) -> tuple[CandidateRecord, ...]:
+        """The candidates that passed the gate, fastest first (the chosen one first)."""
+        passed = [c for c in self.candidates if c.passed]
+        return tuple(sorted(passed, key=lambda c: (c is not self.chosen, -c.best_ips)))
+
+    def candidate(self, name: str) -> CandidateRecord | None:
+        return next((c for c in self.candidates if c.name == name), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "host": self.host.to_dict(),
+            "threads": self.threads,
+            "timing": self.timing.to_dict(),
+            "candidates": [c.to_dict() for c in self.candidates],
+            "chosen": {**self.chosen.to_dict(), "why": self.why},
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CpuRecord:
+        candidates = tuple(CandidateRecord.from_dict(c) for c in d["candidates"])
+        chosen = d["chosen"]
+        match = next(
+            c for c in candidates if (c.runtime, c.precision) == (chosen["runtime"], chosen["precision"])
+        )
+        return cls(
+            host=HostRecord.from_dict(d["host"]),
+            threads=int(d["threads"]),
+            timing=TimingRecord.from_dict(d["timing"]),
+            candidates=candidates,
+            chosen=match,
+            why=str(chosen.get("why", "")),
+        )
+
+
+@dataclass(frozen=True)
+class ParityRow:
+    """PyTorch vs ONNX Runtime FP32 for one attribute (``export.parity.compare``)."""
+
+    attribute: str
+    max_abs_diff: float
+    argmax_agreement: float
+    decisive_agreement: float
+    images: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ParityRow:
+        return cls(
+            str(d["attribute"]),
+            float(d["max_abs_diff"]),
+            float(d["argmax_agreement"]),
+            float(d["decisive_agreement"]),
+            int(d["images"]),
+        )
+
+
+@dataclass(frozen=True)
+class ParityRecord:
+    """The parity check of the exported FP32 graph against PyTorch."""
+
+    tolerance_abs: float
+    images: int
+    source: str
+    attributes: tuple[ParityRow, ...]
+    reference: str = "pytorch"
+    candidate: str = "onnxruntime-fp32"
+    # Photos left out of max |Δp| because the novelty gate's distance sits at its threshold there (a step
+    # that a float's last bit flips); counted, not hidden.
+    at_gate_threshold: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "reference": self.reference,
+            "candidate": self.candidate,
+            "tolerance_abs": self.tolerance_abs,
+            "images": self.images,
+            "source": self.source,
+            "at_gate_threshold": self.at_gate_threshold,
+            "attributes": [r.to_dict() for r in self.attributes],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ParityRecord:
+        return cls(
+            tolerance_abs=float(d["tolerance_abs"]),
+            images=int(d["images"]),
+            source=str(d["source"]),
+            attributes=tuple(ParityRow.from_dict(r) for r in d["attributes"]),
+            reference=str(d.get("reference", "pytorch")),
+            candidate=str(d.get("candidate", "onnxruntime-fp32")),
+            at_gate_threshold=int(d.get("at_gate_threshold", 0)),
+        )
+
+
+@dataclass(frozen=True)
+class Quantisation:
+    """How the INT8 file was made: the quantiser, its calibration photos, the nodes kept in FP32."""
+
+    quantiser: str
+    calibration: PhotoSet
+    excluded_nodes: Mapping[str, tuple[str, ...]]  # reason -> node names
+    keep_patterns: tuple[str, ...]
+    keep_from: str | None
+    quantize_linear_nodes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quantiser": self.quantiser,
+            "calibration": self.calibration.to_dict(),
+            "excluded_nodes": {k: list(v) for k, v in self.excluded_nodes.items()},
+            "keep": {"patterns": list(self.keep_patterns), "from": self.keep_from},
+            "quantize_linear_nodes": self.quantize_linear_nodes,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Quantisation:
+        keep = d.get("keep") or {}
+        return cls(
+            quantiser=str(d["quantiser"]),
+            calibration=PhotoSet.from_dict(d["calibration"]),
+            excluded_nodes=MappingProxyType({k: tuple(v) for k, v in d["excluded_nodes"].items()}),
+            keep_patterns=tuple(keep.get("patterns", ())),
+            keep_from=keep.get("from"),
+            quantize_linear_nodes=int(d["quantize_linear_nodes"]),
+        )
+
+
+@dataclass(frozen=True)
+class VariantRecord:
+    """A reduced-precision file (FP16, INT8): its gates by candidate, and whether it was written."""
+
+    precision: str
+    file: str
+    gates: Mapping[str, GateVerdict]  # candidate (or variant) name -> verdict
+    written: bool
+    forced: bool = False  # failed the gate and written anyway (--force)
+    quantisation: Quantisation | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "gates", MappingProxyType(dict(self.gates)))
+
+    @property
+    def passed(self) -> bool:
+        """Whether any of its candidates passed the gate."""
+        return any(g.passed for g in self.gates.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            **(self.quantisation.to_dict() if self.quantisation is not None else {}),
+            "written": self.written,
+            "forced": self.forced,
+            "gate": {name: g.to_dict() for name, g in self.gates.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, precision: str, d: Mapping[str, Any]) -> VariantRecord:
+        return cls(
+            precision=precision,
+            file=str(d["file"]),
+            gates=_variant_gates(precision, d.get("gate") or {}),
+            written=bool(d.get("written", True)),
+            forced=bool(d.get("forced", False)),
+            quantisation=Quantisation.from_dict(d) if "quantiser" in d else None,
+        )
+
+
+def _variant_gates(precision: str, doc: Mapping[str, Any]) -> dict[str, GateVerdict]:
+    if "attributes" in doc:  # one verdict, as FP16's was written before the record
+        return {precision: GateVerdict.from_dict(doc)}
+    return {name: GateVerdict.from_dict(g) for name, g in doc.items()}
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    precision: str
+    file: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class TrainingRecord:
+    """Which checkpoint a version was exported from, and how that checkpoint was trained."""
+
+    checkpoint_sha256: str
+    weights_sha256: str
+    run_config: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    epoch: int | None = None
+    val_score: float | None = None
+    val_metrics: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    novelty: Mapping[str, Any] | None = None  # the gate inside the graph (training.novelty), or None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_config": dict(self.run_config),
+            "epoch": self.epoch,
+            "val_score": self.val_score,
+            "val_metrics": dict(self.val_metrics),
+            "weights_sha256": self.weights_sha256,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "novelty": None if self.novelty is None else dict(self.novelty),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainingRecord:
+        return cls(
+            checkpoint_sha256=str(d["checkpoint_sha256"]),
+            weights_sha256=str(d.get("weights_sha256", "")),
+            run_config=MappingProxyType(dict(d.get("run_config") or {})),
+            epoch=d.get("epoch"),
+            val_score=_opt_float(d.get("val_score")),
+            val_metrics=MappingProxyType(dict(d.get("val_metrics") or {})),
+            novelty=d.get("novelty"),
+        )
+
+
+@dataclass(frozen=True)
+class ExportRecord:
+    """What one export measured and chose: the ``training`` and ``export`` sections of ``metadata.json``.
+
+    Written by ``export.pipeline`` (through ``build_metadata``); read with ``load_export_record`` by
+    ``fashion serve`` (is this version the checkpoint's?), ``fashion bench`` (the candidates' ranking)
+    and the gateway."""
+
+    training: TrainingRecord
+    versions: Mapping[str, str | None]  # package -> version (torch, onnxruntime, openvino)
+    opset: int
+    files: tuple[FileRecord, ...]
+    photos: ExportPhotos
+    parity: ParityRecord
+    variants: tuple[VariantRecord, ...]
+    cpu: CpuRecord
+    created_unix_s: float = field(default_factory=lambda: round(time.time(), 3))
+    host_python: str = field(default_factory=platform.python_version)
+
+    @property
+    def checkpoint_sha256(self) -> str:
+        return self.training.checkpoint_sha256
+
+    @property
+    def chosen(self) -> CandidateRecord:
+        """The CPU candidate ``configs/cpu.pbtxt`` serves."""
+        return self.cpu.chosen
+
+    @property
+    def ranking(self) -> tuple[CandidateRecord, ...]:
+        return self.cpu.ranking
+
+    def variant(self, precision: str) -> VariantRecord | None:
+        return next((v for v in self.variants if v.precision == precision), None)
+
+    def file(self, precision: str) -> FileRecord | None:
+        return next((f for f in self.files if f.precision == precision), None)
+
+    def export_dict(self) -> dict[str, Any]:
+        """The ``export`` section."""
+        return {
+            "created_unix_s": self.created_unix_s,
+            "host_python": self.host_python,
+            "versions": dict(self.versions),
+            "opset": self.opset,
+            "files": {f.precision: {"file": f.file, "bytes": f.bytes} for f in self.files},
+            "photos": self.photos.to_dict(),
+            "parity": self.parity.to_dict(),
+            "precisions": {v.precision: v.to_dict() for v in self.variants},
+            "cpu": self.cpu.to_dict(),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"training": …, "export": …}``: the two sections of the metadata document it fills."""
+        return {"training": self.training.to_dict(), "export": self.export_dict()}
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> ExportRecord:
+        """From a metadata document (or ``to_dict``'s output)."""
+        export = doc["export"]
+        return cls(
+            training=TrainingRecord.from_dict(doc["training"]),
+            versions=MappingProxyType(dict(export.get("versions") or {})),
+            opset=int(export["opset"]),
+            files=tuple(FileRecord(p, str(f["file"]), int(f["bytes"])) for p, f in export["files"].items()),
+            photos=ExportPhotos.from_dict(export["photos"]),
+            parity=ParityRecord.from_dict(export["parity"]),
+            variants=tuple(
+                VariantRecord.from_dict(p, v) for p, v in (export.get("precisions") or {}).items()
+            ),
+            cpu=CpuRecord.from_dict(export["cpu"]),
+            created_unix_s=float(export.get("created_unix_s", 0.0)),
+            host_python=str(export.get("host_python", "")),
+        )
+
+
+def parse_export_record(doc: Any, source: str = "metadata") -> ExportRecord:
+    """The export record of a decoded metadata document; ``MetadataError`` when it has none or it is
+    malformed (a version written by hand, or by an export older than the record)."""
+    try:
+        return ExportRecord.from_dict(doc)
+    except (KeyError, TypeError, ValueError, AttributeError, StopIteration) as e:
+        raise MetadataError(
+            f"{source}: no readable export record ({type(e).__name__}: {e}); re-export the model"
+        ) from e
+
+
+def load_export_record(repository: str | Path, model_name: str, version: str | int = "") -> ExportRecord:
+    """The export record of ``<repository>/<model_name>/<version>/metadata.json`` (newest version if none)."""
+    number = resolve_version(repository, model_name, version)
+    path = Path(repository) / model_name / str(number) / FILENAME
+    return parse_export_record(read_document(path), source=str(path))
 
 
 # --- skew: the metadata against the model Triton serves ------------------------------------------------
