@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 EPILOG = """examples:
@@ -42,6 +43,13 @@ def register(sub: Any) -> None:
     a("--triton-metrics-port", type=int, default=8002, help="default 8002; 0 = a free one")
     a("--startup-timeout-s", type=float, default=180.0, help="how long to wait for readiness (default 180)")
     a("--smoke", action="store_true", help="start, send the sample request, stop and exit 0")
+    a(
+        "--status-file",
+        type=Path,
+        default=None,
+        help="write what was started (model version, URLs, PIDs, logs) to this file as JSON once ready; "
+        "rewritten when Triton is restarted, removed on exit",
+    )
     d = p.add_argument_group("demo model (--demo)")
     d.add_argument("--demo-dir", default="demo", help="where synth/ and run/ go (default demo)")
     d.add_argument("--demo-count", type=int, default=800, help="synthetic products (default 800)")
@@ -57,7 +65,8 @@ def register(sub: Any) -> None:
 
 def _command(args: Any) -> int:
     # lazy: the stack's modules import numpy and PIL (the metadata parser); `fashion --help` imports this file
-    from orchestration.serve import DemoSettings, ServeConfig, serve
+    from fashion.console import emit
+    from orchestration.serve import DemoSettings, ServeConfig, ServedStack, banner, sample_image, serve
 
     config = ServeConfig(
         repository=args.repository,
@@ -78,5 +87,12 @@ def _command(args: Any) -> int:
         triton_metrics_port=args.triton_metrics_port,
         startup_timeout_s=args.startup_timeout_s,
         smoke=args.smoke,
+        status_file=args.status_file,
     )
-    return serve(config)
+
+    def started(stack: ServedStack) -> None:
+        for line in banner(stack, sample_image(config)):
+            emit(line)
+
+    serve(config, on_ready=started)
+    return 0

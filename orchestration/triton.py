@@ -28,9 +28,12 @@ from pathlib import Path
 from types import TracebackType
 
 from fashion.errors import UserError
-from orchestration.process import ManagedProcess, free_ports
+from orchestration.process import ManagedProcess, command_line, free_ports, group_members
 
 log = logging.getLogger(__name__)
+
+SHM = Path("/dev/shm")
+STUB_REGION_PREFIX = "triton_python_backend_shm_region_"
 
 
 class TritonError(UserError, RuntimeError):
@@ -73,6 +76,16 @@ def prepare_backends(target: Path, python_version: str | None = None) -> Path:
             shutil.copy2(item, python / item.name)
     shutil.copy2(stub, python / "triton_python_backend_stub")
     return target
+
+
+def stub_regions(pgid: int) -> list[str]:
+    """The shared-memory regions of the python-backend stubs in Triton's process group (a stub's third
+    argument). A Triton that exits gracefully removes them; one that was killed leaves them in /dev/shm."""
+    return [
+        argv[2]
+        for pid in group_members(pgid)
+        if len(argv := command_line(pid)) > 2 and argv[2].startswith(STUB_REGION_PREFIX)
+    ]
 
 
 class TritonServer:
@@ -242,7 +255,10 @@ class TritonServer:
         process, self._process = self._process, None
         # The server only gets SIGTERM: it stops its python stubs itself while unloading (signalling the
         # whole group would kill the stubs first and leave Triton waiting for them).
+        regions = [] if process is None or process.pid is None else stub_regions(process.pid)
         code = None if process is None else process.stop(timeout_s)
+        for region in regions:  # left behind when Triton did not stop gracefully (killed, crashed)
+            (SHM / region).unlink(missing_ok=True)
         if self._workdir is not None:
             if self._log_path is not None and self._log_path.parent == Path(self._workdir.name):
                 self._log_path = None
