@@ -8,21 +8,19 @@ from typing import Any
 from flask import Blueprint, Response, g, request
 
 from gateway.client import BatchResult, FashionClient
-from gateway.errors import BadRequest, GatewayError, PayloadTooLarge, UnsupportedMediaType
+from gateway.errors import (
+    TRITON_FAILURES,
+    BadRequest,
+    ErrorCode,
+    GatewayError,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
 from gateway.service import gateway, json_response
 
 bp = Blueprint("api", __name__, url_prefix="/v1")
 
 RAW_TYPES = frozenset({"image/jpeg", "image/png", "image/webp"})
-TRITON_FAILURES = (
-    "model_unavailable",
-    "triton_unreachable",
-    "triton_overloaded",
-    "model_not_ready",
-    "upstream_timeout",
-    "upstream_error",
-    "output_mismatch",
-)
 
 
 @bp.before_request
@@ -43,10 +41,11 @@ def _single_image() -> bytes:
     if mimetype == "multipart/form-data":
         files = request.files.getlist("image")
         if not files:
-            raise BadRequest("the multipart body has no file field 'image'", code="missing_image")
+            raise BadRequest("the multipart body has no file field 'image'", code=ErrorCode.MISSING_IMAGE)
         if len(files) > 1:
             raise BadRequest(
-                "send one 'image' field; use /v1/predict/batch for several images", code="too_many_images"
+                "send one 'image' field; use /v1/predict/batch for several images",
+                code=ErrorCode.TOO_MANY_IMAGES,
             )
         return files[0].read()
     if mimetype in RAW_TYPES:
@@ -62,11 +61,11 @@ def _batch_images() -> list[bytes]:
         raise UnsupportedMediaType("send multipart/form-data with one file field 'images' per image")
     files = request.files.getlist("images")
     if not files:
-        raise BadRequest("the multipart body has no file fields 'images'", code="missing_image")
+        raise BadRequest("the multipart body has no file fields 'images'", code=ErrorCode.MISSING_IMAGE)
     limit = gateway().config.max_batch_images
     if len(files) > limit:
         raise PayloadTooLarge(
-            f"{len(files)} images sent; at most {limit} per request", code="too_many_images"
+            f"{len(files)} images sent; at most {limit} per request", code=ErrorCode.TOO_MANY_IMAGES
         )
     return [f.read() for f in files]
 
@@ -76,13 +75,14 @@ def _predict(client: FashionClient, images: list[bytes], top_k: Any, category: s
         return client.predict_batch(images, top_k=top_k, category=category)
     except GatewayError as e:
         if e.code in TRITON_FAILURES:
-            gateway().metrics.triton_errors.labels(e.code).inc()
+            gateway().metrics.triton_error(e.code)
         raise
 
 
 def _receive_body() -> None:
-    """Read the whole body before taking an in-flight slot: a client that uploads slowly holds a thread
-    (until gunicorn's FASHION_CLIENT_TIMEOUT_S), never one of the slots that bound the work for Triton."""
+    """Read the whole body before waiting for an in-flight slot: a client that uploads slowly holds a thread
+    (until gunicorn's FASHION_CLIENT_TIMEOUT_S), never one of the slots that bound the work for Triton. (A
+    request that can no longer get a slot was refused before this, in ``gateway.app``, unread.)"""
     if request.mimetype == "multipart/form-data":
         request.files  # noqa: B018  # parses the form; files stay in memory (gateway.app.Request)
     elif request.mimetype in RAW_TYPES and request.endpoint == "api.predict":
@@ -107,7 +107,7 @@ def _run(images_of: Any, endpoint: str) -> tuple[FashionClient, BatchResult]:
             # answer once more with the version it serves now. Inference has no side effects, and the
             # labels come from the metadata of the version that answers, so the switch stays atomic.
             # The failed attempt is counted in triton_errors{kind="model_not_ready"}.
-            replacement = gw.state.replacement(client) if e.code == "model_not_ready" else None
+            replacement = gw.state.replacement(client) if e.code is ErrorCode.MODEL_NOT_READY else None
             if replacement is None:
                 raise
             client = replacement
@@ -117,7 +117,7 @@ def _run(images_of: Any, endpoint: str) -> tuple[FashionClient, BatchResult]:
             gw.metrics.stages.labels(stage).observe(seconds)
     for error in result.errors:
         if error is not None:
-            gw.metrics.image_errors.labels(error.code).inc()
+            gw.metrics.image_error(error.code)
     return client, result
 
 

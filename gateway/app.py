@@ -15,9 +15,9 @@ from werkzeug.exceptions import HTTPException
 
 from gateway.api import bp as api_bp
 from gateway.config import GatewayConfig
-from gateway.errors import GatewayError, Unauthorized
+from gateway.errors import REFUSALS, ErrorCode, GatewayError, Unauthorized
 from gateway.health import bp as health_bp
-from gateway.service import EXTENSION, Gateway, gateway
+from gateway.service import EXTENSION, Gateway, gateway, received_at
 from gateway.triton import TritonBackend, TritonTransport
 
 log = logging.getLogger(__name__)
@@ -25,15 +25,16 @@ log = logging.getLogger(__name__)
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # Werkzeug's HTTP errors (routing, body limits) as codes of the JSON error shape.
 HTTP_CODES = {
-    400: "bad_request",
-    404: "not_found",
-    405: "method_not_allowed",
-    408: "request_timeout",
-    411: "length_required",
-    413: "too_large",
-    415: "unsupported_media_type",
-    431: "headers_too_large",
+    400: ErrorCode.BAD_REQUEST,
+    404: ErrorCode.NOT_FOUND,
+    405: ErrorCode.METHOD_NOT_ALLOWED,
+    408: ErrorCode.REQUEST_TIMEOUT,
+    411: ErrorCode.LENGTH_REQUIRED,
+    413: ErrorCode.TOO_LARGE,
+    415: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+    431: ErrorCode.HEADERS_TOO_LARGE,
 }
+PREDICTIONS = frozenset({"api.predict", "api.predict_batch"})
 
 
 class Request(FlaskRequest):
@@ -91,10 +92,13 @@ def _before() -> None:
     g.request_id = given if REQUEST_ID.match(given) else uuid.uuid4().hex
     gw = gateway()
     path = request.path
+    if path.startswith("/v1/"):
+        # Before anything is read: a draining worker refuses what arrived after SIGTERM, and a prediction
+        # that can no longer get a slot is refused for the price of its headers (gateway.admission).
+        gw.admission.check(received_at(), prediction=request.endpoint in PREDICTIONS)
     protected = path.startswith("/v1/") or (path == "/metrics" and gw.config.metrics_require_key)
     if protected and gw.config.auth_enabled:
         if not gw.authorized(_presented_key()):
-            gw.metrics.rejected.labels("unauthorized").inc()
             raise Unauthorized("send a valid API key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
 
 
@@ -116,8 +120,10 @@ def _after(response: Response) -> Response:
     return response
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
-    response = jsonify({"error": {"code": code, "message": message}})
+def error_response(
+    status: int, code: ErrorCode, message: str, headers: dict[str, str] | None = None
+) -> Response:
+    response = jsonify({"error": {"code": code.value, "message": message}})
     response.status_code = status
     for key, value in (headers or {}).items():
         response.headers[key] = value
@@ -125,6 +131,8 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 
 
 def _gateway_error(e: GatewayError) -> Response:
+    if e.code in REFUSALS:
+        gateway().metrics.refused(e.code)
     headers: dict[str, str] = {}
     if e.status in (429, 503):
         headers["Retry-After"] = str(gateway().config.retry_after_s)
@@ -137,7 +145,7 @@ def _gateway_error(e: GatewayError) -> Response:
 
 def _http_error(e: HTTPException) -> Response:
     status = e.code or 500
-    code = HTTP_CODES.get(status, "http_error")
+    code = HTTP_CODES.get(status, ErrorCode.HTTP_ERROR)
     message = e.description or e.name
     if status == 413:
         message = (
@@ -154,5 +162,7 @@ def _unexpected_error(e: Exception) -> Response:
     # A bug, never a client's fault; logged with its traceback, answered in the JSON shape.
     log.exception("unexpected error on %s %s", request.method, request.path)
     return error_response(
-        500, "internal_error", "the gateway failed unexpectedly; the request id is in the X-Request-ID header"
+        500,
+        ErrorCode.INTERNAL_ERROR,
+        "the gateway failed unexpectedly; the request id is in the X-Request-ID header",
     )

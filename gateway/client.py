@@ -27,7 +27,7 @@ import numpy as np
 
 from fashion.contract import DecodeLimits, ImageError, open_image, resize
 from fashion.metadata import ModelMetadata, OutputSpec, load_metadata
-from gateway.errors import GatewayError, InvalidOption, UpstreamError, from_image_error
+from gateway.errors import ErrorCode, GatewayError, InvalidOption, UpstreamError, from_image_error
 from gateway.triton import TritonBackend, TritonTransport
 
 MAX_TOP_K = 100
@@ -95,7 +95,7 @@ class FashionClient:
         if category not in self.metadata.categories:
             known = ", ".join(sorted(self.metadata.categories)) or "none (this model has no categories)"
             raise InvalidOption(
-                f"unknown category {category!r}; known categories: {known}", code="unknown_category"
+                f"unknown category {category!r}; known categories: {known}", code=ErrorCode.UNKNOWN_CATEGORY
             )
         return self.metadata.outputs_for(category)
 
@@ -107,7 +107,7 @@ class FashionClient:
             value = 0
         if isinstance(top_k, bool) or not 1 <= value <= MAX_TOP_K:
             raise InvalidOption(
-                f"top_k must be an integer from 1 to {MAX_TOP_K}, got {top_k!r}", code="invalid_top_k"
+                f"top_k must be an integer from 1 to {MAX_TOP_K}, got {top_k!r}", code=ErrorCode.INVALID_TOP_K
             )
         return value
 
@@ -143,12 +143,12 @@ class FashionClient:
                     f"output {spec.tensor!r} has shape {shape}, the metadata expects "
                     f"[N, {len(spec.classes)}]: "
                     "the served model and its metadata.json disagree",
-                    code="output_mismatch",
+                    code=ErrorCode.OUTPUT_MISMATCH,
                 )
             probs = array[row].astype(np.float64)
             if not np.all(np.isfinite(probs)):
                 raise UpstreamError(
-                    f"output {spec.tensor!r} holds NaN or infinite values", code="output_mismatch"
+                    f"output {spec.tensor!r} holds NaN or infinite values", code=ErrorCode.OUTPUT_MISMATCH
                 )
             order = np.argsort(-probs, kind="stable")[: min(top_k, len(spec.classes))]
             ranked = [{"label": spec.classes[i], "confidence": _round(probs[i])} for i in order]

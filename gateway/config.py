@@ -31,6 +31,7 @@ ENV_NAMES = {
     "max_batch_images": "FASHION_MAX_BATCH_IMAGES",
     "max_request_bytes": "FASHION_MAX_REQUEST_BYTES",
     "max_inflight": "FASHION_MAX_INFLIGHT",
+    "queue_wait_s": "FASHION_QUEUE_WAIT_S",
     "api_keys": "FASHION_API_KEYS",
     "metrics_require_key": "FASHION_METRICS_REQUIRE_KEY",
     "metadata_refresh_s": "FASHION_METADATA_REFRESH_S",
@@ -69,6 +70,8 @@ class GatewayConfig:
     # Concurrent prediction requests per worker before a fast 429; None = default_max_inflight(threads).
     # It must stay below ``threads``: the spare threads answer 429s and health checks at once.
     max_inflight: int | None = None
+    # How long a prediction may wait for a slot, counted from its arrival, before its 429 (gateway.admission).
+    queue_wait_s: float = 0.25
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # empty = authentication off
     metrics_require_key: bool = False
     metadata_refresh_s: float = 5.0  # how often a "latest" gateway looks for a newer model version
@@ -122,6 +125,10 @@ class GatewayConfig:
                 "threads for the 429s and health checks (e.g. FASHION_THREADS=8 with FASHION_MAX_INFLIGHT=6, "
                 "or leave FASHION_MAX_INFLIGHT unset: it then defaults to "
                 f"{default_max_inflight(self.threads)} for {self.threads} threads)"
+            )
+        if not 0 <= self.queue_wait_s <= 60:
+            raise ConfigError(
+                f"FASHION_QUEUE_WAIT_S must be from 0 (refuse at once) to 60 seconds, got {self.queue_wait_s}"
             )
         if not 0 < self.client_timeout_s <= 3600:
             raise ConfigError(

@@ -2,98 +2,185 @@
 
 Flask-free: the Python client raises the same classes. The app turns any ``GatewayError`` into
 ``{"error": {"code": ..., "message": ...}}`` in one error handler.
+
+Every code is an ``ErrorCode`` member, never a string literal: the error handler writes it into the body and
+the metrics (``gateway.metrics``) label their series with it, both from the same member, so renaming a code
+renames its metric series too instead of silently stopping it. The families below say which metric counts
+which codes; each family's series exist (at 0) from the start.
 """
 
 from __future__ import annotations
 
-from fashion.contract import ImageError, ImageTooLarge, UndecodableImage, UnsupportedImageFormat
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fashion.contract import ImageError
+
+
+class ErrorCode(StrEnum):
+    """The ``error.code`` of every JSON error the gateway (and gunicorn in front of it) answers with."""
+
+    # the request
+    BAD_REQUEST = "bad_request"
+    MISSING_IMAGE = "missing_image"
+    TOO_MANY_IMAGES = "too_many_images"
+    TOO_LARGE = "too_large"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    INVALID_OPTION = "invalid_option"
+    INVALID_TOP_K = "invalid_top_k"
+    UNKNOWN_CATEGORY = "unknown_category"
+    UNAUTHORIZED = "unauthorized"
+    # an image (fashion.contract's codes: one per ImageError class)
+    INVALID_IMAGE = "invalid_image"
+    UNDECODABLE_IMAGE = "undecodable_image"
+    UNSUPPORTED_IMAGE_FORMAT = "unsupported_image_format"
+    IMAGE_TOO_LARGE = "image_too_large"
+    # HTTP (routing, Werkzeug's limits, gunicorn's parser)
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    REQUEST_TIMEOUT = "request_timeout"
+    LENGTH_REQUIRED = "length_required"
+    HEADERS_TOO_LARGE = "headers_too_large"
+    URI_TOO_LONG = "uri_too_long"
+    EXPECTATION_FAILED = "expectation_failed"
+    FORBIDDEN = "forbidden"
+    HTTP_ERROR = "http_error"
+    # load: refused before any work
+    OVERLOADED = "overloaded"
+    SHUTTING_DOWN = "shutting_down"
+    # Triton and the model
+    MODEL_UNAVAILABLE = "model_unavailable"
+    METADATA_UNAVAILABLE = "metadata_unavailable"
+    TRITON_UNREACHABLE = "triton_unreachable"
+    TRITON_OVERLOADED = "triton_overloaded"
+    MODEL_NOT_READY = "model_not_ready"
+    UPSTREAM_TIMEOUT = "upstream_timeout"
+    UPSTREAM_ERROR = "upstream_error"
+    OUTPUT_MISMATCH = "output_mismatch"
+    # a bug
+    INTERNAL_ERROR = "internal_error"
+
+
+# Metric families (gateway.metrics): fashion_gateway_triton_errors_total{kind}, _rejected_total{reason},
+# _image_errors_total{code}.
+TRITON_FAILURES = frozenset(
+    {
+        ErrorCode.MODEL_UNAVAILABLE,
+        ErrorCode.TRITON_UNREACHABLE,
+        ErrorCode.TRITON_OVERLOADED,
+        ErrorCode.MODEL_NOT_READY,
+        ErrorCode.UPSTREAM_TIMEOUT,
+        ErrorCode.UPSTREAM_ERROR,
+        ErrorCode.OUTPUT_MISMATCH,
+    }
+)
+REFUSALS = frozenset({ErrorCode.UNAUTHORIZED, ErrorCode.OVERLOADED, ErrorCode.SHUTTING_DOWN})
+IMAGE_ERRORS = frozenset(
+    {
+        ErrorCode.INVALID_IMAGE,
+        ErrorCode.UNDECODABLE_IMAGE,
+        ErrorCode.UNSUPPORTED_IMAGE_FORMAT,
+        ErrorCode.IMAGE_TOO_LARGE,
+    }
+)
 
 
 class GatewayError(Exception):
     """Base class: ``status`` is the HTTP status the gateway answers with."""
 
     status = 500
-    code = "internal_error"
+    code = ErrorCode.INTERNAL_ERROR
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
+    def __init__(self, message: str, *, code: ErrorCode | None = None) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
-            self.code = code
+            self.code = ErrorCode(code)
 
 
 class BadRequest(GatewayError):
     """The request is malformed (no image, an empty field, a broken multipart body)."""
 
     status = 400
-    code = "bad_request"
+    code = ErrorCode.BAD_REQUEST
 
 
 class InvalidImage(GatewayError):
     """The image bytes cannot be decoded (empty, truncated, not an image)."""
 
     status = 400
-    code = "undecodable_image"
+    code = ErrorCode.UNDECODABLE_IMAGE
 
 
 class Unauthorized(GatewayError):
     """No API key, or one the gateway does not know."""
 
     status = 401
-    code = "unauthorized"
+    code = ErrorCode.UNAUTHORIZED
 
 
 class PayloadTooLarge(GatewayError):
     """Too many bytes, pixels or images."""
 
     status = 413
-    code = "too_large"
+    code = ErrorCode.TOO_LARGE
 
 
 class UnsupportedMediaType(GatewayError):
     """A content type or image format the gateway does not accept."""
 
     status = 415
-    code = "unsupported_media_type"
+    code = ErrorCode.UNSUPPORTED_MEDIA_TYPE
 
 
 class InvalidOption(GatewayError):
     """A well-formed request with an option the model cannot honour (``top_k``, ``category``)."""
 
     status = 422
-    code = "invalid_option"
+    code = ErrorCode.INVALID_OPTION
 
 
 class Overloaded(GatewayError):
-    """This worker already serves its limit of in-flight requests; retry shortly."""
+    """Every in-flight slot of this worker stayed busy for the whole bounded wait; retry shortly."""
 
     status = 429
-    code = "overloaded"
+    code = ErrorCode.OVERLOADED
+
+
+class ShuttingDown(GatewayError):
+    """The gateway is stopping: it answers what it accepted before, and nothing new; retry elsewhere."""
+
+    status = 503
+    code = ErrorCode.SHUTTING_DOWN
 
 
 class UpstreamError(GatewayError):
     """Triton answered with an error that is not the client's fault and not a timeout."""
 
     status = 502
-    code = "upstream_error"
+    code = ErrorCode.UPSTREAM_ERROR
 
 
 class ModelUnavailable(GatewayError):
     """Triton is unreachable, the model is not loaded, or its metadata is missing or skewed."""
 
     status = 503
-    code = "model_unavailable"
+    code = ErrorCode.MODEL_UNAVAILABLE
 
 
 class UpstreamTimeout(GatewayError):
     """Triton did not answer within the configured deadline."""
 
     status = 504
-    code = "upstream_timeout"
+    code = ErrorCode.UPSTREAM_TIMEOUT
 
 
 def from_image_error(error: ImageError) -> GatewayError:
     """Map a ``fashion.contract`` image error to the gateway error (and status) a client should see."""
+    # lazy: fashion.contract imports NumPy and Pillow; gunicorn's master imports this module for the codes
+    from fashion.contract import ImageTooLarge, UndecodableImage, UnsupportedImageFormat
+
     if isinstance(error, ImageTooLarge):
         cls: type[GatewayError] = PayloadTooLarge
     elif isinstance(error, UnsupportedImageFormat):
@@ -102,4 +189,4 @@ def from_image_error(error: ImageError) -> GatewayError:
         cls = InvalidImage
     else:
         cls = InvalidImage
-    return cls(str(error), code=error.code)
+    return cls(str(error), code=ErrorCode(error.code))

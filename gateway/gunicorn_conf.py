@@ -17,6 +17,16 @@ connection that sends nothing holds one for 5 s. ``GatewayWorker`` closes those 
 - what gunicorn's HTTP parser refuses (bad ``Content-Length``, bad chunk sizes, oversized headers) is
   answered in the gateway's JSON error shape with a request id, and logged without the offending bytes.
 
+It also tells the app when a request arrived (``gateway.admission.RECEIVED_AT``: when its connection was
+queued for a thread, so that the bounded wait for a slot counts the time spent waiting for a thread), and
+stops without losing a request: on SIGTERM it first **drains** — it keeps accepting, answers what it received
+before with the app as usual and what arrives after with 503 ``shutting_down``, every answer with
+``Connection: close`` — then, once no admitted prediction is left, accepts what is still in the listen
+backlog (those get their 503 too), closes its listening socket and stops as gunicorn does (kept-alive
+connections are answered for ``STOP_KEEPALIVE_LINGER`` more seconds, then closed). A new connection after that
+is refused by the kernel instead of being reset mid-request. The drain is bounded by the requests in flight
+(each by ``FASHION_TIMEOUT_S``) and by ``graceful_timeout``, after which the master kills the worker.
+
 A worker thread is still held for up to ``FASHION_CLIENT_TIMEOUT_S`` per slow client, so many slow clients
 at once can still occupy every thread for that long: in production a buffering reverse proxy (the
 ingress) belongs in front of the gateway; see the README's "Security and hostile input".
@@ -28,6 +38,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -44,13 +55,17 @@ from gunicorn.http import errors as http_errors
 from gunicorn.http.wsgi import Response, default_environ
 from gunicorn.workers import gthread
 
+from gateway.admission import RECEIVED_AT
 from gateway.config import GatewayConfig
+from gateway.errors import ErrorCode
 
 _config = GatewayConfig.from_env()
 CLIENT_TIMEOUT_S = _config.client_timeout_s
 # How long a thread waits for a new connection's first bytes before parking it in the poller (gunicorn
 # waits 5 s): short, so that a flood of silent connections cannot occupy the threads.
 FIRST_BYTES_WAIT_S = 0.05
+# The drain ends this long before graceful_timeout at the latest, leaving time for gunicorn's own stop.
+STOP_MARGIN_S = 5.0
 
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     # Must be set before a worker imports prometheus_client; workers inherit the master's environment.
@@ -61,7 +76,9 @@ workers = _config.workers
 threads = _config.threads
 # A worker silent for this long is killed and replaced; well above one Triton deadline.
 timeout = int(max(30, 3 * _config.timeout_s))
-graceful_timeout = 25  # below the chart's terminationGracePeriodSeconds (30)
+# The drain (accepted requests answered, each within FASHION_TIMEOUT_S) must fit in it, and it in the chart's
+# terminationGracePeriodSeconds (with the preStop delay before it).
+graceful_timeout = int(max(25, _config.timeout_s + _config.queue_wait_s + 10))
 keepalive = 5  # seconds an idle kept-alive (or silent new) connection stays open, without a thread
 worker_connections = 1000  # open connections per worker (idle ones included) before it stops accepting
 # gunicorn 25+ opens a management socket (reload, scale, stop) in $HOME or $XDG_RUNTIME_DIR by default: the
@@ -111,12 +128,12 @@ logconfig_dict: dict[str, Any] = {
 
 # -- the worker ---------------------------------------------------------------------------------------
 # gunicorn's parser errors that are the client's fault: (status, reason, code); the rest is 400.
-_CLIENT_ERRORS: dict[type[BaseException], tuple[int, str, str]] = {
-    http_errors.LimitRequestLine: (414, "URI Too Long", "uri_too_long"),
-    http_errors.LimitRequestHeaders: (431, "Request Header Fields Too Large", "headers_too_large"),
-    http_errors.ExpectationFailed: (417, "Expectation Failed", "expectation_failed"),
-    http_errors.ForbiddenProxyRequest: (403, "Forbidden", "forbidden"),
-    SSLError: (403, "Forbidden", "forbidden"),
+_CLIENT_ERRORS: dict[type[BaseException], tuple[int, str, ErrorCode]] = {
+    http_errors.LimitRequestLine: (414, "URI Too Long", ErrorCode.URI_TOO_LONG),
+    http_errors.LimitRequestHeaders: (431, "Request Header Fields Too Large", ErrorCode.HEADERS_TOO_LARGE),
+    http_errors.ExpectationFailed: (417, "Expectation Failed", ErrorCode.EXPECTATION_FAILED),
+    http_errors.ForbiddenProxyRequest: (403, "Forbidden", ErrorCode.FORBIDDEN),
+    SSLError: (403, "Forbidden", ErrorCode.FORBIDDEN),
 }
 # Server-side problems among gunicorn's errors (a response header the app made, a proxy misconfiguration).
 _SERVER_ERRORS = (
@@ -126,17 +143,17 @@ _SERVER_ERRORS = (
 )
 
 
-def classify(exc: BaseException) -> tuple[int, str, str]:
+def classify(exc: BaseException) -> tuple[int, str, ErrorCode]:
     """(status, reason, code) of the answer to a request gunicorn could not hand to the app.
 
     An unsupported ``Transfer-Encoding`` is answered 400, not gunicorn's 501: it is the client's input.
     """
     if isinstance(exc, _SERVER_ERRORS) or not isinstance(exc, (http_errors.ParseException, SSLError)):
-        return 500, "Internal Server Error", "internal_error"
+        return 500, "Internal Server Error", ErrorCode.INTERNAL_ERROR
     for cls, answer in _CLIENT_ERRORS.items():
         if isinstance(exc, cls):
             return answer
-    return 400, "Bad Request", "bad_request"
+    return 400, "Bad Request", ErrorCode.BAD_REQUEST
 
 
 class MalformedBody(ValueError):
@@ -172,25 +189,56 @@ class _Input:
             yield line
 
 
-def _body_errors_as_bad_requests(app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
+# The request each worker thread is answering: gunicorn's request object (to close its connection during a
+# drain) and when its connection was queued for a thread.
+_current = threading.local()
+
+
+def _wrap_app(
+    app: Callable[..., Iterable[bytes]], draining: Callable[[], bool]
+) -> Callable[..., Iterable[bytes]]:
+    """The app as the worker runs it: body parse errors as 400s, the arrival time in the environ, and every
+    answer given while ``draining`` announcing ``Connection: close``."""
+
     def wrapped(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         environ["wsgi.input"] = _Input(environ["wsgi.input"])
-        return app(environ, start_response)
+        received = getattr(_current, "received_at", None)
+        if received is not None:
+            environ[RECEIVED_AT] = received
+
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            request = getattr(_current, "request", None)
+            if request is not None and draining():
+                request.force_close()  # before the headers are written: the client will not reuse it
+            return start_response(status, headers, exc_info)
+
+        return app(environ, start)
 
     return wrapped
 
 
 class GatewayWorker(gthread.ThreadWorker):
-    """gunicorn's gthread worker, hardened against slow, silent and malformed clients (module docstring)."""
+    """gunicorn's gthread worker, hardened against slow, silent and malformed clients, telling the app when
+    each request arrived, and draining on SIGTERM (module docstring)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._reading: dict[int, tuple[float, Any]] = {}  # id(conn) -> (deadline, conn)
         self._reading_lock = threading.Lock()
+        self._admission: Any = None  # the app's gateway.admission.Admission
 
     def load_wsgi(self) -> None:
         super().load_wsgi()
-        self.wsgi: Callable[..., Iterable[bytes]] = _body_errors_as_bad_requests(self.wsgi)
+        resources = getattr(self.wsgi, "extensions", {}).get("fashion_gateway")
+        self._admission = getattr(resources, "admission", None)
+        self.wsgi: Callable[..., Iterable[bytes]] = _wrap_app(self.wsgi, self.draining)
+
+    def draining(self) -> bool:
+        return self._admission is not None and self._admission.draining
+
+    def enqueue_req(self, conn: Any) -> None:
+        conn.fashion_received_at = time.monotonic()  # new, kept-alive or deferred: its request is ready now
+        super().enqueue_req(conn)
 
     def handle(self, conn: Any) -> Any:
         if not conn.initialized and not conn.data_ready and not conn.wait_for_data(FIRST_BYTES_WAIT_S):
@@ -200,11 +248,48 @@ class GatewayWorker(gthread.ThreadWorker):
         key = id(conn)
         with self._reading_lock:
             self._reading[key] = (time.monotonic() + CLIENT_TIMEOUT_S, conn)
+        _current.received_at = getattr(conn, "fashion_received_at", None)
         try:
             return super().handle(conn)
         finally:
+            _current.received_at = None
             with self._reading_lock:
                 self._reading.pop(key, None)
+
+    def handle_request(self, req: Any, conn: Any) -> Any:
+        _current.request = req
+        try:
+            return super().handle_request(req, conn)
+        finally:
+            _current.request = None
+
+    # -- the drain ---------------------------------------------------------------------------------
+    def handle_exit(self, sig: Any, frame: Any) -> None:
+        """SIGTERM: drain first (module docstring), then stop as gunicorn does."""
+        if self._admission is None or not self.alive:
+            super().handle_exit(sig, frame)
+            return
+        if self._admission.draining:
+            return
+        self._admission.begin_drain()
+        self.log.info("SIGTERM: draining (new requests get 503 shutting_down)")
+        threading.Thread(target=self._end_drain, name="drain", daemon=True).start()
+
+    def _end_drain(self) -> None:
+        idle = self._admission.wait_idle(max(1.0, self.cfg.graceful_timeout - STOP_MARGIN_S))
+        self.log.info("drained%s; closing the listening socket", "" if idle else " (timed out)")
+        self.method_queue.defer(self._stop_accepting)  # on the worker's main loop
+
+    def _stop_accepting(self) -> None:
+        self.set_accept_enabled(False)
+        for listener in self.sockets:  # what the kernel queued meanwhile is answered (503), not reset
+            while True:
+                before = self.nr_conns
+                self.accept(listener)
+                if self.nr_conns == before:
+                    break
+            listener.close()
+        super().handle_exit(signal.SIGTERM, None)
 
     def murder_pending(self) -> None:
         # Runs on the worker's main loop at least once a second.
@@ -257,7 +342,7 @@ class GatewayWorker(gthread.ThreadWorker):
                 "refused a malformed request from %s: %s", _peer(addr), type(exc).__name__, extra=extra
             )
             message = f"the HTTP request is malformed or over a limit ({type(exc).__name__})"
-        body = json.dumps({"error": {"code": code, "message": message}}).encode()
+        body = json.dumps({"error": {"code": code.value, "message": message}}).encode()
         headers = [
             ("Connection", "close"),
             ("Content-Type", "application/json"),

@@ -25,11 +25,18 @@ def healthz() -> Response:
 
 @bp.get("/readyz")
 def readyz() -> Response:
-    ready, details = gateway().state.readiness()
+    """Readiness: Triton reachable, the model ready, its metadata matching — and not draining (a stopping
+    gateway leaves the load balancer's endpoints while it answers what it had accepted)."""
+    gw = gateway()
+    if gw.admission.draining:
+        ready, body = False, {"status": "draining"}
+    else:
+        ready, details = gw.state.readiness()
+        body = {"status": "ready" if ready else "not_ready", **details}
     if ready:
-        return json_response({"status": "ready", **details})
-    response = json_response({"status": "not_ready", **details}, status=503)
-    response.headers["Retry-After"] = str(gateway().config.retry_after_s)
+        return json_response(body)
+    response = json_response(body, status=503)
+    response.headers["Retry-After"] = str(gw.config.retry_after_s)
     return response
 
 

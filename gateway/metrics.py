@@ -3,6 +3,10 @@
 With ``PROMETHEUS_MULTIPROC_DIR`` set (``gateway.gunicorn_conf`` does it), each worker writes its values
 to files in that folder and ``/metrics`` aggregates all workers. Without it (tests, ``flask run``) each app
 has its own registry. Buckets are in seconds and fit a service that answers in milliseconds.
+
+The label values of the error families are ``gateway.errors.ErrorCode`` members, never literals, and every
+member of a family has its series from the start (at 0): a dashboard or an alert finds each code before it
+first happens, and a renamed code renames its series.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
+
+from gateway.errors import IMAGE_ERRORS, REFUSALS, TRITON_FAILURES, ErrorCode
 
 LATENCY_BUCKETS_S = (
     0.001,
@@ -98,6 +104,18 @@ class GatewayMetrics:
             multiprocess_mode="livesum",
             registry=r,
         )
+        self.waiting = Gauge(
+            "fashion_gateway_waiting_requests",
+            "Prediction requests waiting for an in-flight slot (at most FASHION_QUEUE_WAIT_S each).",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.slot_wait = Histogram(
+            "fashion_gateway_slot_wait_seconds",
+            "How long an admitted prediction waited for its in-flight slot (0 when one was free).",
+            buckets=STAGE_BUCKETS_S,
+            registry=r,
+        )
         self.triton_errors = Counter(
             "fashion_gateway_triton_errors_total", "Failed Triton calls, by kind.", ["kind"], registry=r
         )
@@ -107,6 +125,25 @@ class GatewayMetrics:
             ["reason"],
             registry=r,
         )
+        for family, codes in (
+            (self.triton_errors, TRITON_FAILURES),
+            (self.rejected, REFUSALS),
+            (self.image_errors, IMAGE_ERRORS),
+        ):
+            for code in sorted(codes):
+                family.labels(code.value)
+
+    def triton_error(self, code: ErrorCode) -> None:
+        """A failed Triton call (counted even when a retry then answers)."""
+        self.triton_errors.labels(_member(code, TRITON_FAILURES).value).inc()
+
+    def refused(self, code: ErrorCode) -> None:
+        """A request refused before any work (authentication, overload, shutdown)."""
+        self.rejected.labels(_member(code, REFUSALS).value).inc()
+
+    def image_error(self, code: ErrorCode) -> None:
+        """An image refused inside a request."""
+        self.image_errors.labels(_member(code, IMAGE_ERRORS).value).inc()
 
     def render(self) -> bytes:
         """The exposition text for ``/metrics``."""
@@ -115,3 +152,9 @@ class GatewayMetrics:
         registry = CollectorRegistry()
         MultiProcessCollector(registry)
         return generate_latest(registry)
+
+
+def _member(code: ErrorCode, family: frozenset[ErrorCode]) -> ErrorCode:
+    if code not in family:
+        raise ValueError(f"{code!r} is not counted in this metric family ({sorted(family)})")
+    return code

@@ -1,20 +1,21 @@
-"""The resources of one gateway app — settings, the model state (metadata + Triton), metrics, the in-flight
-limit, API keys — and how a view reaches them (``gateway()``, ``json_response``). Below ``app`` (the factory,
-hooks and error handlers) and the blueprints ``api`` and ``health``, which import from here, not from ``app``.
+"""The resources of one gateway app — settings, the model state (metadata + Triton), metrics, admission (the
+in-flight slots, the bounded wait, the drain), API keys — and how a view reaches them (``gateway()``,
+``json_response``, ``received_at``). Below ``app`` (the factory, hooks and error handlers) and the blueprints
+``api`` and ``health``, which import from here, not from ``app``.
 """
 
 from __future__ import annotations
 
 import hmac
-import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from flask import Response, current_app, jsonify
+from flask import Response, current_app, jsonify, request
 
+from gateway.admission import RECEIVED_AT, Admission
 from gateway.config import GatewayConfig
-from gateway.errors import Overloaded
 from gateway.metrics import GatewayMetrics
 from gateway.state import ModelState
 from gateway.triton import TritonBackend
@@ -30,23 +31,28 @@ class Gateway:
         self.triton = triton
         self.state = ModelState(config, triton)
         self.metrics = GatewayMetrics()
-        self._slots = threading.BoundedSemaphore(config.inflight_limit)
+        self.admission = Admission(config.inflight_limit, config.queue_wait_s)
         self._keys = [k.encode("utf-8") for k in config.api_keys]
 
     @contextmanager
     def inflight(self) -> Iterator[None]:
-        """Hold one of ``max_inflight`` slots, or refuse at once with 429: excess load must not queue."""
-        if not self._slots.acquire(blocking=False):
-            self.metrics.rejected.labels("inflight_limit").inc()
-            raise Overloaded(
-                f"this worker already serves {self.config.inflight_limit} requests; retry shortly"
-            )
-        self.metrics.inflight.inc()
+        """Hold one of ``max_inflight`` slots, waiting for one until ``queue_wait_s`` after the request
+        arrived, then 429 (``gateway.admission``)."""
+        self.metrics.waiting.inc()
+        waiting = True
         try:
-            yield
+            with self.admission.slot(received_at()) as waited_s:
+                self.metrics.waiting.dec()
+                waiting = False
+                self.metrics.slot_wait.observe(waited_s)
+                self.metrics.inflight.inc()
+                try:
+                    yield
+                finally:
+                    self.metrics.inflight.dec()
         finally:
-            self.metrics.inflight.dec()
-            self._slots.release()
+            if waiting:
+                self.metrics.waiting.dec()
 
     def authorized(self, key: str | None) -> bool:
         """Constant-time comparison against every configured key (no early exit on a match)."""
@@ -64,6 +70,12 @@ class Gateway:
 def gateway() -> Gateway:
     """The ``Gateway`` of the current app."""
     return current_app.extensions[EXTENSION]
+
+
+def received_at() -> float:
+    """When the current request arrived (``time.monotonic``): when gunicorn queued it for a thread, or, in
+    any other server, when the app first asked."""
+    return float(request.environ.setdefault(RECEIVED_AT, time.monotonic()))
 
 
 def json_response(body: dict[str, Any], status: int = 200) -> Response:

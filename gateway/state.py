@@ -23,7 +23,7 @@ from fashion.contract import DecodeLimits
 from fashion.metadata import MetadataError, ModelMetadata, available_versions, load_metadata, skew
 from gateway.client import FashionClient
 from gateway.config import GatewayConfig
-from gateway.errors import GatewayError, ModelUnavailable
+from gateway.errors import ErrorCode, GatewayError, ModelUnavailable
 from gateway.triton import TritonBackend
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ class ModelState:
         self.refresh()
         client = self._client
         if client is None:
-            raise ModelUnavailable(f"no model metadata: {self._error}", code="metadata_unavailable")
+            raise ModelUnavailable(f"no model metadata: {self._error}", code=ErrorCode.METADATA_UNAVAILABLE)
         return client
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:

@@ -17,7 +17,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from gateway.errors import GatewayError, ModelUnavailable, UpstreamError, UpstreamTimeout
+from gateway.errors import ErrorCode, GatewayError, ModelUnavailable, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -158,7 +158,9 @@ class TritonTransport:
             arrays = {name: result.as_numpy(name) for name in outputs}
             missing = [name for name, value in arrays.items() if value is None]
             if missing:
-                raise UpstreamError(f"Triton's answer lacks the outputs {missing}", code="output_mismatch")
+                raise UpstreamError(
+                    f"Triton's answer lacks the outputs {missing}", code=ErrorCode.OUTPUT_MISMATCH
+                )
             return arrays
 
         return self._call("infer", run, timeout_s)
@@ -222,14 +224,18 @@ def classify(error: BaseException, url: str = "") -> GatewayError | None:
         if "DEADLINE_EXCEEDED" in status or "timeout expired" in lowered:  # client deadline, queue policy
             return UpstreamTimeout(f"Triton did not answer in time: {message}")
         if any(w in lowered for w in _OVERLOAD_WORDS) or "RESOURCE_EXHAUSTED" in status:
-            return ModelUnavailable(f"Triton's queue is full: {message}", code="triton_overloaded")
+            return ModelUnavailable(f"Triton's queue is full: {message}", code=ErrorCode.TRITON_OVERLOADED)
         if any(w in lowered for w in _NOT_READY_WORDS) or "NOT_FOUND" in status:
-            return ModelUnavailable(f"the model is not ready in Triton: {message}", code="model_not_ready")
+            return ModelUnavailable(
+                f"the model is not ready in Triton: {message}", code=ErrorCode.MODEL_NOT_READY
+            )
         if "UNAVAILABLE" in status or "connect" in lowered or "socket closed" in lowered:
-            return ModelUnavailable(f"Triton at {url} is unreachable: {message}", code="triton_unreachable")
+            return ModelUnavailable(
+                f"Triton at {url} is unreachable: {message}", code=ErrorCode.TRITON_UNREACHABLE
+            )
         if any(w in lowered for w in _TIMEOUT_WORDS):
             return UpstreamTimeout(f"Triton did not answer in time: {message}")
         return UpstreamError(f"Triton failed the request: {message}")
     if isinstance(error, (ConnectionError, OSError, EOFError)):
-        return ModelUnavailable(f"Triton at {url} is unreachable: {error}", code="triton_unreachable")
+        return ModelUnavailable(f"Triton at {url} is unreachable: {error}", code=ErrorCode.TRITON_UNREACHABLE)
     return None

@@ -7,11 +7,13 @@ for the right image in the right order.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import struct
 import threading
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -175,3 +177,23 @@ class FakeTriton:
             "inputs": [{"name": "image", "datatype": "UINT8", "shape": self.metadata["input"]["shape"]}],
             "outputs": outputs,
         }
+
+
+@contextlib.contextmanager
+def prediction_in_flight(app: Any, fake: FakeTriton, image: bytes) -> Iterator[dict[str, Any]]:
+    """One prediction of ``image`` held inside ``fake``'s Triton call while the body runs (it holds a slot);
+    released on exit, its response then under ``"response"`` of the yielded dict."""
+    fake.block = threading.Event()
+    first: dict[str, Any] = {}
+    worker = threading.Thread(
+        target=lambda: first.update(
+            response=app.test_client().post("/v1/predict", data=image, content_type="image/jpeg")
+        )
+    )
+    worker.start()
+    try:
+        assert fake.entered.wait(5)
+        yield first
+    finally:
+        fake.block.set()
+        worker.join(10)

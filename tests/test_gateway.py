@@ -31,6 +31,7 @@ from tests.fixtures_gateway import (
     encode,
     metadata_dict,
     png_header_only,
+    prediction_in_flight,
     solid,
     write_metadata,
 )
@@ -332,26 +333,14 @@ def test_a_served_output_with_the_wrong_class_count_is_a_502(repository, fake):
 
 def test_requests_over_the_inflight_limit_get_a_fast_429(repository, fake):
     app = make_app(repository, fake, max_inflight=1)
-    fake.block = threading.Event()
-    first: dict = {}
-    worker = threading.Thread(
-        target=lambda: first.update(
-            r=app.test_client().post("/v1/predict", data=solid(RED), content_type="image/jpeg")
-        )
-    )
-    worker.start()
-    try:
-        assert fake.entered.wait(5)
+    with prediction_in_flight(app, fake, solid(RED)) as first:
         start = time.perf_counter()
         response = app.test_client().post("/v1/predict", data=solid(RED), content_type="image/jpeg")
         assert time.perf_counter() - start < 1.0
         assert_error(response, 429, "overloaded")
         assert response.headers["Retry-After"] == "1"
         assert app.test_client().get("/healthz").status_code == 200  # health is not limited
-    finally:
-        fake.block.set()
-        worker.join(10)
-    assert first["r"].status_code == 200
+    assert first["response"].status_code == 200
     assert (
         app.test_client().post("/v1/predict", data=solid(RED), content_type="image/jpeg").status_code == 200
     )

@@ -13,7 +13,20 @@ import pytest
 
 gthread = pytest.importorskip("gunicorn.workers.gthread")
 
-WORKER_METHODS = ("handle", "murder_pending", "_keepalive_after", "handle_error", "load_wsgi")
+WORKER_METHODS = (
+    "handle",
+    "murder_pending",
+    "_keepalive_after",
+    "handle_error",
+    "load_wsgi",
+    # the arrival time and the drain
+    "enqueue_req",
+    "handle_request",
+    "handle_exit",
+    "set_accept_enabled",
+    "accept",
+)
+WORKER_ATTRIBUTES = ("method_queue", "nr_conns", "alive")
 CONNECTION_METHODS = ("wait_for_data",)
 CONNECTION_ATTRIBUTES = ("initialized", "data_ready", "sock", "client")
 
@@ -38,3 +51,15 @@ def test_thread_connections_still_have_the_method_the_worker_calls(name):
 @pytest.mark.parametrize("name", CONNECTION_ATTRIBUTES)
 def test_thread_connections_still_set_the_attribute_the_worker_reads(name):
     assert f"self.{name} =" in inspect.getsource(gthread.TConn), name
+
+
+@pytest.mark.parametrize("name", WORKER_ATTRIBUTES)
+def test_thread_workers_still_set_the_attribute_the_drain_uses(name):
+    source = inspect.getsource(gthread.ThreadWorker) + inspect.getsource(gthread.ThreadWorker.__mro__[1])
+    assert f"self.{name} =" in source, name
+
+
+def test_requests_can_still_be_told_to_close_their_connection():
+    from gunicorn.http.message import Request
+
+    assert callable(getattr(Request, "force_close", None))
