@@ -37,6 +37,7 @@ from training.metrics import (
 from training.model import FashionNet, build_model
 
 METRIC_KEYS = {"accuracy", "top3_accuracy", "macro_f1", "micro_f1", "harmonic_f1", "ece", "support"}
+DOC_KEYS = METRIC_KEYS | {"uncertain_rate"}  # metrics.json adds what a client sees flagged
 
 
 def tiny_checkpoint(data, path, *, image_size=32, thresholds=None, split="train"):
@@ -85,7 +86,7 @@ def test_metrics_json_has_the_issue_shape_and_null_for_an_attribute_without_labe
     doc = json.loads(json.dumps(metrics_document(score, per)))  # valid JSON: no NaN
     assert set(doc) == {"score", "attributes"}
     assert set(doc["attributes"]) == {"colour", "kind"}
-    assert all(set(v) == METRIC_KEYS for v in doc["attributes"].values())
+    assert all(set(v) == DOC_KEYS for v in doc["attributes"].values())
     assert doc["attributes"]["kind"]["support"] == 0 and doc["attributes"]["kind"]["accuracy"] is None
     np.testing.assert_allclose(doc["attributes"]["colour"]["accuracy"], 2 / 3)
     np.testing.assert_allclose(doc["score"], doc["attributes"]["colour"]["harmonic_f1"])  # kind left out
@@ -133,7 +134,7 @@ def test_evaluate_writes_metrics_reports_confusion_pngs_and_a_linked_report(kagg
     assert set(doc) == {"score", "attributes"}
     assert doc["attributes"]["baseColour"]["support"] == 25
     assert doc["attributes"]["usage"]["support"] == 24  # the NA cell is excluded
-    assert all(set(v) == METRIC_KEYS for v in doc["attributes"].values())
+    assert all(set(v) == DOC_KEYS for v in doc["attributes"].values())
     report = (out / "report.md").read_text()
     for name in ("baseColour", "usage"):
         assert (out / "reports" / f"{name}.csv").is_file() and (out / "confusion" / f"{name}.png").is_file()
@@ -451,3 +452,29 @@ def test_training_calibrates_best_pt_and_evaluate_on_its_validation_split_matche
     assert main(args) == 0
     np.testing.assert_allclose(list(load_checkpoint(calibrated).temperatures().values()),
                                list(load_checkpoint(best).temperatures().values()), rtol=1e-4)
+
+
+def test_evaluate_drift_scores_only_the_later_period_and_only_classes_the_model_knows(tmp_path, capsys):
+    from training.synth import generate
+
+    data = tmp_path / "synth"
+    generate(data, 60, seed=3)
+    with (data / "styles.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    for i, row in enumerate(rows):  # 40 photos of an earlier period, then 20 of a later one
+        row["year"] = "2011" if i < 40 else "2013"
+    with (data / "styles.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), "--backbone", "test_efficientnet",
+                 "--image-size", "32", "--epochs", "1", "--split-by", "year", "--val-from", "2012",
+                 "--novelty-quantile", "0", "--workers", "0"]) == 0
+    out = tmp_path / "eval"
+    checkpoint = str(run / "best.pt")
+    assert main(["evaluate", "--checkpoint", checkpoint, "--subset", "drift", "--out", str(out)]) == 0
+    doc = json.loads((out / "metrics.json").read_text())
+    # The 20 photos of the later period (never trained or validated on), each scored only on known classes.
+    assert "on 20 images" in capsys.readouterr().out
+    assert max(v["support"] for v in doc["attributes"].values()) <= 20

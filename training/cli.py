@@ -186,7 +186,7 @@ def register_analysis(sub: argparse._SubParsersAction) -> None:
     _common(e, "labelled dataset folder (or CSV file); optional with --subset val")
     e.add_argument("--out", required=True, help="folder for metrics.json, reports/, confusion/, report.md")
     e.add_argument("--split", default="train", help="Meesho table to read: train (default) or test")
-    e.add_argument("--subset", choices=["all", "val"], default="all",
+    e.add_argument("--subset", choices=["all", "val", "drift"], default="all",
                    help="all images of --data (default) or the trainer's validation split, re-created")
     e.add_argument("--aspect", type=float, default=1.0,
                    help="multiply each photo's height by this before the contract, e.g. 1.3348 turns the "

@@ -47,13 +47,28 @@ def prepare_data(cfg: TrainConfig) -> tuple[Catalogue, list, list]:
         if filled:
             stratify = max(filled, key=lambda h: len({s.labels.get(h) for s in samples}))
     if cfg.split_by is not None and cfg.val_from is not None:
-        train, val, _ = split_by_column(samples, cfg.split_by, cfg.val_from)
-    else:
-        train, val = stratified_split(samples, stratify, cfg.val_fraction, cfg.seed)
+        # The later period is the drift set: neither trained on nor used to pick an epoch, a temperature or
+        # a threshold; the validation split is drawn at random from the earlier period, as usual.
+        samples, _, _ = split_by_column(samples, cfg.split_by, cfg.val_from)
+    train, val = stratified_split(samples, stratify, cfg.val_fraction, cfg.seed)
     # Held-out classes leave after the split, so that the rest of the split is the usual one.
     train, _ = split_held_out(train, cfg.hold_out)
     val, _ = split_held_out(val, cfg.hold_out)
     return cat, train, val
+
+
+def drift_samples(cfg: TrainConfig) -> list[Sample]:
+    """The photos of the later period that a ``--split-by`` run never trained or validated on (known and
+    unknown classes alike; ``fashion evaluate --subset drift`` scores them)."""
+    if cfg.split_by is None or cfg.val_from is None:
+        raise DatasetError(
+            "this checkpoint was trained on a random split; a drift set needs a run trained with "
+            "--split-by COLUMN --val-from VALUE"
+        )
+    cat = read_catalogue(cfg.data, cfg.format, cfg.attributes)
+    samples = cat.samples[: cfg.max_samples] if cfg.max_samples else cat.samples
+    _, later, _ = split_by_column(samples, cfg.split_by, cfg.val_from)
+    return split_held_out(later, cfg.hold_out)[0]
 
 
 def checkpoint_config(ckpt: Checkpoint, **overrides: Any) -> TrainConfig:

@@ -28,17 +28,19 @@ from typing import Any
 import numpy as np
 
 from fashion.console import emit, table
-from fashion.schema import MISSING, LabelSchema
+from fashion.schema import MISSING, OTHER, LabelSchema
 from training.checkpoint import Checkpoint, load_checkpoint
-from training.context import resolve_device, validation_samples
+from training.context import checkpoint_config, drift_samples, resolve_device, validation_samples
 from training.data import DatasetError, Sample, encode, read_catalogue
 from training.metrics import confusion_top_classes, evaluate_arrays, per_class_report
 from training.predict import predict_paths
 
 log = logging.getLogger(__name__)
 
-METRIC_KEYS = ("accuracy", "top3_accuracy", "macro_f1", "micro_f1", "harmonic_f1", "ece", "support")
-SUBSETS = ("all", "val")
+METRIC_KEYS = (
+    "accuracy", "top3_accuracy", "macro_f1", "micro_f1", "harmonic_f1", "ece", "uncertain_rate", "support"
+)
+SUBSETS = ("all", "val", "drift")
 
 
 @dataclass(frozen=True)
@@ -55,19 +57,31 @@ class EvalResult:
 def evaluation_samples(
     ckpt: Checkpoint, data: str | None, format: str = "auto", split: str = "train", subset: str = "all"
 ) -> list[Sample]:
-    """All labelled images of ``data`` (``subset="all"``) or the checkpoint's validation split (``"val"``)."""
+    """All labelled images of ``data`` (``subset="all"``), the checkpoint's validation split (``"val"``) or
+    the later period a ``--split-by`` run held out (``"drift"``)."""
     if subset not in SUBSETS:
         raise DatasetError(f"subset must be one of {SUBSETS}, got {subset!r}")
     if subset == "val":
         return validation_samples(ckpt, data, None if format == "auto" else format)
+    if subset == "drift":
+        return drift_samples(checkpoint_config(ckpt, data=data, format=None if format == "auto" else format))
     if data is None:
         raise DatasetError("--data is required unless --subset val re-creates the validation split")
     return read_catalogue(data, format, None, split=split).samples
 
 
-def encode_known(schema: LabelSchema, samples: Sequence[Sample]) -> np.ndarray:
-    """``encode`` plus a warning for labels the schema cannot represent (they count as missing)."""
+def encode_known(schema: LabelSchema, samples: Sequence[Sample], known_only: bool = False) -> np.ndarray:
+    """``encode`` plus a warning for labels the schema cannot represent (they count as missing).
+
+    ``known_only``: a label that is not one of the schema's own classes counts as missing instead of as
+    ``other`` (a later period's new product types are not scored as if the model could know them)."""
     labels = encode(schema, samples)
+    if known_only:
+        for j, a in enumerate(schema.attributes):
+            named = set(a.classes) - {OTHER}
+            for i, s in enumerate(samples):
+                if s.labels.get(a.name) not in named:
+                    labels[i, j] = MISSING
     for j, a in enumerate(schema.attributes):
         unknown = sum(
             1 for i, s in enumerate(samples) if s.labels.get(a.name) is not None and labels[i, j] == MISSING
@@ -88,7 +102,9 @@ def metrics_document(score: float, per: Mapping[str, Mapping[str, float]]) -> di
     """The ``metrics.json`` content: NaN (no labelled image) becomes ``null``."""
     return {
         "score": _json_safe(float(score)),
-        "attributes": {name: {k: _json_safe(m[k]) for k in METRIC_KEYS} for name, m in per.items()},
+        "attributes": {
+            name: {k: _json_safe(m.get(k, math.nan)) for k in METRIC_KEYS} for name, m in per.items()
+        },
     }
 
 
@@ -201,11 +217,17 @@ def evaluate(
     samples = evaluation_samples(ckpt, data, format, split, subset)
     if not samples:
         raise DatasetError(f"{data}: no usable labelled images")
-    labels = encode_known(schema, samples)
+    labels = encode_known(schema, samples, known_only=subset == "drift")
     preds = predict_paths(ckpt.model, [s.image_path for s in samples], resolve_device(device), batch_size,
                           desc="evaluate", aspect=aspect)
     labels[~preds.ok] = MISSING  # an undecodable image has no prediction to score
     score, per = evaluate_arrays(schema, labels, preds.probs)
+    for j, a in enumerate(schema.attributes):  # what a client sees flagged `uncertain`, on scored photos
+        scored = labels[:, j] != MISSING
+        confidence = preds.probs[a.name].max(axis=1)[scored]
+        per[a.name]["uncertain_rate"] = (
+            float(np.mean(confidence < ckpt.thresholds.get(a.name, 0.0))) if scored.any() else float("nan")
+        )
 
     out = Path(out_dir)
     (out / "reports").mkdir(parents=True, exist_ok=True)
