@@ -86,6 +86,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="refuse a variant whose accuracy against the labels is lower than FP32's by more, for any "
         "attribute (default 0.005 = 0.5 points)",
     )
+    a(
+        "--max-confidence-delta",
+        type=float,
+        default=0.02,
+        help="refuse a variant whose top-1 confidence differs from FP32's by more on average, for any "
+        "attribute (default 0.02)",
+    )
     a("--parity-tolerance", type=float, default=1e-4, help="max |Δp| PyTorch vs ONNX Runtime (default 1e-4)")
     a("--calibration-images", type=int, default=300, help="photos for INT8 calibration (default 300)")
     a("--gate-images", type=int, default=500, help="labelled photos for the accuracy gate (default 500)")
@@ -170,6 +177,7 @@ def _export(args: argparse.Namespace) -> int:
         parity_atol=args.parity_tolerance,
         min_agreement=args.min_agreement,
         max_accuracy_drop=args.max_accuracy_drop,
+        max_confidence_delta=args.max_confidence_delta,
         calibration_images=args.calibration_images,
         gate_images=args.gate_images,
         eval_images=args.eval_images,

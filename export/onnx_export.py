@@ -19,13 +19,13 @@ import onnx
 import torch
 
 from export.errors import ExportError
+from fashion.metadata import INPUT_NAME
 from fashion.schema import LabelSchema
 from training.inference import collect, head_widths, image_batches
 from training.model import FashionNet, ProbabilityModel
 
 log = logging.getLogger(__name__)
 
-INPUT_NAME = "image"
 OPSET = 17
 
 
@@ -108,17 +108,6 @@ def _optimize_in_place(path: Path, schema: LabelSchema, size: int) -> None:
         model.doc_string = onnx.load(path).doc_string
         onnx.save(model, path)
         log.info("ONNX Runtime basic optimisation: %d → %d nodes", before, len(model.graph.node))
-
-
-def session(path: str | Path, threads: int = 2):
-    """An ONNX Runtime CPU session with all graph optimisations, for parity and precision checks."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def run_torch(net: FashionNet, images: np.ndarray, batch_size: int = 32) -> list[np.ndarray]:

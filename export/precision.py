@@ -8,8 +8,9 @@ What stays in FP32, and why
 FP16 (``to_fp16``):
   * the normalisation (``Cast`` uint8→float, ``Sub`` mean, ``Div`` std): pixel values up to 255 and the
     division are cheap and exact in FP32; it is where every client's input passes through.
-  * ``Softmax`` (and everything after the heads' ``Gemm``): probabilities near 0/1 and the temperature
-    division lose digits in FP16, and the abstain thresholds compare exactly these numbers.
+  * everything after the backbone's pooled features (``fp32_tail``: the heads, their temperature and
+    ``Softmax``, the novelty gate and its mix): probabilities near 0/1 and the temperature division lose
+    digits in FP16, and the abstain thresholds compare exactly these numbers.
   * ONNX Runtime's default block list (ops without FP16 kernels or numerically fragile ones).
 
 INT8 (``to_int8``: NNCF's post-training quantisation of the ONNX graph, Q/DQ nodes, the ``PERFORMANCE``
@@ -17,8 +18,12 @@ preset — symmetric weights and activations, per-channel weights — which Tens
   * the **stem convolution**: its input is the normalised image, and that tensor also feeds the colour
     grid (``FashionNet.colour_features``). Quantising it cost most of the accuracy measured on the
     shipped model (baseColour agreement with FP32 78 % → 94 % on 600 real validation photos when kept).
-  * the **heads and the novelty gate** (``Gemm``, ``MatMul``, ``Softmax`` and what follows them): tiny
-    layers whose error lands directly on the calibrated probabilities and the gate's distance.
+  * **everything after the pooled features** (``fp32_tail``): the heads, their temperature and softmax,
+    the novelty gate (``/novelty/*``) and its mix into the probabilities. Tiny layers whose error lands
+    directly on what users receive: with Q/DQ pairs on the gate's ``MatMul``/``Mul`` outputs the squared
+    distance cancelled to noise (the gate almost never fired), and quantised probabilities set every
+    class but the first to exactly 0.0. Excluding only ``Gemm``/``MatMul``/``Softmax`` by type left the
+    elementwise nodes between them quantised; the whole tail is now excluded by name.
   * the normalisation before the stem (``Cast``, ``Sub``, ``Div``) is not a quantisable op.
   * ``keep`` (``--int8-keep``): further nodes named by the caller, e.g. the most sensitive layers an
     accuracy-control search found (``training`` recipes record them next to the model).
@@ -48,10 +53,11 @@ import numpy as np
 import onnx
 
 from export.errors import ExportError
+from fashion.metadata import INPUT_NAME
 
 log = logging.getLogger(__name__)
 
-INPUT_NAME = "image"
+BACKBONE = "/backbone/"  # the exported graph's node names follow FashionNet's modules
 
 
 def _normalisation_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -71,12 +77,33 @@ def _stem_conv(model: onnx.ModelProto) -> onnx.NodeProto:
     raise ExportError("the graph has no Conv node (unexpected backbone for INT8 quantisation)")
 
 
+def fp32_tail(model: onnx.ModelProto) -> list[str]:
+    """The nodes after the backbone's pooled features, in graph order: every node that depends on a
+    tensor the backbone hands to the rest of the graph (the heads, softmax, the novelty gate, its mix)."""
+    produced_by_backbone = {o for n in model.graph.node if n.name.startswith(BACKBONE) for o in n.output}
+    pooled = {
+        i
+        for n in model.graph.node
+        if not n.name.startswith(BACKBONE)
+        for i in n.input
+        if i in produced_by_backbone
+    }
+    if not pooled:
+        raise ExportError(f"no node outside {BACKBONE}* reads the backbone's features: unexpected graph")
+    tail, reached = [], set(pooled)
+    for node in model.graph.node:  # ONNX graphs are topologically sorted
+        if any(i in reached for i in node.input) and not node.name.startswith(BACKBONE):
+            tail.append(node.name)
+            reached.update(node.output)
+    return tail
+
+
 def to_fp16(src: str | Path, dst: str | Path) -> Path:
     """FP16 weights and activations; UINT8 input and FP32 outputs kept (see the module docstring)."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     model = onnx.load(src)
-    blocked = [n.name for n in _normalisation_nodes(model)]
+    blocked = [n.name for n in _normalisation_nodes(model)] + fp32_tail(model)
     converted = convert_float_to_float16(
         model,
         keep_io_types=True,
@@ -93,7 +120,7 @@ def int8_exclusions(model: onnx.ModelProto, keep: Sequence[str] = ()) -> dict[st
     """Names of the nodes kept out of INT8, by reason (recorded in the metadata)."""
     return {
         "stem_conv": [_stem_conv(model).name],
-        "heads_and_gate": [n.name for n in model.graph.node if n.op_type in ("Gemm", "MatMul", "Softmax")],
+        "heads_and_gate": fp32_tail(model),
         "kept_by_request": kept_nodes(model, keep),
     }
 
@@ -149,7 +176,7 @@ def to_int8(
         # loss (see the module docstring).
         fast_bias_correction=False,
         ignored_scope=nncf.IgnoredScope(
-            names=[*excluded["stem_conv"], *excluded["kept_by_request"]],
+            names=[*excluded["stem_conv"], *excluded["heads_and_gate"], *excluded["kept_by_request"]],
             types=["Gemm", "MatMul", "Softmax"],
         ),
     )

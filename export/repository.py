@@ -13,6 +13,7 @@ Layout written for ``--name fashion`` (see ``model_repository/README.md``)::
         warmup/image              one real preprocessed image, raw uint8 HWC (model_warmup)
         <version>/model.onnx      FP32; model.fp16.onnx, model.int8.onnx when asked
         <version>/model.py        the python-backend model (export/triton_python_model.py)
+        <version>/sessions.py     the one session factory it builds from (export/sessions.py)
         <version>/metadata.json   what the gateway reads (format fashion-tagger/metadata@1)
 
 A version folder is assembled next to its final place under a name Triton ignores (``.staging-*``,
@@ -36,13 +37,16 @@ from typing import Any
 import numpy as np
 
 from export.errors import ExportError
-from export.runtimes import REFERENCE, Candidate, session_settings
-from fashion.metadata import version_folders, write_metadata
+from export.sessions import FILES, SessionSpec
+from fashion.metadata import INPUT_NAME, version_folders, write_metadata
 from fashion.schema import LabelSchema
 
-INPUT_NAME = "image"
 PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")
-VARIANT_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+# Copied next to model.py: Triton's python stub cannot import the project, so the backend loads the one
+# session factory from its own version folder.
+SESSIONS_MODULE = Path(__file__).with_name("sessions.py")
+VARIANTS = ("fp32", "fp16", "int8")  # the files a version can hold (export.sessions.FILES names them)
+ORT_FP32 = SessionSpec()  # ONNX Runtime FP32, 2 threads: the python backend's default session
 # configs/<name>.pbtxt → (precision, backend) of the GPU variants (fp16 is for GPUs only).
 GPU_VARIANTS = {
     "gpu_fp16": ("fp16", "onnxruntime_onnx"),
@@ -52,17 +56,18 @@ GPU_VARIANTS = {
 
 @dataclass(frozen=True)
 class CpuServing:
-    """Which CPU candidate ``configs/cpu.pbtxt`` serves, and every one that gets its own config."""
+    """Which CPU candidate ``configs/cpu.pbtxt`` serves, and every one that gets its own config (each the
+    session spec the export gated and timed)."""
 
-    chosen: Candidate = REFERENCE
-    configured: tuple[Candidate, ...] = (REFERENCE,)
-    openvino: Candidate | None = None  # what configs/openvino.pbtxt (NGC openvino backend) runs
+    chosen: SessionSpec = ORT_FP32
+    configured: tuple[SessionSpec, ...] = (ORT_FP32,)
+    openvino: SessionSpec | None = None  # what configs/openvino.pbtxt (NGC openvino backend) runs
 
     def __init__(
         self,
-        chosen: Candidate = REFERENCE,
-        configured: Sequence[Candidate] = (REFERENCE,),
-        openvino: Candidate | None = None,
+        chosen: SessionSpec = ORT_FP32,
+        configured: Sequence[SessionSpec] = (ORT_FP32,),
+        openvino: SessionSpec | None = None,
     ) -> None:
         object.__setattr__(self, "chosen", chosen)
         object.__setattr__(self, "configured", tuple(dict.fromkeys([chosen, *configured])))
@@ -86,16 +91,12 @@ class ServingConfig:
     queue_timeout_us: int = 1_000_000  # 0 = no timeout
     max_queue_size: int = 256  # at least 1: Triton reads 0 as "unbounded"
     gpu_instances: int = 1
-    cpu_instances: int = 1
-    cpu_threads: int = 2  # ONNX Runtime intra-op threads per CPU instance (python backend)
-    # Busy-waiting intra-op threads: off, because on a few cores shared with Triton and the gateway they
-    # stole the CPU those need (measured on 2 cores: p99 520 ms with spinning, 27 ms without, at c=1).
-    cpu_spinning: bool = False
+    cpu_instances: int = 1  # each runs one session of export.sessions.SessionSpec (its threads)
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_batch_size <= 1024:
             raise ExportError(f"max_batch_size must be between 1 and 1024, got {self.max_batch_size}")
-        for name in ("max_queue_delay_us", "queue_timeout_us", "max_queue_size", "cpu_threads"):
+        for name in ("max_queue_delay_us", "queue_timeout_us", "max_queue_size"):
             if getattr(self, name) < 0:
                 raise ExportError(f"{name} must not be negative")
         if self.max_queue_size < 1:
@@ -122,10 +123,11 @@ def model_config(
     backend: str = "onnxruntime_onnx",
     model_filename: str = "model.onnx",
     warmup: bool = True,
-    candidate: Candidate = REFERENCE,
+    session: SessionSpec = ORT_FP32,
 ) -> str:
     """The text of a ``config.pbtxt``: ``backend`` ``onnxruntime_onnx`` (NGC, GPU), ``python`` (pip Triton,
-    CPU, running ``candidate``) or ``openvino`` (NGC, CPU, running ``model_filename``)."""
+    CPU, running ``session``: its parameters) or ``openvino`` (NGC, CPU, running ``model_filename`` with
+    ``session``'s threads, streams and hint)."""
     lines = [f'name: "{name}"']
     if backend in ("python", "openvino"):
         lines.append(f'backend: "{backend}"')
@@ -157,26 +159,30 @@ def model_config(
             "  }"
         )
     lines += [",\n".join(outputs), "]"]
-    if backend in ("python", "openvino"):
-        lines.append(f"instance_group [ {{ count: {serving.cpu_instances}, kind: KIND_CPU }} ]")
-        if backend == "python":
-            params = {
-                **session_settings(candidate, serving.cpu_threads),
-                "inter_op_threads": "1",
-                "allow_spinning": "1" if serving.cpu_spinning else "0",
-            }
-        else:  # the openvino backend's own parameters (triton-inference-server/openvino_backend)
-            params = {
-                "INFERENCE_NUM_THREADS": str(serving.cpu_threads),
-                "NUM_STREAMS": "1",
-                "PERFORMANCE_HINT": "LATENCY",
-            }
-        for key, value in params.items():
-            lines.append(f'parameters: {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
-    else:
-        lines.append(f"instance_group [ {{ count: {serving.gpu_instances}, kind: KIND_GPU }} ]")
+    lines += _instances(backend, serving, session) + _batching(serving)
+    if warmup:
+        lines += _warmup(image_size)
+    return "\n".join(lines) + "\n"
+
+
+def _instances(backend: str, serving: ServingConfig, session: SessionSpec) -> list[str]:
+    """The instance group and, on the CPU, the session's parameters."""
+    if backend not in ("python", "openvino"):
+        return [f"instance_group [ {{ count: {serving.gpu_instances}, kind: KIND_GPU }} ]"]
+    if backend == "python":
+        params = session.parameters()
+    else:  # the openvino backend's own parameters (triton-inference-server/openvino_backend)
+        own = session.openvino_properties()
+        params = {k: own[k] for k in ("INFERENCE_NUM_THREADS", "NUM_STREAMS", "PERFORMANCE_HINT")}
+    return [
+        f"instance_group [ {{ count: {serving.cpu_instances}, kind: KIND_CPU }} ]",
+        *(f'parameters: {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in params.items()),
+    ]
+
+
+def _batching(serving: ServingConfig) -> list[str]:
     preferred = ", ".join(str(s) for s in serving.preferred_batch_sizes)
-    lines += [
+    return [
         "dynamic_batching {",
         f"  preferred_batch_size: [ {preferred} ]",
         f"  max_queue_delay_microseconds: {serving.max_queue_delay_us}",
@@ -188,24 +194,42 @@ def model_config(
         "  }",
         "}",
     ]
-    if warmup:
-        lines += [
-            "model_warmup [",
-            "  {",
-            '    name: "catalogue_image"',
-            "    batch_size: 1",
-            "    inputs {",
-            f'      key: "{INPUT_NAME}"',
-            "      value: {",
-            "        data_type: TYPE_UINT8",
-            f"        dims: [ {image_size}, {image_size}, 3 ]",
-            '        input_data_file: "image"',
-            "      }",
-            "    }",
-            "  }",
-            "]",
-        ]
-    return "\n".join(lines) + "\n"
+
+
+def _warmup(image_size: int) -> list[str]:
+    return [
+        "model_warmup [",
+        "  {",
+        '    name: "catalogue_image"',
+        "    batch_size: 1",
+        "    inputs {",
+        f'      key: "{INPUT_NAME}"',
+        "      value: {",
+        "        data_type: TYPE_UINT8",
+        f"        dims: [ {image_size}, {image_size}, 3 ]",
+        '        input_data_file: "image"',
+        "      }",
+        "    }",
+        "  }",
+        "]",
+    ]
+
+
+_PARAMETER = re.compile(r'^parameters: \{ key: "([^"]+)" value: \{ string_value: "([^"]*)" \} \}$')
+
+
+def read_session_spec(model_dir: str | Path, config_name: str) -> SessionSpec:
+    """The session ``<model_dir>/configs/<config_name>.pbtxt`` runs: its parameters (as ``model_config``
+    writes them) read back into a spec, as the python backend reads them."""
+    path = Path(model_dir) / "configs" / f"{config_name}.pbtxt"
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise ExportError(f"{path} is not readable: {e}") from e
+    params = {m[1]: m[2] for line in lines if (m := _PARAMETER.match(line.strip()))}
+    if "runtime" not in params:
+        raise ExportError(f"{path} has no session parameters (not a python-backend CPU config)")
+    return SessionSpec.from_parameters(params)
 
 
 def label_filename(tensor: str) -> str:
@@ -263,7 +287,8 @@ def write_model_version(
         name: the model folder name.
         schema: the label schema (output tensors, their classes → label files).
         image_size: side of the square uint8 NHWC input.
-        model_files: precision (``fp32`` required, ``fp16``, ``int8``) → ONNX file to copy in.
+        model_files: precision (``fp32`` required, ``fp16``, ``int8``) → ONNX file to copy in (named as
+            ``export.sessions.FILES`` says).
         metadata: the metadata document; ``model.version`` is filled in here.
         warmup_image: one ``(size, size, 3)`` uint8 image for ``model_warmup``.
         serving: batching, queue and instance settings.
@@ -274,7 +299,7 @@ def write_model_version(
         raise ExportError(f"model name {name!r} must be letters, digits, '_', '-' or '.'")
     if "fp32" not in model_files:
         raise ExportError("the FP32 model.onnx is required in every version")
-    unknown = set(model_files) - set(VARIANT_FILES)
+    unknown = set(model_files) - set(VARIANTS)
     if unknown:
         raise ExportError(f"unknown precisions {sorted(unknown)}")
     if warmup_image.shape != (image_size, image_size, 3) or warmup_image.dtype != np.uint8:
@@ -293,8 +318,9 @@ def write_model_version(
         staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".staging-{chosen}-"))
         try:
             for precision, src in model_files.items():
-                shutil.copyfile(src, staging / VARIANT_FILES[precision])
+                shutil.copyfile(src, staging / FILES[precision])
             shutil.copyfile(PYTHON_MODEL, staging / "model.py")
+            shutil.copyfile(SESSIONS_MODULE, staging / SESSIONS_MODULE.name)
             for a in schema.attributes:
                 (staging / label_filename(a.tensor)).write_text("\n".join(a.classes) + "\n")
             doc = dict(metadata)
@@ -325,18 +351,24 @@ def _write_model_level(
     _write_atomic(model_dir / "config.pbtxt", model_config(name, schema, image_size, serving))
     wanted: dict[str, str] = {}
     # A candidate gets a config when its file is in this version (bf16 runs model.onnx).
-    configured = [c for c in cpu.configured if c.file in {VARIANT_FILES[p] for p in precisions}]
-    wanted["cpu"] = model_config(name, schema, image_size, serving, backend="python", candidate=cpu.chosen)
+    configured = [c for c in cpu.configured if c.file in {FILES[p] for p in precisions}]
+    wanted["cpu"] = model_config(name, schema, image_size, serving, backend="python", session=cpu.chosen)
     for c in configured:
-        wanted[c.config_name] = model_config(name, schema, image_size, serving, backend="python", candidate=c)
+        wanted[c.config_name] = model_config(name, schema, image_size, serving, backend="python", session=c)
     if cpu.openvino is not None and cpu.openvino in configured:
         wanted["openvino"] = model_config(
-            name, schema, image_size, serving, backend="openvino", model_filename=cpu.openvino.file
+            name,
+            schema,
+            image_size,
+            serving,
+            backend="openvino",
+            model_filename=cpu.openvino.file,
+            session=cpu.openvino,
         )
     for config_name, (precision, backend) in GPU_VARIANTS.items():
         if precision in precisions:
             wanted[config_name] = model_config(
-                name, schema, image_size, serving, backend=backend, model_filename=VARIANT_FILES[precision]
+                name, schema, image_size, serving, backend=backend, model_filename=FILES[precision]
             )
     folder = model_dir / "configs"
     for text_name, text in wanted.items():

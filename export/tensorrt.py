@@ -15,10 +15,10 @@ import subprocess
 from pathlib import Path
 
 from export.errors import ExportError, TensorRTUnavailable
+from fashion.metadata import INPUT_NAME
 
 log = logging.getLogger(__name__)
 
-INPUT_NAME = "image"
 HOW_TO = (
     "build the plan where it is served instead: on a GPU node, inside the tritonserver image, run "
     "scripts/build_trt_plan.sh --repo-dir=<repository> --precision=fp16|int8 (it calls trtexec "

@@ -433,7 +433,7 @@ class FlagAgreement:
     raised: int  # photos the candidate flags
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "agreement": round(self.agreement, 4)}
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> FlagAgreement:
@@ -452,10 +452,6 @@ class FlagAgreement:
 
 def _opt_float(value: Any) -> float | None:
     return None if value is None else float(value)
-
-
-def _rounded(value: float | None, digits: int = 4) -> float | None:
-    return None if value is None else round(value, digits)
 
 
 @dataclass(frozen=True)
@@ -497,17 +493,17 @@ class AttributeVerdict:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "attribute": self.attribute,
-            "agreement": round(self.agreement, 4),
+            "agreement": self.agreement,
             "agreement_images": self.agreement_images,
             "near_ties": self.near_ties,
             "max_abs_diff": self.max_abs_diff,
             "confidence": {
                 "max_abs_delta": self.confidence_max_delta,
                 "mean_abs_delta": self.confidence_mean_delta,
-                "ece_fp32": _rounded(self.ece_fp32),
-                "ece": _rounded(self.ece),
+                "ece_fp32": self.ece_fp32,
+                "ece": self.ece,
             },
-            "top_k": {"k": self.top_k, "agreement": round(self.top_k_agreement, 4)},
+            "top_k": {"k": self.top_k, "agreement": self.top_k_agreement},
             "flags": [f.to_dict() for f in self.flags],
         }
         if self.labelled_images is not None:

@@ -14,7 +14,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from export.runtimes import Candidate
+from export.sessions import SessionSpec
+from fashion.metadata import ExportRecord
 from loadtest.loadgen import Point, closed_loop
 
 log = logging.getLogger(__name__)
@@ -37,20 +38,21 @@ class BenchModel:
     schema: Any
     description: str
     image_source: str
-    cpu: dict[str, Any]  # metadata.json's export.cpu: every candidate, its gate and the chosen one
-
-    @property
-    def chosen(self) -> Any:
-
-        return Candidate(self.cpu["chosen"]["runtime"], self.cpu["chosen"]["precision"])
+    chosen: SessionSpec  # the session configs/cpu.pbtxt serves, read back from that config
+    record: ExportRecord | None = None  # what the export measured: every candidate, its gate, the ranking
 
 
 class Timing(Protocol):
     """How long and at which concurrencies to measure (``BenchOptions`` is one)."""
 
-    concurrencies: tuple[int, ...]
-    duration_s: float
-    warmup_s: float
+    @property
+    def concurrencies(self) -> tuple[int, ...]: ...
+
+    @property
+    def duration_s(self) -> float: ...
+
+    @property
+    def warmup_s(self) -> float: ...
 
 
 def http_client_factory(url: str, path: str, jpegs: list[bytes]) -> Callable[[], Callable[[int], int]]:

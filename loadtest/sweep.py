@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from export.repository import ServingConfig, model_config
+from export.sessions import SessionSpec
 from fashion.console import table
 from loadtest.errors import LoadtestError
 from loadtest.loadgen import best
@@ -31,9 +32,14 @@ log = logging.getLogger(__name__)
 class SweepOptions(Timing, Protocol):
     """What the sweep reads of ``BenchOptions``."""
 
-    quick: bool
-    slo_p95_ms: float
-    out: Path
+    @property
+    def quick(self) -> bool: ...
+
+    @property
+    def slo_p95_ms(self) -> float: ...
+
+    @property
+    def out(self) -> Path: ...
 
 
 @dataclass(frozen=True)
@@ -52,14 +58,13 @@ def grids(quick: bool) -> dict[str, list[int]]:
 
 def measure(model: BenchModel, opts: SweepOptions, work: Path, setting: Setting) -> dict[str, Any]:
 
-    cores = os.cpu_count() or 2
     serving = ServingConfig(
         max_queue_delay_us=setting.max_queue_delay_us,
         cpu_instances=setting.cpu_instances,
-        cpu_threads=max(1, cores // setting.cpu_instances),
     )
     size = model.preprocessing.image_size
-    text = model_config(MODEL_NAME, model.schema, size, serving, backend="python", candidate=model.chosen)
+    session = session_for(model, setting.cpu_instances)
+    text = model_config(MODEL_NAME, model.schema, size, serving, backend="python", session=session)
     (model.repository / MODEL_NAME / "configs" / "cpu.pbtxt").write_text(text)
     # Around the knee on a few cores: beyond c=8 every setting breaks a 100 ms p95 SLO here.
     concurrencies = (2, 8) if opts.quick else (2, 4, 8)
@@ -79,6 +84,11 @@ def measure(model: BenchModel, opts: SweepOptions, work: Path, setting: Setting)
     }
 
 
+def session_for(model: BenchModel, instances: int) -> SessionSpec:
+    """The served session with the cores shared out between ``instances`` (intra-op threads each)."""
+    return replace(model.chosen, threads=max(1, (os.cpu_count() or 2) // instances))
+
+
 def run_sweep(model: BenchModel, opts: SweepOptions, work: Path) -> dict[str, Any]:
 
     cache: dict[Setting, dict[str, Any]] = {}
@@ -94,6 +104,7 @@ def run_sweep(model: BenchModel, opts: SweepOptions, work: Path) -> dict[str, An
         )
     chosen = cache[current]
     serving = ServingConfig(**chosen["serving"])
+    recommended = session_for(model, current.cpu_instances)
     out = opts.out / "recommended"
     (out / "configs").mkdir(parents=True, exist_ok=True)
     (out / "configs" / "cpu.pbtxt").write_text(
@@ -103,7 +114,7 @@ def run_sweep(model: BenchModel, opts: SweepOptions, work: Path) -> dict[str, An
             model.preprocessing.image_size,
             serving,
             backend="python",
-            candidate=model.chosen,
+            session=recommended,
         )
     )
     (out / "config.pbtxt").write_text(
@@ -120,7 +131,7 @@ def run_sweep(model: BenchModel, opts: SweepOptions, work: Path) -> dict[str, An
     runner_up = next((r for r in others if r is not chosen and r["slo_p95_met"]), None)
     setting_text = (
         f"max_queue_delay_us={current.max_queue_delay_us}, {current.cpu_instances} CPU instance(s) with "
-        f"{serving.cpu_threads} {model.chosen.runtime} threads each, {current.workers} gunicorn workers × "
+        f"{recommended.threads} {model.chosen.runtime} threads each, {current.workers} gunicorn workers × "
         f"{current.threads} threads: {chosen['best']['throughput_ips']} img/s at p95 "
         f"{chosen['best']['p95_ms']} ms (c={chosen['best']['concurrency']})"
     )

@@ -235,6 +235,7 @@ def exported(checkpoint, tmp_path_factory):
         min_agreement=0.5,
         max_accuracy_drop=1.0,
         force=True,
+        synthetic_calibration=True,  # its catalogue is `fashion synth` renders, not real photos
         calibration_images=32,
         gate_images=24,
         eval_images=24,

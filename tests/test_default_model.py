@@ -52,11 +52,12 @@ def served_default(stack_factory, tmp_path_factory) -> Iterator[dict]:
 def test_serve_exports_the_shipped_model_when_the_repository_is_empty(served_default):
     import hashlib
 
+    from fashion.metadata import load_export_record
+
     meta = read_metadata(served_default["repository"], "fashion", served_default["version"])
+    record = load_export_record(served_default["repository"], "fashion", served_default["version"])
     assert served_default["version"] == 1
-    assert (
-        meta["training"]["checkpoint_sha256"] == hashlib.sha256(DEFAULT_CHECKPOINT.read_bytes()).hexdigest()
-    )
+    assert record.checkpoint_sha256 == hashlib.sha256(DEFAULT_CHECKPOINT.read_bytes()).hexdigest()
     assert meta["model"]["backbone"] == "tf_efficientnet_lite0"
     assert meta["preprocessing"]["mean"] == [0.5, 0.5, 0.5]  # the backbone's, not ImageNet's
     assert any("export the default model" in line for line in served_default["said"])
@@ -69,39 +70,43 @@ def test_serve_gates_every_cpu_candidate_on_500_real_photos_and_serves_the_faste
     served_default,
 ):
     from export.runtimes import cpu_info
+    from fashion.metadata import load_export_record
 
     meta = read_metadata(served_default["repository"], "fashion", served_default["version"])
-    photos = meta["export"]["photos"]
-    assert photos["real_photos"] and photos["gate"]["images"] >= 500 and photos["gate"]["labelled"]
-    assert "validation split" in photos["gate"]["source"]
-    int8 = meta["export"]["precisions"]["int8"]
-    assert int8["calibration"]["real_photos"] and "training split" in int8["calibration"]["source"]
-    candidates = {f"{c['runtime']}-{c['precision']}": c for c in meta["export"]["cpu"]["candidates"]}
+    record = load_export_record(served_default["repository"], "fashion", served_default["version"])
+    photos = record.photos
+    assert photos.real_photos and photos.gate.images >= 500 and photos.labelled
+    assert "validation split" in photos.gate.source
+    int8 = record.variant("int8")
+    assert int8 is not None and int8.quantisation is not None
+    calibration = int8.quantisation.calibration
+    assert calibration.real_photos and "training split" in calibration.source
+    candidates = {c.name: c for c in record.cpu.candidates}
     assert {"onnxruntime-fp32", "openvino-fp32", "openvino-bf16", "onnxruntime-int8", "openvino-int8"} == set(
         candidates
     )
     bf16 = candidates["openvino-bf16"]
     if cpu_info().bf16:  # measured and gated where the CPU has it, reported unavailable where not
-        assert bf16["unavailable"] is None and bf16["gate"]["images"] >= 500
-        assert bf16["passed_gate"], bf16["gate"]  # issue 13: BF16 of the shipped model must pass the gate
+        assert bf16.unavailable is None and bf16.gate is not None and bf16.gate.images >= 500
+        assert bf16.passed, bf16.gate  # issue 13: BF16 of the shipped model must pass the gate
     else:
-        assert "no BF16" in bf16["unavailable"]
+        assert bf16.unavailable is not None and "no BF16" in bf16.unavailable
     for name in ("openvino-int8", "onnxruntime-int8"):
-        gate = candidates[name]["gate"]
-        assert gate["images"] >= 500 and len(gate["attributes"]) == len(meta["outputs"])
+        gate = candidates[name].gate
+        assert gate is not None and gate.images >= 500 and len(gate.attributes) == len(meta["outputs"])
         # INT8 of the shipped model passes with stages 0-4 in FP32 (models/default/export.yaml)
-        assert candidates[name]["passed_gate"], gate
-    assert int8["keep"]["from"].endswith("models/default/export.yaml")
-    kept = int8["excluded_nodes"]["kept_by_request"]
+        assert candidates[name].passed, gate
+    assert (int8.quantisation.keep_from or "").endswith("models/default/export.yaml")
+    kept = int8.quantisation.excluded_nodes["kept_by_request"]
     assert any("/blocks.4/" in n for n in kept) and not any("/blocks.5/" in n for n in kept)
-    passed = [c for c in candidates.values() if c["passed_gate"]]
-    assert meta["export"]["cpu"]["timing"]["rounds"] == 3  # the candidates timed taking turns
-    fastest = max(passed, key=lambda c: max(c["throughput_ips"].values()))
-    chosen = meta["export"]["cpu"]["chosen"]
-    assert (chosen["runtime"], chosen["precision"]) == (fastest["runtime"], fastest["precision"])
-    assert (meta["model"]["runtime"], meta["model"]["precision"]) == (chosen["runtime"], chosen["precision"])
+    passed = [c for c in candidates.values() if c.passed]
+    assert record.cpu.timing.rounds == 3  # the candidates timed taking turns
+    fastest = max(passed, key=lambda c: c.best_ips)
+    chosen = record.chosen
+    assert (chosen.runtime, chosen.precision) == (fastest.runtime, fastest.precision)
+    assert (meta["model"]["runtime"], meta["model"]["precision"]) == (chosen.runtime, chosen.precision)
     config = (served_default["repository"] / "fashion" / "configs" / "cpu.pbtxt").read_text()
-    assert f'string_value: "{chosen["runtime"]}"' in config and chosen["file"] in config
+    assert f'string_value: "{chosen.runtime}"' in config and chosen.file in config
 
 
 @pytest.mark.server

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import threading
@@ -13,7 +14,8 @@ import onnx
 import pytest
 
 from export.errors import ExportError, ParityError, TensorRTUnavailable
-from export.pipeline import ExportOptions, export_checkpoint, parse_precisions
+from export.pipeline import ExportOptions, Refusal, export_checkpoint, parse_precisions
+from fashion.metadata import PhotoOrigin, load_export_record
 
 SIZE = 64  # the tiny checkpoint's input (tests/conftest.py)
 ATOL = 1e-4  # PyTorch vs ONNX Runtime vs Triton, all FP32
@@ -26,10 +28,11 @@ def images(count: int, seed: int = 0) -> np.ndarray:
     return synthetic(Preprocessing(image_size=SIZE, interpolation="bicubic"), count, seed).images
 
 
-def ort_probs(path: Path, batch: np.ndarray) -> list[np.ndarray]:
-    from export.runtimes import REFERENCE, make_runner, run_all
+def ort_probs(path: Path, batch: np.ndarray, precision: str = "fp32") -> list[np.ndarray]:
+    from export.runtimes import run_all
+    from export.sessions import SessionSpec, open_session
 
-    return run_all(make_runner(REFERENCE, path, 2), batch)
+    return run_all(open_session(SessionSpec("onnxruntime", precision), path), batch)
 
 
 def test_onnx_input_is_uint8_nhwc_with_a_dynamic_batch_and_matches_pytorch(exported, checkpoint):
@@ -85,20 +88,20 @@ def test_model_folder_has_production_and_pip_triton_configs_with_label_files(exp
     assert prod.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     cpu = parse_config(folder / "configs" / "cpu.pbtxt")
     meta = json.loads((folder / "1" / "metadata.json").read_text())
-    chosen = meta["export"]["cpu"]["chosen"]
+    record = load_export_record(repo, "fashion", 1)
+    chosen = record.chosen
     assert cpu.backend == "python"
-    assert cpu.parameters["runtime"].string_value == chosen["runtime"] == meta["model"]["runtime"]
-    assert cpu.parameters["model_filename"].string_value == chosen["file"]
+    assert cpu.parameters["runtime"].string_value == chosen.runtime == meta["model"]["runtime"]
+    assert cpu.parameters["model_filename"].string_value == chosen.file
     for runtime in ("onnxruntime", "openvino"):
         config = parse_config(folder / "configs" / f"cpu_{runtime}_int8.pbtxt")
         assert config.parameters["model_filename"].string_value == "model.int8.onnx"
         assert config.parameters["runtime"].string_value == runtime
     ngc_cpu = parse_config(folder / "configs" / "openvino.pbtxt")
     # The NGC openvino backend runs the OpenVINO candidate that ranks first as `choose` ranks them.
-    candidates = meta["export"]["cpu"]["candidates"]
-    openvino = [c for c in candidates if c["runtime"] == "openvino" and c["passed_gate"]]
-    first = max(openvino, key=lambda c: max(c["throughput_ips"].values()))
-    assert ngc_cpu.backend == "openvino" and ngc_cpu.default_model_filename == first["file"]
+    openvino = [c for c in record.cpu.candidates if c.runtime == "openvino" and c.passed]
+    first = max(openvino, key=lambda c: c.best_ips)
+    assert ngc_cpu.backend == "openvino" and ngc_cpu.default_model_filename == first.file
     assert ngc_cpu.parameters["INFERENCE_NUM_THREADS"].string_value == "2"
     assert parse_config(folder / "configs" / "gpu_fp16.pbtxt").default_model_filename == "model.fp16.onnx"
     for config in (prod, cpu):
@@ -122,6 +125,7 @@ def test_model_folder_has_production_and_pip_triton_configs_with_label_files(exp
         "model.fp16.onnx",
         "model.int8.onnx",
         "model.py",
+        "sessions.py",  # the one session factory model.py builds from (Triton cannot import the project)
         "metadata.json",
     }
 
@@ -132,13 +136,14 @@ def test_metadata_carries_the_contract_outputs_training_run_and_checks(exported,
     repo, _ = exported
     ckpt = load_checkpoint(checkpoint)
     meta = json.loads((repo / "fashion" / "1" / "metadata.json").read_text())
+    record = load_export_record(repo, "fashion", 1)
     assert meta["format"] == "fashion-tagger/metadata@1"
-    chosen = meta["export"]["cpu"]["chosen"]
+    chosen = record.chosen
     assert meta["model"] == {
         "name": "fashion",
         "version": 1,
-        "precision": chosen["precision"],  # what configs/cpu.pbtxt serves
-        "runtime": chosen["runtime"],
+        "precision": chosen.precision,  # what configs/cpu.pbtxt serves
+        "runtime": chosen.runtime,
         "backbone": "test_efficientnet",
     }
     assert meta["input"] == {
@@ -155,10 +160,11 @@ def test_metadata_carries_the_contract_outputs_training_run_and_checks(exported,
     for out in meta["outputs"]:
         assert out["temperature"] == pytest.approx(temperatures[out["attribute"]])
         assert out["threshold"] == pytest.approx(ckpt.thresholds.get(out["attribute"]))
-    assert len(meta["training"]["weights_sha256"]) == 64
-    assert meta["training"]["run_config"]["backbone"] == "test_efficientnet"
-    parity = meta["export"]["parity"]
-    assert parity["tolerance_abs"] == ATOL and len(parity["attributes"]) == len(ckpt.schema.attributes)
+    assert len(record.training.weights_sha256) == 64
+    assert record.checkpoint_sha256 == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert record.training.run_config["backbone"] == "test_efficientnet"
+    parity = record.parity
+    assert parity.tolerance_abs == ATOL and len(parity.attributes) == len(ckpt.schema.attributes)
     assert meta["category_column"] is None and meta["categories"] == {}
 
 
@@ -179,19 +185,47 @@ def test_int8_variant_has_qdq_nodes_and_its_deltas_are_stored(exported):
     model = onnx.load(repo / "fashion" / "1" / "model.int8.onnx")
     quantize = sum(n.op_type == "QuantizeLinear" for n in model.graph.node)
     assert quantize > 0 and sum(n.op_type == "DequantizeLinear" for n in model.graph.node) >= quantize
-    meta = json.loads((repo / "fashion" / "1" / "metadata.json").read_text())
-    int8 = meta["export"]["precisions"]["int8"]
-    assert int8["quantize_linear_nodes"] == quantize
-    assert int8["excluded_nodes"]["stem_conv"] and int8["excluded_nodes"]["heads_and_gate"]
-    assert int8["quantiser"].startswith("nncf") and int8["calibration"]["images"] == 32
-    assert "training split" in int8["calibration"]["source"] and int8["calibration"]["real_photos"]
-    gated = {**{"fp16": meta["export"]["precisions"]["fp16"]["gate"]}, **int8["gate"]}
+    record = load_export_record(repo, "fashion", 1)
+    int8, fp16 = record.variant("int8"), record.variant("fp16")
+    assert int8 is not None and int8.quantisation is not None and fp16 is not None
+    quantisation = int8.quantisation
+    assert quantisation.quantize_linear_nodes == quantize
+    assert quantisation.excluded_nodes["stem_conv"] and quantisation.excluded_nodes["heads_and_gate"]
+    assert quantisation.quantiser.startswith("nncf") and quantisation.calibration.images == 32
+    # The tiny model is trained on `fashion synth` renders: its photos are recorded as what they are.
+    calibration = quantisation.calibration
+    assert "training split" in calibration.source and not calibration.real_photos
+    assert calibration.origin is PhotoOrigin.SYNTHETIC_CATALOGUE and not record.photos.real_photos
+    gated = {**fp16.gates, **int8.gates}
     assert set(gated) == {"fp16", "onnxruntime-int8", "openvino-int8"}
-    for name, doc in gated.items():
-        assert doc == result.gates[name]
-        assert [r["attribute"] for r in doc["attributes"]] == [r.attribute for r in result.parity]
-        assert all(0.0 <= r["agreement"] <= 1.0 and r["max_abs_diff"] >= 0 for r in doc["attributes"])
-        assert doc["labelled"] and "validation split" in meta["export"]["photos"]["gate"]["source"]
+    for name, verdict in gated.items():
+        assert verdict == result.gates[name]
+        assert [r.attribute for r in verdict.attributes] == [r.attribute for r in result.parity]
+        assert all(0.0 <= r.agreement <= 1.0 and r.max_abs_diff >= 0 for r in verdict.attributes)
+        assert verdict.labelled and "validation split" in record.photos.gate.source
+
+
+def test_int8_keeps_the_novelty_gate_heads_and_softmax_in_fp32_and_its_probabilities_sum_to_1(exported):
+    from export.precision import fp32_tail
+
+    repo, _ = exported
+    folder = repo / "fashion" / "1"
+    tail = set(fp32_tail(onnx.load(folder / "model.onnx")))
+    assert any(n.startswith("/novelty/") for n in tail), "the tiny model has a novelty gate to keep"
+    assert any("Softmax" in n for n in tail) and any("Gemm" in n for n in tail)
+    int8 = onnx.load(folder / "model.int8.onnx")
+    producer = {out: node for node in int8.graph.node for out in node.output}
+    fed_by_qdq = [
+        (node.name, producer[i].op_type)
+        for node in int8.graph.node
+        if node.name in tail
+        for i in node.input
+        if i in producer and producer[i].op_type in ("QuantizeLinear", "DequantizeLinear")
+    ]
+    assert {n.name for n in int8.graph.node} >= tail and fed_by_qdq == []
+    for p in ort_probs(folder / "model.int8.onnx", images(8, seed=3), precision="int8"):
+        np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-3)
+        assert (p > 0).sum(1).min() > 1  # not every class but the first quantised to 0.0
 
 
 def test_exports_add_a_new_version_atomically_and_never_overwrite_one(exported, checkpoint):
@@ -226,8 +260,8 @@ def test_exports_add_a_new_version_atomically_and_never_overwrite_one(exported, 
 def test_precision_list_always_includes_fp32_and_rejects_unknown_names():
     assert parse_precisions("int8,trt-fp16") == ("fp32", "fp16", "int8", "trt-fp16")
     assert parse_precisions("auto") == ("fp32", "bf16", "int8")
-    assert ExportOptions(checkpoint=Path("x.pt"), precisions="auto").skip_refused
-    assert not ExportOptions(checkpoint=Path("x.pt"), precisions="int8").skip_refused
+    assert ExportOptions(checkpoint=Path("x.pt"), precisions="auto").refusal is Refusal.LEAVE_OUT
+    assert ExportOptions(checkpoint=Path("x.pt"), precisions="int8").refusal is Refusal.REFUSE
     with pytest.raises(ExportError, match="unknown precision"):
         parse_precisions("fp8")
 

@@ -272,6 +272,7 @@ def test_sweep_keeps_the_fastest_setting_that_meets_the_slo_and_writes_its_queue
     schema = LabelSchema((Attribute("colour", ("red", "blue")),))
     import numpy as np
 
+    from export.sessions import SessionSpec
     from fashion.contract import Preprocessing
     from loadtest.bench import BenchOptions
     from loadtest.measure import BenchModel
@@ -289,7 +290,7 @@ def test_sweep_keeps_the_fastest_setting_that_meets_the_slo_and_writes_its_queue
         schema=schema,
         description="a stand-in model: the measuring is faked above",
         image_source="none",
-        cpu={"chosen": chosen, "candidates": []},
+        chosen=SessionSpec(chosen["runtime"], chosen["precision"]),
     )
     doc = sweep.run_sweep(model, opts, tmp_path)
     assert doc["recommended"]["max_queue_delay_us"] == 1000

@@ -747,6 +747,10 @@ class SynthSummary:
         return self.count / self.seconds if self.seconds > 0 else 0.0
 
 
+# Written next to styles.csv: a catalogue of renders, which must never pass for real photos (export.images).
+MARKER = "SYNTHETIC.txt"
+
+
 def write_styles(path: Path, rows: Sequence[ProductRow]) -> None:
     """Write ``styles.csv`` (commas in names are quoted by the csv module)."""
     with path.open("w", newline="", encoding="utf-8") as f:
@@ -783,6 +787,7 @@ def generate(
         if on_progress is not None:
             on_progress(done)
     write_styles(out / "styles.csv", rows)
+    (out / MARKER).write_text(f"Renders of `fashion synth` (training.synth), seed {seed}: not photos.\n")
     return SynthSummary(out_dir=out, count=count, seconds=time.perf_counter() - started)
 
 
