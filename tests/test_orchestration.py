@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from orchestration.process import ManagedProcess, ProcessError
+from orchestration.process import ROOT, ManagedProcess, ProcessError
+from tests.test_serve import running
 
 
 class Refused(ProcessError):
@@ -72,3 +73,40 @@ def test_a_killed_triton_starts_again_on_its_ports_with_a_fresh_log(colour_stack
     again = colour_stack.triton()  # start() reaps the killed one, ends its stubs, drops its work folder
     assert again.is_running() and again.ready() and (again.http_port, again.grpc_port) == ports
     assert again.log_path is not None and again.log_path != old_log and again.log_path.is_file()
+
+
+def test_a_child_started_from_a_short_lived_thread_lives_on_and_dies_with_its_starter(tmp_path):
+    """The parent-death signal fires when the forking *thread* ends: children are forked by the spawner
+    thread, so a server started from a helper thread outlives that thread, and not the process that started
+    it."""
+    import signal
+    import subprocess
+    import time
+
+    starter = f"""
+import sys, threading, time
+from pathlib import Path
+from orchestration.process import ManagedProcess
+started = []
+def start():
+    started.append(ManagedProcess("sleeper", [sys.executable, "-c", "import time; time.sleep(120)"],
+                                  log_path=Path({str(tmp_path / "log")!r})).start())
+thread = threading.Thread(target=start)
+thread.start(); thread.join()
+time.sleep(1.0)  # the thread that asked for the start is gone by now
+print(started[0].pid, started[0].is_running(), flush=True)
+time.sleep(120)
+"""
+    parent = subprocess.Popen(python(starter), stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert parent.stdout is not None
+        pid, alive = parent.stdout.readline().split()
+        assert alive == "True"
+        os.kill(parent.pid, signal.SIGKILL)  # no clean-up code runs in the starter
+        deadline = time.monotonic() + 5
+        while running(int(pid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not running(int(pid)), "the child outlived the process that started it"
+    finally:
+        parent.kill()
+        parent.wait()

@@ -1,8 +1,9 @@
 """``fashion serve``: the local stack as a user runs it — a real demo build, real Triton, real gunicorn.
 
 The server tests share one tiny demo build (test_efficientnet, 64 px, 1 epoch, 60 products): the ``--smoke``
-run builds it, the long-running ``serve`` reuses it. Every process the command starts is found by walking
-``/proc`` from its pid while it runs, and must be gone once it has exited.
+run builds it, the long-running ``serve`` reuses it. What the command started (URLs, PIDs) is read from its
+``--status-file`` (the ``ServedStack`` value), not from its banner. Every process the command starts is found
+by walking ``/proc`` from its pid while it runs, and must be gone once it has exited.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from fashion import cli
-from orchestration.serve import DemoSettings, ServeConfig, StackError, servable_version
+from orchestration.serve import DemoSettings, ServeConfig, ServedStack, StackError, servable_version
 
 ROOT = Path(__file__).resolve().parents[1]
 FREE_PORTS = [
@@ -72,8 +73,9 @@ class Command:
     """``fashion serve ...`` in a subprocess: its output collected line by line, its process tree watched."""
 
     def __init__(self, args: list[str], cwd: Path) -> None:
+        self.status_file = cwd / f"serve-status-{time.monotonic_ns()}.json"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "fashion.cli", "serve", *args],
+            [sys.executable, "-m", "fashion.cli", "serve", *args, "--status-file", str(self.status_file)],
             cwd=cwd,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -81,12 +83,16 @@ class Command:
         )
         self.lines: list[str] = []
         self.children: set[int] = set()
+        self.stack: ServedStack | None = None  # what it started, from its status file
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
         assert self.process.stdout is not None
         for line in self.process.stdout:
+            if self.stack is None and "upload page" in line:
+                # The file is written before the banner is printed and removed after the stack stopped.
+                self.stack = ServedStack.read(self.status_file)
             self.lines.append(line.rstrip("\n"))
 
     @property
@@ -120,14 +126,13 @@ class Command:
                 os.kill(pid, signal.SIGKILL)
         self.process.wait()
 
-    def printed_pids(self) -> set[int]:
-        line = next(line for line in self.lines if "tritonserver pid" in line)
-        words = line.replace(",", " ").split()
-        return {int(words[i + 1]) for i, w in enumerate(words) if w == "pid"}
+    def started_pids(self) -> set[int]:
+        assert self.stack is not None, self.output[-3000:]
+        return {self.stack.endpoints.triton_pid, self.stack.endpoints.gateway_pid}
 
     def gateway_url(self) -> str:
-        line = next(line for line in self.lines if "upload page" in line)
-        return line.split()[-1].rstrip("/")
+        assert self.stack is not None, self.output[-3000:]
+        return self.stack.endpoints.gateway
 
 
 def post_image(url: str, image: Path) -> tuple[int, dict]:
@@ -208,12 +213,12 @@ def test_serve_config_rejects_clashing_ports_and_tiny_demos():
 def test_an_existing_repository_is_served_without_importing_torch(tmp_path):
     fake_servable_version(tmp_path / "repo")
     code = (
-        "import sys; from pathlib import Path; from orchestration.serve import ServeConfig, ensure_model; "
-        f"v = ensure_model(ServeConfig(repository=Path({str(tmp_path / 'repo')!r})), print); "
-        "print(v, 'torch' in sys.modules)"
+        "import sys; from pathlib import Path; from orchestration.serve import ServeConfig, provision; "
+        f"m = provision(ServeConfig(repository=Path({str(tmp_path / 'repo')!r})), print); "
+        "print(m.version, m.origin, 'torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
-    assert out.stdout.splitlines()[-1] == "1 False"
+    assert out.stdout.splitlines()[-1] == "1 existing False"
 
 
 # ------------------------------------------------------------------------------------------ real stack
@@ -254,7 +259,7 @@ def test_serve_smoke_builds_the_demo_answers_one_request_and_leaves_no_process(s
     assert {line.split()[0] for line in predicted} >= {"articleType", "baseColour", "pattern"}
     assert all(0 <= float(line.split()[-1]) <= 1 for line in predicted if "uncertain" not in line)
     assert "smoke test passed" in command.output and command.lines[-1] == "stopped"
-    assert command.printed_pids() <= command.children
+    assert command.started_pids() <= command.children
     assert len(command.children) >= 4  # tritonserver, its python stub, gunicorn master and workers
     left = [pid for pid in command.children if running(pid)]
     assert not left, f"processes left running: {left}"
@@ -273,7 +278,7 @@ def test_serve_answers_until_a_stop_signal_then_stops_everything_and_exits_0(smo
         assert answer["model"] == {"name": "fashion", "version": 1}
         assert "articleType" in answer["predictions"]
         children = descendants(command.process.pid)
-        assert command.printed_pids() <= children
+        assert command.started_pids() <= children
         started = time.monotonic()
         command.process.send_signal(stop_signal)
         assert command.wait_exit(timeout_s=20) == 0, command.output[-3000:]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import http.client
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -17,6 +16,7 @@ import urllib.request
 
 import pytest
 
+from orchestration.serve import ServedStack
 from tests.test_serve import FREE_PORTS
 
 CLIENTS = 4
@@ -60,8 +60,10 @@ def test_serve_restarts_a_killed_triton_and_the_gateway_rides_it_out_under_load(
     Image.fromarray(images(1, seed=3)[0]).save(buffer, "JPEG", quality=90)
     photo = buffer.getvalue()
     env = {**os.environ, "FASHION_TIMEOUT_S": str(GATEWAY_DEADLINE_S), "PYTHONUNBUFFERED": "1"}
+    status_file = tmp_path / "serve-status.json"
     serve = subprocess.Popen(
-        [sys.executable, "-m", "fashion.cli", "serve", "--repository", str(repository), *FREE_PORTS],
+        [sys.executable, "-m", "fashion.cli", "serve", "--repository", str(repository), *FREE_PORTS,
+         "--status-file", str(status_file)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env=env,
@@ -77,11 +79,8 @@ def test_serve_restarts_a_killed_triton_and_the_gateway_rides_it_out_under_load(
         while not any("serving; press Ctrl-C" in line for line in output):
             assert serve.poll() is None and time.monotonic() < deadline, "".join(output)
             time.sleep(0.2)
-        text = "".join(output)
-        gateway = re.search(r"http://127\.0\.0\.1:(\d+)/v1/predict", text)
-        triton = re.search(r"Triton\s+HTTP http://(127\.0\.0\.1:\d+)", text)
-        assert gateway and triton, text
-        gateway_port, triton_url = int(gateway.group(1)), "http://" + triton.group(1)
+        started = ServedStack.read(status_file).endpoints  # what `fashion serve` started
+        gateway_port, triton_url = int(started.gateway.rsplit(":", 1)[1]), started.triton_http
 
         answers: list[tuple[float, int, float]] = []  # (sent at, status, seconds)
 
@@ -108,7 +107,7 @@ def test_serve_restarts_a_killed_triton_and_the_gateway_rides_it_out_under_load(
             t.start()
         time.sleep(2.0)
         old_pid = _triton_pid(serve.pid)
-        assert old_pid is not None
+        assert old_pid is not None and old_pid == started.triton_pid
         killed_at = time.monotonic()
         os.kill(old_pid, signal.SIGKILL)
         ready_at = None
@@ -133,6 +132,7 @@ def test_serve_restarts_a_killed_triton_and_the_gateway_rides_it_out_under_load(
         assert sum(1 for sent, status, _ in answers if sent > killed_at and status == 200) > 0
         assert serve.poll() is None, "fashion serve stopped:\n" + "".join(output)
         assert any("Restarting it" in line for line in output) and any("is back" in line for line in output)
+        assert ServedStack.read(status_file).endpoints.triton_pid == _triton_pid(serve.pid) != old_pid
     finally:
         stop.set()
         if serve.poll() is None:
