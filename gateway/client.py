@@ -12,6 +12,11 @@ without Flask and without torch::
 
 Errors are the gateway's typed errors (``gateway.errors``): ``InvalidImage``, ``PayloadTooLarge``,
 ``UnsupportedMediaType``, ``InvalidOption``, ``ModelUnavailable``, ``UpstreamTimeout``, ...
+
+When Triton says "busy" (its queue is full) or is briefly unreachable (a restart), a client made by
+``connect`` tries again after a jittered exponential back-off (``gateway.retry.Backoff``, 4 tries) instead of
+failing or hammering it; ``retry=None`` turns that off. The gateway's own clients never retry: the gateway
+answers 503 with Retry-After at once and leaves the retry to its caller.
 """
 
 from __future__ import annotations
@@ -28,9 +33,13 @@ import numpy as np
 from fashion.contract import DecodeLimits, ImageError, open_image, resize
 from fashion.metadata import ModelMetadata, OutputSpec, load_metadata
 from gateway.errors import ErrorCode, GatewayError, InvalidOption, UpstreamError, from_image_error
+from gateway.retry import Backoff
 from gateway.triton import TritonBackend, TritonTransport
 
 MAX_TOP_K = 100
+# Triton's answers that mean "come back shortly": its queue is full, or it is restarting.
+RETRIED = frozenset({ErrorCode.TRITON_OVERLOADED, ErrorCode.TRITON_UNREACHABLE})
+POLITE = Backoff()
 
 
 @dataclass
@@ -61,11 +70,13 @@ class FashionClient:
         *,
         limits: DecodeLimits | None = None,
         timeout_s: float = 10.0,
+        retry: Backoff | None = None,
     ) -> None:
         self.metadata = metadata
         self.triton = triton
         self.limits = limits or DecodeLimits()
         self.timeout_s = timeout_s
+        self.retry = retry
 
     @classmethod
     def connect(
@@ -78,10 +89,13 @@ class FashionClient:
         protocol: str = "grpc",
         timeout_s: float = 10.0,
         limits: DecodeLimits | None = None,
+        retry: Backoff | None = POLITE,
     ) -> FashionClient:
-        """A client for ``<repository>/<model_name>/<version>/metadata.json`` served by Triton at ``url``."""
+        """A client for ``<repository>/<model_name>/<version>/metadata.json`` served by Triton at ``url``;
+        Triton's "busy" answers are retried with ``retry`` (``None``: never)."""
         metadata = load_metadata(repository, model_name, version)
-        return cls(metadata, TritonTransport(url, protocol, timeout_s), limits=limits, timeout_s=timeout_s)
+        transport = TritonTransport(url, protocol, timeout_s)
+        return cls(metadata, transport, limits=limits, timeout_s=timeout_s, retry=retry)
 
     @property
     def model(self) -> dict[str, Any]:
@@ -125,10 +139,19 @@ class FashionClient:
         return array, t1 - t0, time.perf_counter() - t1
 
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Triton's outputs for ``batch``; "busy" answers are tried again as ``retry`` says."""
         meta = self.metadata
-        return self.triton.infer(
-            meta.name, meta.version, meta.input.name, batch, meta.output_names, self.timeout_s
-        )
+        attempt = 0
+        while True:
+            try:
+                return self.triton.infer(
+                    meta.name, meta.version, meta.input.name, batch, meta.output_names, self.timeout_s
+                )
+            except GatewayError as e:
+                attempt += 1
+                if self.retry is None or e.code not in RETRIED or attempt >= self.retry.attempts:
+                    raise
+                time.sleep(self.retry.delay_s(attempt))
 
     def decode(
         self, outputs: dict[str, np.ndarray], row: int, specs: Sequence[OutputSpec], top_k: int

@@ -31,7 +31,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--duration", type=int, default=30, help="run time in seconds")
     p.add_argument("--slo-p95-ms", type=float, default=None, help="fail when any endpoint's p95 is above")
     p.add_argument("--slo-p99-ms", type=float, default=None, help="fail when any endpoint's p99 is above")
-    p.add_argument("--max-error-rate", type=float, default=None, help="fail above this failure fraction")
+    p.add_argument(
+        "--max-error-rate",
+        type=float,
+        default=0.01,
+        help="fail above this failure fraction (default 0.01: a run that fails cannot pass; 1 = unchecked)",
+    )
+    p.add_argument(
+        "--polite",
+        action="store_true",
+        help="users wait Retry-After plus a jittered back-off after a 429/503 (default: resend at once)",
+    )
     p.add_argument(
         "--triton-grpc",
         default="",
@@ -81,6 +91,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--slo-p95-ms", type=float, default=100.0, help="p95 objective for 'best' and the sweep")
     b.add_argument("--skip", default="", help="comma-separated systems not to measure (naive, ...)")
     b.set_defaults(func=bench_command)
+    register_overload(sub)
+
+
+def register_overload(sub: argparse._SubParsersAction) -> None:
+    o = sub.add_parser(
+        "overload",
+        help="answers/s against offered load, from below capacity to far past it (table + PNG)",
+        description="Closed-loop clients post JPEGs to a running gateway at each --clients count in turn; "
+        "impatient clients resend at once after a 429/503, polite ones wait Retry-After plus a jittered "
+        "back-off. Writes OUT/overload.md, .json and .png; exit status 1 when the answers/s at the highest "
+        "count fall below --min-goodput-share of the best, or the p99 of answered requests passes "
+        "--slo-p99-ms.",
+    )
+    o.add_argument("--host", required=True, help="gateway base URL, e.g. http://127.0.0.1:8080")
+    o.add_argument("--clients", default="1,2,4,8,16,32,64", help="comma-separated client counts, in order")
+    o.add_argument("--duration", type=float, default=20.0, help="measured seconds per point (default 20)")
+    o.add_argument("--warmup", type=float, default=3.0, help="seconds before each measurement (default 3)")
+    o.add_argument("--mode", choices=("impatient", "polite"), default="impatient", help="how clients retry")
+    o.add_argument(
+        "--images",
+        type=Path,
+        default=Path(__file__).resolve().parents[1] / "models" / "default" / "examples",
+        help="folder of JPEGs to send (default: the shipped model's example photos)",
+    )
+    o.add_argument("--slo-p99-ms", type=float, default=1000.0, help="p99 of answered requests (default 1000)")
+    o.add_argument("--min-goodput-share", type=float, default=0.8, help="of the best answers/s (default 0.8)")
+    o.add_argument("--out", type=Path, required=True, help="result folder")
+    o.set_defaults(func=overload_cli)
 
 
 def loadtest_command(args: argparse.Namespace) -> int:
@@ -102,6 +140,7 @@ def loadtest_command(args: argparse.Namespace) -> int:
         shape=args.shape,
         rps=args.rps,
         api_key=args.api_key or os.environ.get("FASHION_API_KEY", ""),
+        polite=args.polite,
     )
     result = run_loadtest(opts)
     emit(summary_table(result))
@@ -113,6 +152,30 @@ def loadtest_command(args: argparse.Namespace) -> int:
         return SLO_EXIT_CODE
     emit("SLO: passed" if any(v is not None for v in vars(opts.slo).values()) else "SLO: none given")
     return 0
+
+
+def overload_cli(args: argparse.Namespace) -> int:
+    # lazy: matplotlib and the gateway's retry policy; `fashion --help` imports this file and must not
+    from loadtest.errors import LoadtestError
+    from loadtest.overload import OverloadOptions, overload_command
+
+    images = tuple(p.read_bytes() for p in sorted(Path(args.images).glob("*.jp*g")))
+    try:
+        clients = tuple(int(c) for c in args.clients.split(",") if c.strip())
+    except ValueError as e:
+        raise LoadtestError(f"--clients is a comma-separated list of counts, got {args.clients!r}") from e
+    opts = OverloadOptions(
+        host=args.host.rstrip("/"),
+        out=args.out,
+        images=images,
+        clients=clients,
+        duration_s=args.duration,
+        warmup_s=args.warmup,
+        mode=args.mode,
+        slo_p99_ms=args.slo_p99_ms,
+        min_goodput_share=args.min_goodput_share,
+    )
+    return overload_command(opts)
 
 
 def bench_command(args: argparse.Namespace) -> int:

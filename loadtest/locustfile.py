@@ -29,8 +29,13 @@ Environment:
   ``FASHION_LOADTEST_STAGES`` is set, follow its ``seconds:users`` stages, e.g. ``20:4,40:64,30:4`` for a
   spike past capacity and back, each capped at ``-u``) or ``constant`` (``-u`` users together sending
   ``FASHION_LOADTEST_RPS`` requests per second).
-- ``FASHION_LOADTEST_RETRY_AFTER``: ``1`` makes ``GatewayUser`` honour ``Retry-After`` (wait that long after
-  a 429 or 503, as a well-behaved client does); default ``0``: retry at once (the worst case).
+- ``FASHION_LOADTEST_RETRY_AFTER``: ``1`` makes ``GatewayUser`` polite: after a 429 or 503 it waits what
+  ``Retry-After`` asks plus a jittered share of a window that doubles with each refusal in a row
+  (``gateway.retry.Backoff``'s rule, copied in ``backoff_s``); default ``0``: it resends at once (the worst
+  case, as many real clients do).
+- ``FASHION_LOADTEST_RECORD``: a CSV path; every request is written there at the end (time, type, name,
+  milliseconds, ok, HTTP status), so that ``fashion loadtest`` can report the latency of the successful
+  requests beside all of them, and the goodput.
 - ``FASHION_TRITON_GRPC``, ``FASHION_MODEL_NAME`` (``fashion``), ``FASHION_MODEL_VERSION`` (latest),
   ``FASHION_MODEL_REPOSITORY`` (read for the version's ``metadata.json`` preprocessing contract when
   reachable; otherwise the contract's defaults at the input size Triton reports).
@@ -39,6 +44,7 @@ Environment:
 from __future__ import annotations
 
 import base64
+import csv
 import functools
 import json
 import os
@@ -47,7 +53,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from locust import HttpUser, LoadTestShape, User, task
+from locust import HttpUser, LoadTestShape, User, events, task
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 SHAPES = ("users", "step", "constant")
@@ -121,7 +127,8 @@ class Settings:
     step_s: float = 10.0
     stages: tuple[tuple[float, int], ...] = ()  # (seconds, users) in order; () = the plain step ramp
     rps: float = 10.0
-    retry_after: bool = False  # GatewayUser waits Retry-After seconds after a 429/503
+    retry_after: bool = False  # GatewayUser waits Retry-After (+ jittered back-off) after a 429/503
+    record: str = ""  # CSV of every request, written when Locust quits
     triton_grpc: str = ""
     model_name: str = "fashion"
     model_version: str = ""
@@ -157,6 +164,7 @@ class Settings:
                 stages=_stages(get("FASHION_LOADTEST_STAGES", "")),
                 rps=float(get("FASHION_LOADTEST_RPS", "10")),
                 retry_after=get("FASHION_LOADTEST_RETRY_AFTER", "0").strip().lower() in ("1", "true", "yes"),
+                record=get("FASHION_LOADTEST_RECORD", ""),
                 triton_grpc=get("FASHION_TRITON_GRPC", ""),
                 model_name=get("FASHION_MODEL_NAME", "fashion") or "fashion",
                 model_version=get("FASHION_MODEL_VERSION", ""),
@@ -257,12 +265,23 @@ class GatewayUser(HttpUser):
             self._back_off(r)
 
     def _back_off(self, response) -> None:
-        """With FASHION_LOADTEST_RETRY_AFTER=1, wait what a 429/503 answer's Retry-After asks for."""
-        if settings().retry_after and response.status_code in (429, 503):
+        """With FASHION_LOADTEST_RETRY_AFTER=1, wait after a 429/503 as a polite client does."""
+        if response.status_code not in (429, 503):
+            self._fashion_refusals = 0
+            return
+        self._fashion_refusals = getattr(self, "_fashion_refusals", 0) + 1
+        if settings().retry_after:
             try:
-                self._fashion_backoff = min(60.0, float(response.headers.get("Retry-After", "1")))
+                retry_after = min(60.0, float(response.headers.get("Retry-After", "1")))
             except ValueError:
-                self._fashion_backoff = 1.0
+                retry_after = 1.0
+            self._fashion_backoff = backoff_s(self._fashion_refusals, retry_after)
+
+
+def backoff_s(attempt: int, retry_after_s: float, rng=random) -> float:
+    """``gateway.retry.Backoff().delay_s`` (base 0.1 s, cap 5 s), copied: this file runs without the project
+    (tests/test_loadtest.py checks that the two agree)."""
+    return max(0.0, retry_after_s) + rng.uniform(0.0, min(5.0, 0.1 * 2 ** max(0, attempt - 1)))
 
 
 def _check(response, ok) -> None:
@@ -380,3 +399,24 @@ class FashionLoadShape(LoadTestShape):
             step = int(elapsed // s.step_s) + 1
             return min(users, step * s.step_users), max(spawn_rate, float(s.step_users))
         return users, spawn_rate
+
+
+# -- the per-request record (FASHION_LOADTEST_RECORD) -------------------------------------------------------
+_records: list[tuple[float, str, str, float, int, str]] = []
+
+
+@events.request.add_listener
+def _record(request_type, name, response_time, response_length, response=None, exception=None, **kwargs):
+    if settings().record:
+        status = getattr(response, "status_code", "") if response is not None else ""
+        _records.append((time.time(), request_type, name, response_time, int(exception is None), str(status)))
+
+
+@events.quitting.add_listener
+def _write_records(environment, **kwargs) -> None:
+    path = settings().record
+    if path:
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(("time", "type", "name", "ms", "ok", "status"))
+            writer.writerows(_records)

@@ -1,8 +1,10 @@
 """``run_loadtest``: Locust headless in a subprocess against a deployed gateway, then the reports and SLOs.
 
 Writes into ``out``: ``locust_stats.csv``, ``locust_stats_history.csv``, ``locust_failures.csv``,
-``locust_exceptions.csv`` (Locust's), ``report.html`` (Locust's), ``latency.png`` (ours),
-``summary.json`` and ``locust.log``; and ``images/`` (the pool) unless ``images`` is given.
+``locust_exceptions.csv`` (Locust's), ``report.html`` (Locust's), ``requests.csv`` (every request, from the
+locustfile), ``latency.png`` (ours), ``summary.json`` and ``locust.log``; and ``images/`` (the pool) unless
+``images`` is given. The summary has the goodput and the latency of the successful requests beside Locust's
+numbers for all of them, and the error budget (1 % by default) is checked: a run cannot pass by failing.
 """
 
 from __future__ import annotations
@@ -17,7 +19,16 @@ from pathlib import Path
 
 from fashion.console import table
 from loadtest.errors import LoadtestError, SloViolation
-from loadtest.report import EndpointStats, Slo, plot_history, read_stats, summary_rows
+from loadtest.report import (
+    AGGREGATED,
+    EndpointStats,
+    Slo,
+    plot_history,
+    read_records,
+    read_stats,
+    summary_rows,
+    with_successes,
+)
 from orchestration.process import ManagedProcess
 from training.synth import generate
 
@@ -43,6 +54,7 @@ class LoadtestOptions:
     shape: str = "users"
     rps: float | None = None  # constant shape: requests per second of all users together
     api_key: str = ""
+    polite: bool = False  # users wait Retry-After plus a jittered back-off after a 429/503
     stop_timeout_s: int = 10
     locustfile: Path = LOCUSTFILE
 
@@ -113,7 +125,14 @@ def locust_command(opts: LoadtestOptions) -> list[str]:
 
 
 def locust_environment(opts: LoadtestOptions, images: Path) -> dict[str, str]:
-    env = {**os.environ, "FASHION_LOADTEST_IMAGES": str(images), "FASHION_LOADTEST_SHAPE": opts.shape}
+    env = {
+        **os.environ,
+        "FASHION_LOADTEST_IMAGES": str(images),
+        "FASHION_LOADTEST_SHAPE": opts.shape,
+        "FASHION_LOADTEST_RECORD": str(opts.out / "requests.csv"),
+    }
+    if opts.polite:
+        env["FASHION_LOADTEST_RETRY_AFTER"] = "1"
     if opts.triton_grpc:
         env["FASHION_TRITON_GRPC"] = opts.triton_grpc
     if opts.rps:
@@ -145,13 +164,15 @@ def run_loadtest(opts: LoadtestOptions) -> LoadtestResult:
     if code != 0 or not stats_csv.is_file():
         tail = log_path.read_text(errors="replace")[-2000:]
         raise LoadtestError(f"locust exited with status {code}:\n{tail}")
-    stats = read_stats(stats_csv)
+    records = read_records(opts.out / "requests.csv")
+    stats = with_successes(read_stats(stats_csv), records, opts.duration_s)
     files = {
         "stats": stats_csv,
         "history": opts.out / "locust_stats_history.csv",
         "html": opts.out / "report.html",
         "png": plot_history(opts.out / "locust_stats_history.csv", opts.out / "latency.png"),
         "log": log_path,
+        "requests": opts.out / "requests.csv",
     }
     breaches = opts.slo.breaches(stats)
     summary = {
@@ -175,8 +196,15 @@ def _finite(row: dict) -> dict:
 
 
 def summary_table(result: LoadtestResult) -> str:
-
-    return table(*summary_rows(result.stats))
+    """The table, then the goodput: successful requests per second, and the share that failed."""
+    total = next((s for s in result.stats if s.name == AGGREGATED), None)
+    tail = ""
+    if total is not None:
+        tail = (
+            f"\ngoodput: {total.ok_rps:.1f} successful requests/s of {total.rps:.1f} sent/s "
+            f"({total.error_rate:.1%} failed)"
+        )
+    return table(*summary_rows(result.stats)) + tail
 
 
 def check(result: LoadtestResult) -> None:
