@@ -90,7 +90,23 @@ def session_for(model: BenchModel, instances: int) -> SessionSpec:
 
 
 def run_sweep(model: BenchModel, opts: SweepOptions, work: Path) -> dict[str, Any]:
+    """Coordinate search (module docstring); writes the recommended files, sweep.json and sweep.md."""
+    current, cache = _search(model, opts, work)
+    chosen = cache[current]
+    recommended = session_for(model, current.cpu_instances)
+    out = _write_recommended(model, opts.out / "recommended", current, chosen, recommended)
+    reason = _reason(model, opts, current, cache, recommended)
+    doc = {"recommended": current.__dict__, "reason": reason, "tried": list(cache.values())}
+    (opts.out / "sweep.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (opts.out / "sweep.md").write_text(_markdown(cache, reason, out) + "\n")
+    log.info("sweep: %s", reason)
+    return doc
 
+
+def _search(
+    model: BenchModel, opts: SweepOptions, work: Path
+) -> tuple[Setting, dict[Setting, dict[str, Any]]]:
+    """One knob at a time, keeping the best value of each (score, then the lower p95)."""
     cache: dict[Setting, dict[str, Any]] = {}
     current = Setting()
     for knob, values in grids(opts.quick).items():
@@ -102,31 +118,39 @@ def run_sweep(model: BenchModel, opts: SweepOptions, work: Path) -> dict[str, An
             (replace(current, **{knob: v}) for v in values),
             key=lambda s: (cache[s]["score_ips"], -cache[s]["best"]["p95_ms"]),
         )
-    chosen = cache[current]
+    return current, cache
+
+
+def _write_recommended(
+    model: BenchModel, out: Path, current: Setting, chosen: dict[str, Any], recommended: SessionSpec
+) -> Path:
+    """``configs/cpu.pbtxt`` (pip Triton), ``config.pbtxt`` (NGC image) and ``gunicorn.env``."""
     serving = ServingConfig(**chosen["serving"])
-    recommended = session_for(model, current.cpu_instances)
-    out = opts.out / "recommended"
+    size = model.preprocessing.image_size
     (out / "configs").mkdir(parents=True, exist_ok=True)
     (out / "configs" / "cpu.pbtxt").write_text(
-        model_config(
-            MODEL_NAME,
-            model.schema,
-            model.preprocessing.image_size,
-            serving,
-            backend="python",
-            session=recommended,
-        )
+        model_config(MODEL_NAME, model.schema, size, serving, backend="python", session=recommended)
     )
-    (out / "config.pbtxt").write_text(
-        model_config(MODEL_NAME, model.schema, model.preprocessing.image_size, serving)
-    )
+    (out / "config.pbtxt").write_text(model_config(MODEL_NAME, model.schema, size, serving))
     # The concurrency that met the SLO is the queue bound to keep: spread over the workers as their
-    # in-flight limit (beyond it, a fast 429), plus spare threads for the 429s and health checks.
+    # in-flight limit (beyond it a request waits FASHION_QUEUE_WAIT_S for a slot, then gets its 429), plus
+    # spare threads for that wait, the 429s and the health checks.
     inflight = max(1, math.ceil(chosen["best"]["concurrency"] / current.workers))
     (out / "gunicorn.env").write_text(
         f"FASHION_WORKERS={current.workers}\nFASHION_MAX_INFLIGHT={inflight}\n"
         f"FASHION_THREADS={inflight + max(2, inflight // 3)}\n"
     )
+    return out
+
+
+def _reason(
+    model: BenchModel,
+    opts: SweepOptions,
+    current: Setting,
+    cache: dict[Setting, dict[str, Any]],
+    recommended: SessionSpec,
+) -> str:
+    chosen = cache[current]
     others = sorted(cache.values(), key=lambda r: -r["score_ips"])
     runner_up = next((r for r in others if r is not chosen and r["slo_p95_met"]), None)
     setting_text = (
@@ -135,24 +159,20 @@ def run_sweep(model: BenchModel, opts: SweepOptions, work: Path) -> dict[str, An
         f"{current.threads} threads: {chosen['best']['throughput_ips']} img/s at p95 "
         f"{chosen['best']['p95_ms']} ms (c={chosen['best']['concurrency']})"
     )
-    if chosen["slo_p95_met"]:
-        reason = (
-            f"{setting_text}, the highest throughput meeting p95 ≤ {opts.slo_p95_ms} ms of {len(cache)} "
-            "settings tried"
-            + (
-                f"; next best {runner_up['setting']} at {runner_up['score_ips']} img/s"
-                if runner_up
-                else "; no other setting met the SLO"
-            )
-        )
-    else:
-        reason = (
+    if not chosen["slo_p95_met"]:
+        return (
             f"NO setting met p95 ≤ {opts.slo_p95_ms} ms at any concurrency tried ({len(cache)} settings); "
             f"the fastest was {setting_text}"
         )
-    doc = {"recommended": current.__dict__, "reason": reason, "tried": list(cache.values())}
-    (opts.out / "sweep.json").write_text(json.dumps(doc, indent=2) + "\n")
+    if runner_up:
+        after = f"; next best {runner_up['setting']} at {runner_up['score_ips']} img/s"
+    else:
+        after = "; no other setting met the SLO"
+    tried = f"of {len(cache)} settings tried"
+    return f"{setting_text}, the highest throughput meeting p95 ≤ {opts.slo_p95_ms} ms {tried}{after}"
 
+
+def _markdown(cache: dict[Setting, dict[str, Any]], reason: str, out: Path) -> str:
     rows = [
         [
             r["setting"]["max_queue_delay_us"],
@@ -165,18 +185,14 @@ def run_sweep(model: BenchModel, opts: SweepOptions, work: Path) -> dict[str, An
         ]
         for r in cache.values()
     ]
-    md = "\n".join(
+    headers = ["queue delay µs", "instances", "workers", "best c", "images/s", "p95 ms", "SLO met"]
+    return "\n".join(
         [
             "## Serving sweep (gateway throughput under the p95 SLO)",
             "",
-            table(
-                ["queue delay µs", "instances", "workers", "best c", "images/s", "p95 ms", "SLO met"], rows
-            ),
+            table(headers, rows),
             "",
             f"Recommended: {reason}.",
             f"Files: {out}/configs/cpu.pbtxt, {out}/config.pbtxt, {out}/gunicorn.env",
         ]
     )
-    (opts.out / "sweep.md").write_text(md + "\n")
-    log.info("sweep: %s", reason)
-    return doc
