@@ -6,16 +6,33 @@ the model repository's metadata, and read by the gateway to decode outputs. Torc
 Missing and not-applicable labels are encoded as ``MISSING`` (-1): the loss and the metrics skip them.
 For category-conditional datasets (Meesho "Visual Taxonomy") each head belongs to one category and
 is only applicable to images of that category; ``categories`` maps category → its heads.
+
+Each head has a ``Role`` that code reads instead of guessing from names: the ``colour`` heads turn colour
+augmentation off, the ``product_type`` head defines the known types the novelty gate measures against.
+A dataset layout that knows its columns sets the roles (``training.data``); where nothing says (a plain
+CSV, a schema saved before roles existed), ``infer_roles`` gives the roles the code guessed before: a head
+whose label names a colour ("colo") is a colour, and the non-colour head with the most classes is the
+product type.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from typing import Any
 
 MISSING = -1
 OTHER = "other"
+
+
+class Role(StrEnum):
+    """What a head says about a product, for the code that treats some heads differently."""
+
+    PRODUCT_TYPE = "product_type"  # what the product is (articleType): the novelty gate's known types
+    COLOUR = "colour"  # a colour name: no colour augmentation while it is a target
+    OTHER = "other"
 
 
 def tensor_name(name: str) -> str:
@@ -33,6 +50,7 @@ class Attribute:
     label: str = ""  # the attribute as a person names it ("color"); defaults to ``name``
     category: str | None = None  # the only category this head applies to, if any
     tensor: str = ""  # output tensor name in the exported model; derived from ``name``
+    role: Role | None = None  # None: not said; ``LabelSchema`` infers it (``infer_roles``)
 
     def __post_init__(self) -> None:
         if len(self.classes) < 1:
@@ -44,6 +62,13 @@ class Attribute:
             object.__setattr__(self, "label", self.name)
         if not self.tensor:
             object.__setattr__(self, "tensor", tensor_name(self.name))
+        if self.role is not None:
+            try:
+                object.__setattr__(self, "role", Role(self.role))
+            except ValueError as e:
+                roles = [r.value for r in Role]
+                message = f"attribute {self.name!r}: role must be one of {roles}, got {self.role!r}"
+                raise ValueError(message) from e
 
     @property
     def num_classes(self) -> int:
@@ -61,14 +86,30 @@ class Attribute:
             return MISSING
 
 
+def infer_roles(attributes: Iterable[Attribute]) -> tuple[Attribute, ...]:
+    """``attributes`` with a role for each head that has none, as the code guessed before roles existed:
+    a label naming a colour ("colour", "color") is a colour; the non-colour head with the most classes is the
+    product type unless a head already is one; the rest are other."""
+    heads = [
+        a if a.role is not None or "colo" not in a.label.lower() else replace(a, role=Role.COLOUR)
+        for a in attributes
+    ]
+    if not any(a.role == Role.PRODUCT_TYPE for a in heads):
+        kinds = [a for a in heads if a.role is None]
+        if kinds:
+            finest = max(kinds, key=lambda a: a.num_classes)
+            heads = [replace(a, role=Role.PRODUCT_TYPE) if a is finest else a for a in heads]
+    return tuple(a if a.role is not None else replace(a, role=Role.OTHER) for a in heads)
+
+
 @dataclass(frozen=True)
 class LabelSchema:
-    attributes: tuple[Attribute, ...]
+    attributes: tuple[Attribute, ...]  # every one with its role (given or inferred)
     category_column: str | None = None  # set for category-conditional schemas
     _by_name: dict[str, Attribute] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "attributes", tuple(self.attributes))
+        object.__setattr__(self, "attributes", infer_roles(self.attributes))
         names = [a.name for a in self.attributes]
         tensors = [a.tensor for a in self.attributes]
         if len(set(names)) != len(names):
@@ -83,6 +124,10 @@ class LabelSchema:
     @property
     def names(self) -> list[str]:
         return [a.name for a in self.attributes]
+
+    def with_role(self, role: Role) -> list[Attribute]:
+        """The heads of ``role``, in schema order."""
+        return [a for a in self.attributes if a.role == role]
 
     @property
     def categories(self) -> dict[str, list[str]]:
@@ -102,6 +147,7 @@ class LabelSchema:
                     "label": a.label,
                     "category": a.category,
                     "tensor": a.tensor,
+                    "role": None if a.role is None else a.role.value,
                     "classes": list(a.classes),
                 }
                 for a in self.attributes
@@ -118,6 +164,7 @@ class LabelSchema:
                     label=a.get("label", ""),
                     category=a.get("category"),
                     tensor=a.get("tensor", ""),
+                    role=a.get("role"),  # absent in schemas saved before roles: inferred
                 )
                 for a in data["attributes"]
             ),

@@ -18,7 +18,7 @@ from fashion.schema import Attribute, LabelSchema
 from training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from training.config import ConfigError, TrainConfig
 from training.model import build_model, create_backbone, pretrained_preprocessing
-from training.novelty import GATE, NoveltyGate, fit_novelty, gated_threshold, reference_head
+from training.novelty import GATE, NoveltyGate, fit_novelty, gated_threshold, ramp_scale, reference_head
 from training.train import preprocessing_for, train
 from training.weights import WeightsError, load_mapped, map_in_order, packaged_weights_file
 
@@ -134,7 +134,8 @@ def test_the_gate_opens_for_features_far_from_every_known_class_only():
     val, _ = clusters(rng, 20, centres)
     labels = np.stack([y, np.zeros_like(y)], axis=1)
     fit = fit_novelty(SCHEMA, x, labels)
-    gate = fit.gate(float(np.quantile(fit.distances(val), 0.95)))
+    d_val = fit.distances(val)
+    gate = fit.gate(float(np.quantile(d_val, 0.95)), ramp_scale(d_val))
     assert gate.gated == ("articleType",) and fit.reference == "articleType"
     near, _ = clusters(rng, 30, centres)
     far = (rng.standard_normal((30, 16)) * 3 + 20).astype(np.float32)

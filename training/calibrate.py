@@ -35,7 +35,7 @@ from training.context import resolve_device
 from training.evaluate import encode_known, evaluation_samples
 from training.inference import collect, head_widths, image_batches
 from training.metrics import expected_calibration_error
-from training.model import FashionNet
+from training.model import FashionNet, calibrated_softmax
 from training.novelty import floor_thresholds
 from training.predict import iter_batches
 
@@ -122,10 +122,8 @@ def apply_temperatures(model: FashionNet, temperatures: Mapping[str, float]) -> 
 
 
 def softmax(logits: np.ndarray, t: float = 1.0) -> np.ndarray:
-    z = logits / t
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    """The model's ``calibrated_softmax`` of NumPy logits at temperature ``t``, in the logits' precision."""
+    return calibrated_softmax(torch.from_numpy(np.asarray(logits)), t).numpy()
 
 
 # --- abstain thresholds ---------------------------------------------------------------------------

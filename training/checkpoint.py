@@ -69,7 +69,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
         "backbone": ckpt.backbone,
         "schema": model.schema.to_dict(),
         "preprocessing": model.preprocessing.to_dict(),
-        "dropout": float(next(iter(model.heads.values()))[0].p),
+        "dropout": model.dropout,
         "colour_grid": model.colour_grid,
         "novelty": model.novelty.describe() if model.novelty is not None else None,
         "state_dict": state,

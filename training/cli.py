@@ -89,8 +89,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("--novelty-quantile", type=float, help="flag photos farther from every known type than this quantile "
       "of the validation photos (default 0.85; 0 = no novelty gate)")
     a("--novelty-heads", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
-      help="comma-separated heads the novelty gate flags (default: the non-colour head with the most "
-      "classes, e.g. articleType)")
+      help="comma-separated heads the novelty gate flags (default: the product-type head, e.g. articleType)")
     t.set_defaults(func=_train)
     register_analysis(sub)
 
@@ -243,8 +242,7 @@ def register_analysis(sub: argparse._SubParsersAction) -> None:
     n.add_argument("--quantile", type=float, default=0.85,
                    help="gate photos farther than this quantile of the validation photos (default 0.85)")
     n.add_argument("--heads", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
-                   help="comma-separated heads to gate (default: the non-colour head with the most classes, "
-                   "e.g. articleType)")
+                   help="comma-separated heads to gate (default: the product-type head, e.g. articleType)")
     n.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
     n.set_defaults(func=_novelty)
 

@@ -72,8 +72,8 @@ class TrainConfig:
     # training and validation and used to measure how often unseen product types are flagged uncertain.
     hold_out: tuple[str, ...] = ()
     # The novelty gate (training.novelty): photos farther from every known product type than this quantile
-    # of the validation photos are flagged uncertain on ``novelty_heads`` (empty: the non-colour head with
-    # the most classes, e.g. articleType). 0 turns the gate off.
+    # of the validation photos are flagged uncertain on ``novelty_heads`` (empty: the schema's product-type
+    # head, ``fashion.schema.Role``: articleType in the Kaggle layout). 0 turns the gate off.
     novelty_quantile: float = 0.85
     novelty_heads: tuple[str, ...] = ()
 

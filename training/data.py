@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from fashion.errors import UserError
-from fashion.schema import MISSING, OTHER, Attribute, LabelSchema
+from fashion.schema import MISSING, OTHER, Attribute, LabelSchema, Role
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ KAGGLE_DEFAULT_ATTRIBUTES = (
     "season",
     "usage",
 )
+# What the Kaggle columns are (``fashion.schema.Role``); the other columns' roles are inferred.
+KAGGLE_ROLES = {"articleType": Role.PRODUCT_TYPE, "baseColour": Role.COLOUR}
 # Columns of styles.csv that are not attributes to learn.
 KAGGLE_NON_ATTRIBUTES = {"id", "year", "productDisplayName"}
 TITLE = "title"  # Sample.extra key of the listing's title: styles.csv's productDisplayName, a CSV's title
@@ -92,6 +94,7 @@ class Catalogue:
     category_column: str | None = None
     head_category: dict[str, str] = field(default_factory=dict)  # head → category (meesho)
     head_label: dict[str, str] = field(default_factory=dict)  # head → attribute as people say it
+    head_role: dict[str, Role] = field(default_factory=dict)  # head → its role, where the layout says
 
     def summary(self) -> str:
         return (
@@ -204,7 +207,8 @@ def _read_kaggle(root: Path, attributes: Sequence[str] | None) -> Catalogue:
                 extra=_extra(row, "productDisplayName", exclude=set(chosen)),
             )
         )
-    return Catalogue("kaggle", root, samples, chosen, problems)
+    roles = {h: KAGGLE_ROLES[h] for h in chosen if h in KAGGLE_ROLES}
+    return Catalogue("kaggle", root, samples, chosen, problems, head_role=roles)
 
 
 def _extra(row: dict[str, Any], title_column: str | None, exclude: set[str]) -> dict[str, str]:
@@ -258,13 +262,13 @@ def _read_meesho(root: Path, attributes: Sequence[str] | None, split: str) -> Ca
     heads: list[str] = []
     head_category: dict[str, str] = {}
     head_label: dict[str, str] = {}
-    for category, names in schema.items():
+    for group, names in schema.items():
         for name in names:
             if attributes is not None and name not in attributes:
                 continue
-            head = f"{category}/{name}"
+            head = f"{group}/{name}"
             heads.append(head)
-            head_category[head] = category
+            head_category[head] = group
             head_label[head] = name
     if not heads:
         raise DatasetError(f"no attributes left in {root} after choosing {list(attributes or [])}")
@@ -340,8 +344,7 @@ def build_schema(cat: Catalogue, samples: Sequence[Sample], min_class_count: int
     """
     attributes = []
     for head in cat.attributes:
-        counts = Counter(s.labels.get(head) for s in samples)
-        counts.pop(None, None)
+        counts = Counter(v for s in samples if (v := s.labels.get(head)) is not None)
         if not counts:
             log.warning("attribute %s has no labels in the training split; it is left out", head)
             continue
@@ -356,6 +359,7 @@ def build_schema(cat: Catalogue, samples: Sequence[Sample], min_class_count: int
                 classes=classes,
                 label=cat.head_label.get(head, head),
                 category=cat.head_category.get(head),
+                role=cat.head_role.get(head),
             )
         )
     if not attributes:

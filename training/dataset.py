@@ -22,13 +22,14 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from fashion.contract import ImageError, Preprocessing, open_image, resize
-from fashion.schema import LabelSchema
+from fashion.schema import LabelSchema, Role
 
 log = logging.getLogger(__name__)
 
 
 def colour_is_a_target(schema: LabelSchema) -> bool:
-    return any("colo" in a.label.lower() for a in schema.attributes)
+    """Whether a head names colours (``Role.COLOUR``): then no augmentation may change colours."""
+    return bool(schema.with_role(Role.COLOUR))
 
 
 @dataclass

@@ -8,8 +8,9 @@ the very same normalisation, and a client of the served model sends 4× fewer by
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ from torch import nn
 from fashion.contract import Preprocessing
 from fashion.errors import UserError
 from fashion.schema import LabelSchema
-from training.novelty import NoveltyGate
+from training.novelty import NoveltyGate, mix_uniform
 from training.weights import load_packaged_weights
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def create_backbone(
 
     if name not in BACKBONES:
         raise ModelError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
-    kwargs: dict[str, object] = {}
+    kwargs: dict[str, Any] = {}
     if name.startswith(("swin", "test_vit")):
         kwargs["img_size"] = image_size
     package = BACKBONES[name].get("weights_package")
@@ -106,8 +107,18 @@ def create_backbone(
         raise ModelError(f"{hint}: {e}") from e
 
 
+def calibrated_softmax(logits: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
+    """``softmax(logits / T)`` over the classes (dim 1): temperature scaling (``training.calibrate``)."""
+    return torch.softmax(logits / temperature, dim=1)
+
+
 class FashionNet(nn.Module):
-    """Backbone + per-attribute heads. ``forward`` takes uint8 NHWC and returns logits per attribute."""
+    """Backbone + per-attribute heads. ``forward`` takes uint8 NHWC and returns logits per attribute;
+    ``served_probabilities`` is the one function from those logits to the probabilities a user receives."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    temperature: torch.Tensor
 
     def __init__(
         self,
@@ -122,7 +133,9 @@ class FashionNet(nn.Module):
         self.schema = schema
         self.preprocessing = preprocessing
         self.colour_grid = colour_grid
-        features = int(backbone.num_features) + 3 * colour_grid * colour_grid
+        self.dropout = float(dropout)  # of every head, saved in the checkpoint
+        self.num_features = int(cast(Any, backbone).num_features)  # the pooled features' width
+        features = self.num_features + 3 * colour_grid * colour_grid
         self.heads = nn.ModuleDict(
             {
                 a.tensor: nn.Sequential(nn.Dropout(dropout), nn.Linear(features, a.num_classes))
@@ -152,21 +165,27 @@ class FashionNet(nn.Module):
         grid = nn.functional.avg_pool2d(x[:, :, : k * self.colour_grid, : k * self.colour_grid], k)
         return grid.flatten(1)
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the backbone's pooled features, which the novelty gate measures; the heads' input: the pooled
+        features and the colour grid) of uint8 NHWC images."""
         x = self.normalize(images)
-        f = self.backbone(x)
+        pooled = self.backbone(x)
         if not self.colour_grid:
-            return f
-        return torch.cat([f, self.colour_features(x)], dim=1)
+            return pooled, pooled
+        return pooled, torch.cat([pooled, self.colour_features(x)], dim=1)
 
-    # --- frozen trunk: training.train runs the first blocks once per image and trains the rest ---------
+    def head_logits(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits per attribute (schema order) of the heads' input."""
+        return {a.name: self.heads[a.tensor](features) for a in self.schema.attributes}
+
+    # --- frozen trunk: training.sources runs the first blocks once per image and trains the rest --------
 
     def supports_frozen_trunk(self) -> bool:
         return all(hasattr(self.backbone, n) for n in ("conv_stem", "bn1", "blocks", "conv_head", "bn2"))
 
     def trunk(self, images: torch.Tensor, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(activations after the stem and the first ``blocks`` stages, colour grid) of uint8 NHWC images."""
-        b = self.backbone
+        b: Any = self.backbone  # an EfficientNet-style timm model (``supports_frozen_trunk``)
         x = self.normalize(images)
         h = b.bn1(b.conv_stem(x))
         for stage in b.blocks[:blocks]:
@@ -174,39 +193,60 @@ class FashionNet(nn.Module):
         grid = self.colour_features(x) if self.colour_grid else x.new_zeros((len(x), 0))
         return h, grid
 
-    def from_trunk(self, h: torch.Tensor, grid: torch.Tensor, blocks: int) -> dict[str, torch.Tensor]:
-        """Logits per attribute from ``trunk``'s output: the remaining stages, the pooling and the heads."""
-        b = self.backbone
+    def embed_from_trunk(
+        self, h: torch.Tensor, grid: torch.Tensor, blocks: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``embed`` from ``trunk``'s output: the remaining stages and the pooling."""
+        b: Any = self.backbone
         for stage in b.blocks[blocks:]:
             h = stage(h)
-        f = b.forward_head(b.bn2(b.conv_head(h)), pre_logits=True)
-        if self.colour_grid:
-            f = torch.cat([f, grid], dim=1)
-        return {a.name: self.heads[a.tensor](f) for a in self.schema.attributes}
+        pooled = b.forward_head(b.bn2(b.conv_head(h)), pre_logits=True)
+        return pooled, torch.cat([pooled, grid], dim=1) if self.colour_grid else pooled
+
+    def from_trunk(self, h: torch.Tensor, grid: torch.Tensor, blocks: int) -> dict[str, torch.Tensor]:
+        """Logits per attribute from ``trunk``'s output."""
+        return self.head_logits(self.embed_from_trunk(h, grid, blocks)[1])
+
+    # --- what is served ----------------------------------------------------------------------------
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        f = self.features(images)
-        return {a.name: self.heads[a.tensor](f) for a in self.schema.attributes}
+        return self.head_logits(self.embed(images)[1])
 
-    def probabilities(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Calibrated class probabilities per attribute (softmax of logits / temperature); on the heads the
-        novelty gate covers, mixed with the uniform distribution for photos unlike any known class."""
-        return self.pooled_and_probabilities(images)[1]
-
-    def pooled_and_probabilities(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(the backbone's pooled features, which the novelty gate measures; ``probabilities``)."""
-        x = self.normalize(images)
-        pooled = self.backbone(x)
-        f = torch.cat([pooled, self.colour_features(x)], dim=1) if self.colour_grid else pooled
-        gated = self.novelty.gated if self.novelty is not None else ()
-        gate = self.novelty(pooled) if self.novelty is not None else pooled.new_zeros(())
+    def served_probabilities(
+        self, logits: Mapping[str, torch.Tensor], pooled: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """What a user receives, from the heads' logits: the calibrated softmax (``calibrated_softmax`` with
+        this model's temperatures) and, on the heads the novelty gate covers, its mix with the uniform
+        distribution by the gate's weight of ``pooled`` (``training.novelty``). The one place this is
+        computed: the exported graph, training's validation, evaluation, calibration and the novelty
+        analysis all come here. ``pooled`` may be None only for a model without a gate."""
+        gated: tuple[str, ...] = ()
+        weight = None
+        if self.novelty is not None:
+            if pooled is None:
+                raise ValueError("this model has a novelty gate: its probabilities need the pooled features")
+            gated, weight = self.novelty.gated, self.novelty(pooled)
         out = {}
         for i, a in enumerate(self.schema.attributes):
-            p = torch.softmax(self.heads[a.tensor](f) / self.temperature[i], dim=1)
-            if a.name in gated:
-                p = (1 - gate) * p + gate / a.num_classes
+            p = calibrated_softmax(logits[a.name], self.temperature[i])
+            if weight is not None and a.name in gated:
+                p = mix_uniform(p, weight, a.num_classes)
             out[a.name] = p
-        return pooled, out
+        return out
+
+    def probabilities(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Served class probabilities per attribute of uint8 NHWC images (``served_probabilities``)."""
+        return self.pooled_and_probabilities(images)[1]
+
+    def pooled_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(the backbone's pooled features, which the novelty gate measures; the heads' logits)."""
+        pooled, features = self.embed(images)
+        return pooled, self.head_logits(features)
+
+    def pooled_and_probabilities(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(the backbone's pooled features; ``probabilities``)."""
+        pooled, logits = self.pooled_and_logits(images)
+        return pooled, self.served_probabilities(logits, pooled)
 
 
 class ProbabilityModel(nn.Module):

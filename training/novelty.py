@@ -9,45 +9,106 @@ covariance, fitted on the training photos' features (``rank`` can restrict it to
 components; measured on held-out article types, the full space separates them best: AUROC 0.89 against
 0.79 for 128 components and 0.77 for the top-1 confidence; see ``models/default/MODEL_CARD.md``).
 
-Above a threshold — the ``quantile`` of the distances of the validation photos, which the model did not
-train on — the gated heads' probabilities are mixed with the uniform distribution
-(``p' = (1 - g) p + g / C``, ``g = GATE``). Their order is kept (top-k still lists the nearest known
-types), but the top-1 confidence drops below the head's abstain threshold, which is raised to at least
-``(1 - g) + g / C`` so that a gated photo is always flagged. Everything is part of the model (and so of the
-ONNX graph): the gateway needs no change, and ``uncertain: true`` comes back through the usual threshold.
+Above a threshold ``t`` — the ``quantile`` of the distances of the validation photos, which the model did
+not train on — the gated heads' probabilities are mixed with the uniform distribution
+(``p' = (1 - g) p + g / C``, ``mix_uniform``). The weight ``g`` rises as a ramp, not a step:
+``g = GATE * clip((d - t) / s, 0, 1)`` (``gate_weight``), 0 up to the threshold and the full ``GATE`` from
+``t + s`` on, where ``s`` is a share of the spread of the validation distances (``ramp_scale``). A step put
+some validation photo exactly at the threshold (the threshold *is* its distance), and the last bit of a
+float — PyTorch against ONNX Runtime, FP32 against a reduced precision — flipped its probabilities by
+``0.9 (1 - 1/C)``; the ramp moves them by at most ``GATE / s`` per unit of distance. A gate read from a
+checkpoint saved before the ramp (no ``scale`` in its description) stays a step (``scale = 0``), so that such
+a checkpoint serves the numbers it always did; ``fashion novelty`` re-fits it with a ramp.
+
+The gated heads' order is kept (top-k still lists the nearest known types), but from ``t + s`` on the top-1
+confidence is at most ``(1 - GATE) + GATE / C``, below the head's abstain threshold, which is raised above
+that (``floor_thresholds``) so that a photo well past the threshold is always flagged; on the ramp the head's
+threshold decides, as for any photo. Everything is part of the model (and so of the ONNX graph): the gateway
+needs no change, and ``uncertain: true`` comes back through the usual threshold.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from fashion.schema import MISSING, LabelSchema
+from fashion.schema import MISSING, LabelSchema, Role
 
 log = logging.getLogger(__name__)
 
-GATE = 0.9  # share of probability mass moved to the uniform distribution above the threshold
+GATE = 0.9  # share of probability mass moved to the uniform distribution from ``t + s`` on
 RANK = 4096  # principal components kept: more than the features have, i.e. the full space
 SHRINKAGE = 0.1  # of the mean eigenvalue added to the shared covariance's diagonal (few photos per class)
+# The ramp's width ``s``, as a share of the validation distances' spread between these quantiles.
+RAMP_SHARE = 0.25
+RAMP_SPREAD = (0.25, 0.75)
+
+
+# --- the formulas: one torch function each, for the model, its ONNX graph and the NumPy analysis ------
+
+
+def nearest_distance(
+    features: torch.Tensor, center: torch.Tensor, projection: torch.Tensor, means: torch.Tensor
+) -> torch.Tensor:
+    """Squared Mahalanobis distance of each row of ``features`` to the nearest class mean, shape (N,)."""
+    z = (features - center) @ projection
+    d2 = (z * z).sum(1, keepdim=True) - 2 * z @ means.T + (means * means).sum(1)
+    return d2.min(dim=1).values.clamp(min=0)
+
+
+def gate_weight(distance: torch.Tensor, threshold: torch.Tensor | float, scale: float) -> torch.Tensor:
+    """``GATE * clip((d - t) / s, 0, 1)``: 0 up to the threshold, ``GATE`` from ``t + s`` on, continuous in
+    between; ``scale == 0`` is the step of gates fitted before the ramp (``GATE`` where ``d > t``)."""
+    if scale > 0:
+        return ((distance - threshold) / scale).clamp(0.0, 1.0) * GATE
+    return (distance > threshold).to(distance.dtype) * GATE
+
+
+def mix_uniform(probs: torch.Tensor, weight: torch.Tensor, classes: int) -> torch.Tensor:
+    """``(1 - g) p + g / C``: the share ``g`` (per row, shape (N, 1)) of ``probs`` moved to the uniform
+    distribution over its ``C = classes`` classes (a constant of the graph); the order of the classes is
+    kept."""
+    return (1 - weight) * probs + weight / classes
+
+
+def ramp_scale(distances: np.ndarray) -> float:
+    """The ramp's width ``s`` from the validation photos' distances: ``RAMP_SHARE`` of their spread between
+    the ``RAMP_SPREAD`` quantiles (robust to the far tail that unseen types make)."""
+    low, high = np.quantile(np.asarray(distances, np.float64), RAMP_SPREAD)
+    spread = float(high - low)
+    if not np.isfinite(spread) or spread <= 0:
+        spread = float(np.abs(np.median(distances))) or 1.0  # every photo at one distance: any width works
+    return RAMP_SHARE * spread
 
 
 class NoveltyGate(nn.Module):
-    """Distance from pooled backbone features to the nearest known class; gate weights above a threshold."""
+    """Distance from pooled backbone features to the nearest known class; gate weights past a threshold."""
 
-    def __init__(self, features: int, rank: int, classes: int, heads: Sequence[str]) -> None:
+    center: torch.Tensor
+    projection: torch.Tensor
+    means: torch.Tensor
+    threshold: torch.Tensor
+
+    def __init__(
+        self, features: int, rank: int, classes: int, heads: Sequence[str], scale: float = 0.0
+    ) -> None:
         super().__init__()
         self.gated = tuple(heads)  # the attributes whose probabilities the gate mixes
+        # The ramp's width, in units of squared distance; 0: a step. A setting of the gate's shape (like
+        # ``gated``), saved in ``describe()``; a constant of the ONNX graph.
+        self.scale = float(scale)
         self.register_buffer("center", torch.zeros(features))
         self.register_buffer("projection", torch.zeros(features, rank))
         self.register_buffer("means", torch.zeros(classes, rank))
         self.register_buffer("threshold", torch.tensor(float("inf")))
 
-    def describe(self) -> dict[str, object]:
+    def describe(self) -> dict[str, Any]:
         """What a checkpoint stores to rebuild the gate before loading its buffers."""
         features, rank = self.projection.shape
         return {
@@ -56,31 +117,33 @@ class NoveltyGate(nn.Module):
             "classes": int(self.means.shape[0]),
             "heads": list(self.gated),
             "threshold": float(self.threshold),
+            "scale": self.scale,  # 0: a step at the threshold; else the ramp's width
             "gate": GATE,
         }
 
     @classmethod
-    def from_description(cls, d: dict) -> NoveltyGate:
-        return cls(int(d["features"]), int(d["rank"]), int(d["classes"]), list(d["heads"]))
+    def from_description(cls, d: Mapping[str, Any]) -> NoveltyGate:
+        """The gate a description rebuilds; one written before the ramp has no ``scale``: a step."""
+        scale = float(d.get("scale", 0.0))
+        return cls(int(d["features"]), int(d["rank"]), int(d["classes"]), list(d["heads"]), scale)
 
     def distance(self, pooled: torch.Tensor) -> torch.Tensor:
         """Squared Mahalanobis distance to the nearest class mean, one value per image."""
-        z = (pooled - self.center) @ self.projection
-        d2 = (z * z).sum(1, keepdim=True) - 2 * z @ self.means.T + (self.means * self.means).sum(1)
-        return d2.min(dim=1).values.clamp(min=0)
+        return nearest_distance(pooled, self.center, self.projection, self.means)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        """``g`` per image, shape (N, 1): ``GATE`` where the distance exceeds the threshold, else 0."""
-        return (self.distance(pooled) > self.threshold).to(pooled.dtype).unsqueeze(1) * GATE
+        """``g`` per image, shape (N, 1) (``gate_weight`` of the distance)."""
+        return gate_weight(self.distance(pooled), self.threshold, self.scale).unsqueeze(1)
 
 
 def gated_threshold(threshold: float, classes: int) -> float:
-    """An abstain threshold that a gated prediction can never reach: above ``(1 - GATE) + GATE / C``."""
+    """An abstain threshold that a fully gated prediction can never reach: above ``(1 - GATE) + GATE / C``."""
     return max(float(threshold), (1 - GATE) + GATE / classes + 1e-4)
 
 
 def floor_thresholds(schema: LabelSchema, thresholds: dict[str, float], gated: Sequence[str]) -> None:
-    """Raise the gated heads' abstain thresholds in place so that a gated photo is always ``uncertain``."""
+    """Raise the gated heads' abstain thresholds in place so that a fully gated photo is always
+    ``uncertain``."""
     for a in schema.attributes:
         if a.name in gated:
             thresholds[a.name] = gated_threshold(thresholds.get(a.name, 0.0), a.num_classes)
@@ -97,26 +160,20 @@ class NoveltyFit:
     means: np.ndarray
 
     def distances(self, features: np.ndarray) -> np.ndarray:
-        """Squared Mahalanobis distance to the nearest class mean (NumPy twin of ``NoveltyGate.distance``)."""
-        z = (np.asarray(features, np.float64) - self.center) @ self.projection
-        means = self.means.astype(np.float64)
-        d2 = (z * z).sum(1, keepdims=True) - 2 * z @ means.T + (means**2).sum(1)
-        return np.clip(d2.min(axis=1), 0, None)
+        """``nearest_distance`` of NumPy features, in float64 (the fit's own precision)."""
+        as_64 = [torch.from_numpy(np.asarray(a, np.float64)) for a in (features, self.center, self.projection,
+                                                                        self.means)]
+        return nearest_distance(*as_64).numpy()
 
-    def gate(self, threshold: float) -> NoveltyGate:
-        """The gate module for the model, flagging photos farther than ``threshold``."""
-        gate = NoveltyGate(self.center.shape[0], self.projection.shape[1], self.means.shape[0], self.gated)
+    def gate(self, threshold: float, scale: float = 0.0) -> NoveltyGate:
+        """The gate module for the model: 0 up to ``threshold``, a ramp of width ``scale`` (0: a step)."""
+        gate = NoveltyGate(
+            self.center.shape[0], self.projection.shape[1], self.means.shape[0], self.gated, scale
+        )
         gate.center.copy_(torch.from_numpy(self.center))
         gate.projection.copy_(torch.from_numpy(self.projection))
         gate.means.copy_(torch.from_numpy(self.means))
         gate.threshold.fill_(float(threshold))
-        log.info(
-            "novelty gate on %s: distance to %d %s classes, threshold %.1f",
-            ", ".join(self.gated),
-            self.means.shape[0],
-            self.reference,
-            threshold,
-        )
         return gate
 
 
@@ -148,11 +205,12 @@ def fit_distance(
 
 
 def reference_head(schema: LabelSchema, heads: Sequence[str] | None) -> tuple[list[str], str]:
-    """(gated heads, the head whose classes define "known"): by default the product-type head, i.e. the
-    head with the most classes that is not a colour (colour names say nothing about the product type)."""
+    """(gated heads, the head whose classes define "known"): by default the schema's product-type head
+    (``Role.PRODUCT_TYPE``); a schema without one (every head a colour) uses its head with the most
+    classes."""
     names = [a.name for a in schema.attributes]
-    kinds = [a for a in schema.attributes if "colo" not in a.label.lower()] or list(schema.attributes)
-    finest = max(kinds, key=lambda a: a.num_classes).name
+    types = schema.with_role(Role.PRODUCT_TYPE)
+    finest = types[0].name if types else max(schema.attributes, key=lambda a: a.num_classes).name
     chosen = list(heads) if heads else [finest]
     unknown = [h for h in chosen if h not in names]
     if unknown:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from training.data import encode, split_held_out
 from training.dataset import ImageCache
 from training.inference import collect, head_widths, image_batches
 from training.model import FashionNet
-from training.novelty import GATE, fit_novelty, floor_thresholds, gated_threshold
+from training.novelty import NoveltyFit, fit_novelty, floor_thresholds, ramp_scale
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +36,47 @@ CANDIDATE_QUANTILES = (0.85, 0.9, 0.95, 0.97, 0.99)
 POOLED = "\0pooled"  # the pooled features' key next to the heads' names in one pass's outputs
 
 
-def forward_numpy(
+@dataclass(frozen=True)
+class Outputs:
+    """One pass of the model over photos: the pooled features (what the gate measures) and the raw logits
+    (what ``FashionNet.served_probabilities`` turns into what a user receives, for any gate)."""
+
+    pooled: np.ndarray  # (n, features)
+    logits: dict[str, np.ndarray]  # head → (n, classes)
+
+    def __len__(self) -> int:
+        return len(self.pooled)
+
+
+def model_outputs(
     model: FashionNet, images: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 64
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """(pooled features, probabilities per head) of uint8 NHWC images, in one pass of the model."""
+) -> Outputs:
+    """The pooled features and logits per head of uint8 NHWC images, in one pass of the model."""
     model.eval()
 
     def step(batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        pooled, probs = model.pooled_and_probabilities(batch)
-        return {POOLED: pooled, **probs}
+        pooled, logits = model.pooled_and_logits(batch)
+        return {POOLED: pooled, **logits}
 
-    widths = {POOLED: int(model.backbone.num_features), **head_widths(model.schema)}
+    widths = {POOLED: model.num_features, **head_widths(model.schema)}
     out = collect(step, image_batches(images, batch_size, device), widths)
-    return out.pop(POOLED), out
+    return Outputs(out.pop(POOLED), out)
+
+
+def served(model: FashionNet, out: Outputs, device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
+    """What the model, with its gate as it is now, serves for these outputs (``served_probabilities``)."""
+    with torch.no_grad():
+        logits = {k: torch.from_numpy(v).to(device) for k, v in out.logits.items()}
+        probs = model.served_probabilities(logits, torch.from_numpy(out.pooled).to(device))
+    return {k: v.cpu().numpy() for k, v in probs.items()}
+
+
+def flagged(
+    model: FashionNet, out: Outputs, thresholds: Mapping[str, float], device: torch.device | str = "cpu"
+) -> dict[str, float]:
+    """Head → share of the photos served ``uncertain`` (top-1 confidence below the head's threshold)."""
+    probs = served(model, out, device)
+    return {name: float(np.mean(p.max(axis=1) < thresholds.get(name, 0.0))) for name, p in probs.items()}
 
 
 @dataclass
@@ -62,13 +90,36 @@ class NoveltyReport:
     flagged_seen: dict[str, float]  # head → share of validation photos flagged uncertain
     flagged_unseen: dict[str, float]  # head → share of held-out photos flagged uncertain
     candidates: list[dict[str, float]] = field(default_factory=list)
+    scale: float = 0.0  # the gate's ramp: from ``threshold`` to ``threshold + scale`` (training.novelty)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _flags(probs: np.ndarray, threshold: float) -> np.ndarray:
-    return probs.max(axis=1) < threshold
+def candidate_table(
+    model: FashionNet,
+    fit: NoveltyFit,
+    parts: Mapping[str, Outputs],
+    d_val: np.ndarray,
+    thresholds: Mapping[str, float],
+    scale: float,
+    device: torch.device | str = "cpu",
+) -> list[dict[str, float]]:
+    """What each candidate quantile's gate would flag on the gated heads, per part (``seen``, ``unseen``),
+    served by the model itself; quantile 0 is the confidence threshold alone (no gate)."""
+    rows = []
+    for q in (0.0, *CANDIDATE_QUANTILES):
+        model.novelty = fit.gate(float(np.quantile(d_val, q)), scale).to(device) if q else None
+        floored = dict(thresholds)
+        if q:
+            floor_thresholds(model.schema, floored, fit.gated)
+        shares = {key: flagged(model, out, floored, device) for key, out in parts.items() if len(out)}
+        row: dict[str, float] = {"quantile": q}
+        for name in fit.gated:
+            row.update({f"{name} {key}": share[name] for key, share in shares.items()})
+        rows.append(row)
+    model.novelty = None
+    return rows
 
 
 def fit_and_measure(
@@ -84,68 +135,30 @@ def fit_and_measure(
 ) -> NoveltyReport:
     """Fit the gate into ``ckpt`` (model and thresholds) and measure it on the validation and held-out photos.
 
-    The candidate table is computed from the ungated probabilities and the distances (what the gate would do
-    at each quantile); the chosen quantile's shares are then measured again through the gated model itself.
+    The candidate table says what the gate would flag at each quantile; the chosen quantile's gate then goes
+    into the model, its heads' thresholds are floored, and its shares are measured as the model serves them.
     """
     if not 0 < quantile < 1:
         raise ValueError(f"the novelty quantile must be in (0, 1), got {quantile}")
     model = ckpt.model.to(device)
     model.novelty = None
-    schema = ckpt.schema
-    f_train, _ = forward_numpy(model, train_images, device)
-    f_val, p_val = forward_numpy(model, val_images, device)
-    f_held, p_held = forward_numpy(model, held_images, device)
-    fit = fit_novelty(schema, f_train, train_labels, heads=heads)
-    d_val, d_held = fit.distances(f_val), fit.distances(f_held)
+    train, val, held = (model_outputs(model, x, device) for x in (train_images, val_images, held_images))
+    fit = fit_novelty(ckpt.schema, train.pooled, train_labels, heads=heads)
+    d_val = fit.distances(val.pooled)
+    scale = ramp_scale(d_val)
+    parts = {"seen": val, "unseen": held}
+    candidates = candidate_table(model, fit, parts, d_val, ckpt.thresholds, scale, device)
 
-    # What each quantile would give, before committing to one (also: the confidence threshold alone).
-    raw = {a.name: ckpt.thresholds.get(a.name, 0.0) for a in schema.attributes}
-    candidates = []
-    for q in (0.0, *CANDIDATE_QUANTILES):
-        row: dict[str, float] = {"quantile": q}
-        t = float(np.quantile(d_val, q)) if q else float("inf")
-        for a in schema.attributes:
-            if a.name not in fit.gated:
-                continue
-            floor = gated_threshold(raw[a.name], a.num_classes) if q else raw[a.name]
-            for key, p, d in (("seen", p_val[a.name], d_val), ("unseen", p_held[a.name], d_held)):
-                if len(p) == 0:
-                    continue
-                g = np.where(d > t, GATE, 0.0)
-                conf = (1 - g) * p.max(axis=1) + g / a.num_classes
-                row[f"{a.name} {key}"] = float(np.mean(conf < floor))
-        candidates.append(row)
-
-    # The chosen quantile, into the model and its thresholds; then measured through the gated model itself.
-    gate = fit.gate(float(np.quantile(d_val, quantile)))
+    gate = fit.gate(float(np.quantile(d_val, quantile)), scale)
     model.novelty = gate.to(device)
-    floor_thresholds(schema, ckpt.thresholds, fit.gated)
-    _, p_val = forward_numpy(model, val_images, device)
-    _, p_held = forward_numpy(model, held_images, device)
-    seen = {
-        a.name: float(np.mean(_flags(p_val[a.name], ckpt.thresholds.get(a.name, 0.0))))
-        for a in schema.attributes
-    }
-    unseen = (
-        {
-            a.name: float(np.mean(_flags(p_held[a.name], ckpt.thresholds.get(a.name, 0.0))))
-            for a in schema.attributes
-        }
-        if len(held_images)
-        else {}
-    )
+    log.info("novelty gate on %s: distance to %d %s classes, threshold %.1f, ramp %.1f",
+             ", ".join(fit.gated), fit.means.shape[0], fit.reference, float(gate.threshold), scale)
+    floor_thresholds(ckpt.schema, ckpt.thresholds, fit.gated)
+    seen = flagged(model, val, ckpt.thresholds, device)
+    unseen = flagged(model, held, ckpt.thresholds, device) if len(held) else {}
     model.cpu()
-    return NoveltyReport(
-        list(fit.gated),
-        fit.reference,
-        quantile,
-        float(gate.threshold),
-        len(val_images),
-        len(held_images),
-        seen,
-        unseen,
-        candidates,
-    )
+    return NoveltyReport(list(fit.gated), fit.reference, quantile, float(gate.threshold), len(val), len(held),
+                         seen, unseen, candidates, scale)
 
 
 def report_table(report: NoveltyReport) -> str:
@@ -170,7 +183,8 @@ def emit_report(report: NoveltyReport) -> None:
         line = f"{name}: {report.flagged_seen[name]:.1%} of {report.seen} validation photos flagged uncertain"
         if report.unseen:
             line += f", {report.flagged_unseen[name]:.1%} of {report.unseen} photos of held-out types"
-        emit(line + f" (gate at validation quantile {report.quantile:.2f})")
+        gate = f"gate from validation quantile {report.quantile:.2f}, in full {report.scale:.1f} further"
+        emit(f"{line} ({gate})")
 
 
 def fit_checkpoint(
