@@ -7,10 +7,11 @@ import yaml
 
 from fashion.contract import Preprocessing
 from fashion.schema import MISSING, Attribute, LabelSchema
-from training.checkpoint import load_checkpoint
+from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import ConfigError, TrainConfig
+from training.loss import masked_loss
 from training.model import ModelError, build_model, create_backbone
-from training.train import masked_loss, train
+from training.train import train
 
 SCHEMA = LabelSchema((Attribute("colour", ("red", "blue")), Attribute("kind", ("a", "b", "c"))))
 
@@ -135,6 +136,25 @@ def test_resume_continues_from_the_next_epoch(kaggle_dir, tmp_path):
     epochs = [json.loads(x)["epoch"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2]
     assert load_checkpoint(tmp_path / "run" / "last.pt").epoch == 2
+
+
+def test_a_resumed_run_that_never_improves_reports_the_best_epochs_metrics(kaggle_dir, tmp_path, capsys):
+    first = train(tiny_config(kaggle_dir, tmp_path / "run", epochs=1))
+    assert first.val_metrics
+    capsys.readouterr()
+    last = tmp_path / "run" / "last.pt"
+    # Resumed at its last epoch: no epoch runs, none improves; the best one's metrics are still reported.
+    resumed = train(tiny_config(kaggle_dir, tmp_path / "run", epochs=1, resume=str(last)))
+    assert resumed.epochs_run == 0 and (resumed.best_epoch, resumed.best_score) == (1, first.best_score)
+    assert resumed.val_metrics == first.val_metrics
+    table = capsys.readouterr().out.split("best validation score")[0]
+    assert all(name in table for name in first.val_metrics)
+    # A last.pt saved before best_metrics was kept: its own metrics are the best epoch's when it is the best.
+    old = load_checkpoint(last)
+    del old.extra["best_metrics"]
+    save_checkpoint(tmp_path / "old-last.pt", old)
+    again = train(tiny_config(kaggle_dir, tmp_path / "run", epochs=1, resume=str(tmp_path / "old-last.pt")))
+    assert again.val_metrics == first.val_metrics
 
 
 def test_trained_model_learns_a_visible_attribute(kaggle_dir, tmp_path):
