@@ -33,6 +33,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,13 +61,15 @@ class TargetLayer:
 def find_target_layer(backbone: nn.Module) -> TargetLayer:
     """The last spatial feature layer of a timm backbone (see the module docstring)."""
     name = type(backbone).__name__.lower()
-    if "swin" in name and hasattr(backbone, "norm"):
-        return TargetLayer(backbone.norm, "nhwc")
-    if hasattr(backbone, "patch_embed") and hasattr(backbone, "norm") and hasattr(backbone, "blocks"):
-        grid = tuple(int(g) for g in backbone.patch_embed.grid_size)
+    b: Any = backbone  # a timm model: which attributes it has is checked here
+    if "swin" in name and hasattr(b, "norm"):
+        return TargetLayer(b.norm, "nhwc")
+    if hasattr(b, "patch_embed") and hasattr(b, "norm") and hasattr(b, "blocks"):
+        rows, cols = (int(g) for g in b.patch_embed.grid_size)
+        grid = (rows, cols)
         # The head reads the class token only, so the final norm's patch tokens get no gradient: take
         # the input norm of the last block, where attention still mixes patch tokens into the class token.
-        last = backbone.blocks[-1]
+        last = b.blocks[-1]
         module = getattr(last, "norm1", last)
         return TargetLayer(module, "tokens", int(getattr(backbone, "num_prefix_tokens", 1)), grid)
     for attr in ("bn2", "conv_head", "layer4", "stages", "features"):
@@ -133,19 +136,19 @@ def heatmap_on_photo(heatmap: np.ndarray, photo_size: tuple[int, int], pre: Prep
     size = pre.image_size
     src = Image.fromarray(heatmap.astype(np.float32))
     if pre.resize_mode == "squash":
-        return np.asarray(src.resize((width, height), Image.BILINEAR))
+        return np.asarray(src.resize((width, height), Image.Resampling.BILINEAR))
     if pre.resize_mode == "center_crop":
         scale = size / min(width, height)
         new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
         canvas = np.zeros((new_h, new_w), dtype=np.float32)
         left, top = (new_w - size) // 2, (new_h - size) // 2
         canvas[top : top + size, left : left + size] = heatmap
-        return np.asarray(Image.fromarray(canvas).resize((width, height), Image.BILINEAR))
+        return np.asarray(Image.fromarray(canvas).resize((width, height), Image.Resampling.BILINEAR))
     scale = size / max(width, height)  # letterbox
     new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
     left, top = (size - new_w) // 2, (size - new_h) // 2
     inner = src.crop((left, top, left + new_w, top + new_h))
-    return np.asarray(inner.resize((width, height), Image.BILINEAR))
+    return np.asarray(inner.resize((width, height), Image.Resampling.BILINEAR))
 
 
 def overlay(photo: Image.Image, heatmap: np.ndarray, alpha: float = 0.45) -> Image.Image:

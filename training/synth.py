@@ -675,7 +675,7 @@ def _draw_shadow(img: Image.Image, polygons: list[Points], size_px: float) -> No
     """A faint drop shadow to the lower right, a few units darker than the background."""
     offset = 0.025 * size_px
     bg = img.getpixel((0, img.height - 1))
-    shadow = _mix(bg if isinstance(bg, tuple) else (bg, bg, bg), 0.0, 0.06)
+    shadow = _mix(bg if isinstance(bg, tuple) else (float(bg or 0),) * 3, 0.0, 0.06)
     draw = ImageDraw.Draw(img)
     for poly in polygons:
         draw.polygon(_xy(poly, (-offset, -offset)), fill=shadow)

@@ -14,6 +14,7 @@ import importlib.util
 import logging
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -89,7 +90,7 @@ def load_packaged_weights(model: nn.Module, package: str) -> None:
     except Exception as e:  # torch raises several unrelated types for unreadable files
         raise WeightsError(f"could not read {path}: {e}") from e
     # The full architecture (with its 1000-class classifier) is the reference the file is checked against.
-    name = model.pretrained_cfg["architecture"]
+    name = str(cast(dict[str, Any], model.pretrained_cfg)["architecture"])
     reference = timm.create_model(name, pretrained=False).state_dict()
     count = load_mapped(model, source, reference)
     log.info("loaded %d ImageNet tensors into %s from %s (%s)", count, name, path.name, package)
