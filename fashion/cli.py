@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from fashion.errors import UserError
 
 # Modules that define `register(subparsers)`; each subparser sets `func(args) -> int`.
-STAGES = ("training.cli", "export.cli", "loadtest.cli", "orchestration.cli")
+STAGES = ("training.cli", "export.cli", "loadtest.cli", "orchestration.cli", "tagging.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

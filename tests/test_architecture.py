@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("fashion", "training", "export", "gateway", "orchestration", "loadtest")
+PACKAGES = ("fashion", "training", "export", "gateway", "orchestration", "loadtest", "tagging")
 # The layers, lowest first: a package may import its own modules and those of the layers below it.
 # (training and export share a layer boundary: export reads training's checkpoints; training never
 # imports export.) The gateway stands beside the stages on fashion/ alone.
@@ -18,6 +18,7 @@ BELOW = {
     "gateway": {"fashion"},
     "orchestration": {"fashion", "training", "export"},
     "loadtest": {"fashion", "training", "export", "gateway", "orchestration"},
+    "tagging": {"fashion", "training", "export", "gateway", "orchestration"},
 }
 
 

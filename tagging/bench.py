@@ -1,0 +1,304 @@
+"""``fashion tag-bench``: what tagging a catalogue costs, per engine, on this machine.
+
+Tags the same ``--images`` real photos with every engine (``local``, ``triton``, ``gateway``) and with
+``fashion predict`` (PyTorch in one process) and prints, per system: images/s, CPU-seconds per image of
+the whole path (this process, plus Triton and its model process, plus the gateway's workers, whichever
+the path runs through), CPU-hours per million images and what they cost at ``--price-per-vcpu-hour``.
+The engines are measured from the moment they are ready (the session built, the connection made), over
+the tagging alone; the export's ``raw_best`` (its chosen candidate's images/s, the candidates timed taking
+turns) is the ceiling the targets are stated against: ``local`` ≥ 0.8 ×, ``triton`` ≥ 0.6 ×.
+
+The model: the newest version of ``--repository`` (exported first from ``--checkpoint`` or the shipped
+model when it has none, as ``fashion serve`` does); Triton and the gateway are started on free loopback
+ports for the two engines that need them, and stopped after.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import resource
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from export.runtimes import cpu_info
+from fashion.console import emit, table
+from fashion.metadata import file_sha256, load_export_record
+from orchestration.config import DEFAULT_CHECKPOINT, ServeConfig
+from orchestration.process import ROOT, children
+from orchestration.provision import provision
+from orchestration.serve import served
+from tagging.engines import EngineSpec
+from tagging.errors import TagError
+from tagging.run import TagJob, TagSummary, tag
+
+log = logging.getLogger(__name__)
+
+SYSTEMS = ("local", "triton", "gateway", "predict")
+TARGETS = {"local": 0.8, "triton": 0.6}  # × raw_best
+PHOTOS = ROOT.parent / "shared" / "datasets" / "fashion-products-sample" / "images"
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+@dataclass(frozen=True)
+class CostOptions:
+    """What ``fashion tag-bench`` measures; checked on construction."""
+
+    out: Path
+    images: int = 2000
+    photos: Path = PHOTOS
+    repository: Path = Path("model_repository")
+    model_name: str = "fashion"
+    checkpoint: Path | None = None  # default: the shipped model (the predict row; exported if needed)
+    systems: tuple[str, ...] = SYSTEMS
+    price_per_vcpu_hour: float = 0.04  # USD; a stated assumption, printed with the table
+    command: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("out", "photos", "repository"):
+            object.__setattr__(self, name, Path(getattr(self, name)))
+        unknown = set(self.systems) - set(SYSTEMS)
+        if unknown or not self.systems:
+            raise TagError(f"--systems takes {', '.join(SYSTEMS)}; got {sorted(unknown) or 'none'}")
+        if self.images < 1 or self.price_per_vcpu_hour < 0:
+            raise TagError("--images must be positive and --price-per-vcpu-hour not negative")
+
+
+@dataclass(frozen=True)
+class CostRow:
+    """One system's run over the photos."""
+
+    system: str
+    images: int
+    seconds: float
+    cpu_s: float  # every process on the path, over the tagging alone
+    errors: int = 0
+    note: str = ""
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def cpu_s_per_image(self) -> float:
+        return self.cpu_s / self.images
+
+    @property
+    def cpu_hours_per_million(self) -> float:
+        return self.cpu_s_per_image * 1e6 / 3600
+
+    def to_dict(self, price: float) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "images_per_s": round(self.images_per_s, 2),
+            "cpu_s_per_image": round(self.cpu_s_per_image, 5),
+            "cpu_hours_per_million": round(self.cpu_hours_per_million, 2),
+            "usd_per_million": round(self.cpu_hours_per_million * price, 2),
+        }
+
+
+@dataclass
+class CostReport:
+    options: CostOptions
+    model: str
+    raw_best: str
+    raw_best_ips: float
+    host: dict[str, Any]
+    rows: list[CostRow] = field(default_factory=list)
+
+    def ratio(self, row: CostRow) -> float:
+        return row.images_per_s / self.raw_best_ips if self.raw_best_ips else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        price = self.options.price_per_vcpu_hour
+        return {
+            "command": self.options.command,
+            "model": self.model,
+            "raw_best": {"candidate": self.raw_best, "images_per_s": self.raw_best_ips},
+            "price_per_vcpu_hour_usd": price,
+            "host": self.host,
+            "rows": [{**r.to_dict(price), "over_raw_best": round(self.ratio(r), 3)} for r in self.rows],
+            "targets": {k: {"over_raw_best_min": v} for k, v in TARGETS.items()},
+        }
+
+    def markdown(self) -> str:
+        price = self.options.price_per_vcpu_hour
+        lines = []
+        for r in self.rows:
+            target = TARGETS.get(r.system)
+            verdict = "" if target is None else (" (met)" if self.ratio(r) >= target else " (NOT met)")
+            lines.append(
+                [
+                    r.system,
+                    f"{r.images_per_s:.1f}",
+                    f"{self.ratio(r):.2f}{verdict}",
+                    f"{r.cpu_s_per_image * 1000:.1f}",
+                    f"{r.cpu_hours_per_million:.1f}",
+                    f"{r.cpu_hours_per_million * price:.2f}",
+                    r.errors,
+                    r.note,
+                ]
+            )
+        head = [
+            "system",
+            "images/s",
+            "× raw_best",
+            "CPU ms/image",
+            "CPU-h per million",
+            "$ per million",
+            "error rows",
+            "note",
+        ]
+        return (
+            f"{self.options.images} photos of {self.options.photos}; model {self.model}; raw_best = "
+            f"{self.raw_best} at {self.raw_best_ips:.1f} images/s (the export's timing); "
+            f"${price:.3f} per vCPU-hour; {self.host['cpu']}, {self.host['cores']} cores, load average "
+            f"{self.host['loadavg_start']} at the start\n\n" + table(head, lines)
+        )
+
+
+# --- CPU of the path ----------------------------------------------------------------------------------
+
+
+def own_cpu_s() -> float:
+    """User + system CPU seconds of this process, all its threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def tree_cpu_s(pids: Sequence[int]) -> float:
+    """User + system CPU seconds so far of ``pids`` and every live process below them (from /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, seen, todo = 0.0, set(), list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid in seen or pid <= 0:
+            continue
+        seen.add(pid)
+        todo += children(pid)
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def measured(
+    system: str, servers: Sequence[int], run: Callable[[Callable[[], None]], Any]
+) -> tuple[Any, CostRow]:
+    """Run ``run(ready)``; it calls ``ready()`` once its engine is built: wall and CPU count from there."""
+    mark: dict[str, float] = {}
+
+    def ready() -> None:
+        mark.update(t=time.perf_counter(), cpu=own_cpu_s() + tree_cpu_s(servers))
+
+    result = run(ready)
+    seconds = time.perf_counter() - mark["t"]
+    cpu = own_cpu_s() + tree_cpu_s(servers) - mark["cpu"]
+    return result, CostRow(system, 0, seconds, cpu)
+
+
+# --- the bench ------------------------------------------------------------------------------------------
+
+
+def photo_folder(opts: CostOptions) -> Path:
+    """``OUT/photos``: links to the first ``images`` photos of ``opts.photos`` (sorted by name)."""
+    if not opts.photos.is_dir():
+        raise TagError(f"{opts.photos} is not a folder of photos")
+    chosen = sorted(p for p in opts.photos.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES)[: opts.images]
+    if len(chosen) < opts.images:
+        raise TagError(f"{opts.photos} has {len(chosen)} photos; --images asks for {opts.images}")
+    folder = opts.out / "photos"
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in chosen:
+        link = folder / p.name
+        if not link.is_symlink():
+            link.symlink_to(p.resolve())
+    return folder
+
+
+def run_bench(opts: CostOptions, say: Callable[[str], None] = emit) -> CostReport:
+    """Measure every system of ``opts`` and write ``OUT/tag-bench.json`` and ``OUT/tag-bench.md``."""
+    opts.out.mkdir(parents=True, exist_ok=True)
+    photos = photo_folder(opts)
+    load_start = os.getloadavg()
+    config = ServeConfig(
+        repository=opts.repository,
+        model_name=opts.model_name,
+        checkpoint=opts.checkpoint,
+        port=0,
+        triton_http_port=0,
+        triton_grpc_port=0,
+        triton_metrics_port=0,
+    )
+    model = provision(config, say)
+    record = load_export_record(opts.repository, opts.model_name, model.version)
+    host = {
+        "cpu": cpu_info().model,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "loadavg_start": [round(v, 2) for v in load_start],
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    report = CostReport(
+        opts, f"{opts.model_name} v{model.version}", record.chosen.name, record.chosen.best_ips, host
+    )
+    spec = EngineSpec(
+        "local", repository=str(opts.repository), model_name=opts.model_name, version=str(model.version)
+    )
+
+    def engine_row(system: str, engine: EngineSpec, servers: Sequence[int]) -> CostRow:
+        job = TagJob(photos, opts.out / f"tags-{system}", engine, progress=False)
+        if job.out.exists():
+            raise TagError(f"{job.out} exists: give tag-bench a fresh --out")
+        summary: TagSummary
+        summary, row = measured(system, servers, lambda ready: tag(job, say=log.info, on_ready=ready))
+        return CostRow(system, summary.tagged, row.seconds, row.cpu_s, summary.errors)
+
+    if "local" in opts.systems:
+        report.rows.append(engine_row("local", spec, []))
+        say(report.markdown())
+    if {"triton", "gateway"} & set(opts.systems):
+        with served(config, say=log.info) as stack:
+            ends = stack.endpoints
+            if "triton" in opts.systems:
+                triton = EngineSpec(**{**asdict(spec), "kind": "triton", "url": ends.triton_grpc})
+                report.rows.append(engine_row("triton", triton, [ends.triton_pid]))
+                say(report.markdown())
+            if "gateway" in opts.systems:
+                gateway = EngineSpec(**{**asdict(spec), "kind": "gateway", "url": ends.gateway})
+                report.rows.append(engine_row("gateway", gateway, [ends.triton_pid, ends.gateway_pid]))
+                say(report.markdown())
+    if "predict" in opts.systems:
+        report.rows.append(predict_row(opts, photos, record.checkpoint_sha256))
+    text = report.markdown()
+    (opts.out / "tag-bench.md").write_text(text + "\n")
+    (opts.out / "tag-bench.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    say(text)
+    return report
+
+
+def predict_row(opts: CostOptions, photos: Path, exported_sha256: str) -> CostRow:
+    """``fashion predict`` (PyTorch, this process) over the same photos, timed from the model being loaded."""
+    # lazy: torch; only this row of the bench needs it
+    from training.checkpoint import load_checkpoint
+    from training.predict import predict_paths, read_for_prediction
+
+    checkpoint = opts.checkpoint or DEFAULT_CHECKPOINT
+    note = "" if file_sha256(checkpoint) == exported_sha256 else "another checkpoint than the export's"
+    ckpt = load_checkpoint(checkpoint)
+    paths = [s.image_path for s in read_for_prediction(photos, "images").samples]
+
+    def run(ready: Callable[[], None]) -> Any:
+        ready()
+        return predict_paths(ckpt.model, paths, "cpu", desc="fashion predict")
+
+    preds, row = measured("predict", [], run)
+    return CostRow("predict", len(paths), row.seconds, row.cpu_s, int((~preds.ok).sum()), note)
