@@ -29,5 +29,8 @@ ENV FASHION_PORT=8080 \
     PROMETHEUS_MULTIPROC_DIR=/tmp/prometheus
 EXPOSE 8080
 
+# What Kubernetes and `docker stop` send; gunicorn drains on it (gateway/gunicorn_conf.py): accepted requests
+# are answered, new ones get 503 shutting_down, then it exits within its graceful_timeout.
+STOPSIGNAL SIGTERM
 # Exec form of: gunicorn -c python:gateway.gunicorn_conf 'gateway:create_app()' (gunicorn is PID 1 and gets SIGTERM).
 CMD ["gunicorn", "-c", "python:gateway.gunicorn_conf", "gateway:create_app()"]

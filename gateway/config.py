@@ -67,11 +67,12 @@ class GatewayConfig:
     max_image_pixels: int = 50_000_000
     max_batch_images: int = 16
     max_request_bytes: int = 0  # 0 = max_image_bytes * max_batch_images + 1 MiB of multipart overhead
-    # Concurrent prediction requests per worker before a fast 429; None = default_max_inflight(threads).
-    # It must stay below ``threads``: the spare threads answer 429s and health checks at once.
+    # Concurrent prediction requests per worker; None = default_max_inflight(threads). Beyond it a request
+    # waits for a slot (queue_wait_s). Below ``threads``: spare threads wait, refuse and answer probes.
     max_inflight: int | None = None
-    # How long a prediction may wait for a slot, counted from its arrival, before its 429 (gateway.admission).
-    queue_wait_s: float = 0.25
+    # The longest a prediction may wait for a slot, counted from its arrival, before its 429; the wait
+    # itself is a few recent service times (gateway.admission).
+    queue_wait_s: float = 1.0
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # empty = authentication off
     metrics_require_key: bool = False
     metadata_refresh_s: float = 5.0  # how often a "latest" gateway looks for a newer model version

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -78,7 +79,7 @@ threads = _config.threads
 timeout = int(max(30, 3 * _config.timeout_s))
 # The drain (accepted requests answered, each within FASHION_TIMEOUT_S) must fit in it, and it in the chart's
 # terminationGracePeriodSeconds (with the preStop delay before it).
-graceful_timeout = int(max(25, _config.timeout_s + _config.queue_wait_s + 10))
+graceful_timeout = math.ceil(max(25, _config.timeout_s + _config.queue_wait_s + 10))
 keepalive = 5  # seconds an idle kept-alive (or silent new) connection stays open, without a thread
 worker_connections = 1000  # open connections per worker (idle ones included) before it stops accepting
 # gunicorn 25+ opens a management socket (reload, scale, stop) in $HOME or $XDG_RUNTIME_DIR by default: the

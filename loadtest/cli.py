@@ -117,6 +117,12 @@ def register_overload(sub: argparse._SubParsersAction) -> None:
     )
     o.add_argument("--slo-p99-ms", type=float, default=1000.0, help="p99 of answered requests (default 1000)")
     o.add_argument("--min-goodput-share", type=float, default=0.8, help="of the best answers/s (default 0.8)")
+    o.add_argument(
+        "--knee",
+        type=int,
+        default=8,
+        help="clients at which the stack reaches its capacity; offered load is counted in these (default 8)",
+    )
     o.add_argument("--out", type=Path, required=True, help="result folder")
     o.set_defaults(func=overload_cli)
 
@@ -174,6 +180,7 @@ def overload_cli(args: argparse.Namespace) -> int:
         mode=args.mode,
         slo_p99_ms=args.slo_p99_ms,
         min_goodput_share=args.min_goodput_share,
+        knee_clients=args.knee,
     )
     return overload_command(opts)
 

@@ -53,6 +53,7 @@ class OverloadOptions:
     mode: str = "impatient"
     slo_p99_ms: float = 1000.0
     min_goodput_share: float = 0.8
+    knee_clients: int = 8  # where the stack reaches its capacity: offered load is counted in these
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.host)
@@ -66,6 +67,8 @@ class OverloadOptions:
             raise LoadtestError(f"--mode is one of {MODES}, got {self.mode!r}")
         if not self.images:
             raise LoadtestError("no images to send")
+        if self.knee_clients < 1:
+            raise LoadtestError(f"--knee is a client count, got {self.knee_clients}")
         object.__setattr__(self, "out", Path(self.out))
 
 
@@ -224,7 +227,7 @@ def markdown(opts: OverloadOptions, points: list[OverloadPoint]) -> str:
     best = max(points, key=lambda p: p.answers_per_s)
     headers = [
         "clients",
-        "x best c",
+        f"x knee ({opts.knee_clients})",
         "answers/s",
         "% of best",
         "refusals/s",
@@ -238,7 +241,7 @@ def markdown(opts: OverloadOptions, points: list[OverloadPoint]) -> str:
     rows = [
         [
             p.clients,
-            f"{p.clients / best.clients:g}",
+            f"{p.clients / opts.knee_clients:g}",
             p.answers_per_s,
             f"{p.share_of_best:.0%}",
             p.refusals_per_s,
@@ -259,33 +262,49 @@ def markdown(opts: OverloadOptions, points: list[OverloadPoint]) -> str:
     )
 
 
-def plot(points: list[OverloadPoint], png: Path, title: str) -> Path:
-    """Answers/s and refusals/s against clients (log 2), and the answered p99 on a second axis."""
+def plot(runs: dict[str, list[OverloadPoint]], png: Path, title: str) -> Path:
+    """Answers/s (solid) and refusals/s (dashed) against clients (log 2), one colour per run, and the p99
+    of answered requests (dotted, right axis)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    clients = [p.clients for p in points]
     fig, ax = plt.subplots(figsize=(8, 5))
-    ax.plot(clients, [p.answers_per_s for p in points], "o-", label="answers/s (200)")
-    ax.plot(clients, [p.refusals_per_s for p in points], "s--", color="tab:red", label="refusals/s (429/503)")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("concurrent clients (offered load)")
-    ax.set_ylabel("per second")
-    ax.grid(True, alpha=0.3)
     latency = ax.twinx()
-    latency.plot(clients, [p.p99_ms for p in points], "^:", color="tab:gray", label="p99 of answered (ms)")
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for (label, points), colour in zip(runs.items(), colours, strict=False):
+        clients = [p.clients for p in points]
+        ax.plot(clients, [p.answers_per_s for p in points], "o-", color=colour, label=f"{label}: answers/s")
+        ax.plot(
+            clients, [p.refusals_per_s for p in points], "s--", color=colour, label=f"{label}: refusals/s"
+        )
+        latency.plot(
+            clients, [p.p99_ms for p in points], "^:", color=colour, alpha=0.6, label=f"{label}: p99 ms"
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({p.clients for points in runs.values() for p in points}))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_xlabel("concurrent clients (offered load)")
+    ax.set_ylabel("per second (answers: 200; refusals: 429/503)")
+    ax.set_yscale("symlog", linthresh=10)
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
     latency.set_ylabel("p99 of answered requests (ms)")
     lines = ax.get_legend_handles_labels()
     more = latency.get_legend_handles_labels()
-    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="upper left", fontsize=8)
+    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="upper left", fontsize=7)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=100)
     plt.close(fig)
     return png
+
+
+def read_points(path: Path) -> list[OverloadPoint]:
+    """The points of an ``overload.json``."""
+    return [OverloadPoint(**p) for p in json.loads(Path(path).read_text())["points"]]
 
 
 def overload_command(opts: OverloadOptions) -> int:
@@ -300,7 +319,11 @@ def overload_command(opts: OverloadOptions) -> int:
         "breaches": breaches,
     }
     (opts.out / "overload.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    plot(points, opts.out / "overload.png", f"fashion overload ({opts.mode} clients) against {opts.host}")
+    plot(
+        {opts.mode: points},
+        opts.out / "overload.png",
+        f"fashion overload ({opts.mode} clients) against {opts.host}",
+    )
     emit(text)
     emit(f"wrote {opts.out / 'overload.md'}, overload.json and overload.png")
     if breaches:

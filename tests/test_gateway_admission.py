@@ -27,6 +27,11 @@ def repository(tmp_path: Path) -> Path:
 
 
 # -- Admission alone ------------------------------------------------------------------------------------
+def fixed(slots: int, wait_s: float) -> Admission:
+    """An admission whose wait starts at ``wait_s`` (one holding time of ``wait_s``)."""
+    return Admission(slots, wait_s, waits_per_hold=1.0, first_hold_s=max(wait_s, 1e-3))
+
+
 def hold(admission: Admission, received_at: float, release: threading.Event) -> threading.Thread:
     """A request that takes a slot and keeps it until ``release`` is set."""
     taken = threading.Event()
@@ -43,7 +48,7 @@ def hold(admission: Admission, received_at: float, release: threading.Event) -> 
 
 
 def test_a_request_that_finds_every_slot_busy_waits_and_gets_one_that_frees_within_its_wait():
-    admission, release = Admission(slots=1, wait_s=2.0), threading.Event()
+    admission, release = fixed(1, 2.0), threading.Event()
     holder = hold(admission, time.monotonic(), release)
     threading.Timer(0.2, release.set).start()
     with admission.slot(time.monotonic()) as waited_s:
@@ -52,7 +57,7 @@ def test_a_request_that_finds_every_slot_busy_waits_and_gets_one_that_frees_with
 
 
 def test_the_wait_is_counted_from_the_arrival_not_from_the_call():
-    admission, release = Admission(slots=1, wait_s=0.5), threading.Event()
+    admission, release = fixed(1, 0.5), threading.Event()
     holder = hold(admission, time.monotonic(), release)
     arrived = time.monotonic() - 0.4  # 0.4 s of its 0.5 s went on waiting for a thread
     started = time.monotonic()
@@ -64,8 +69,24 @@ def test_the_wait_is_counted_from_the_arrival_not_from_the_call():
     holder.join(5)
 
 
+def test_the_wait_is_a_few_recent_service_times_and_at_most_the_configured_longest():
+    clock = [0.0]
+    admission = Admission(slots=2, max_wait_s=1.0, clock=lambda: clock[0])
+    assert admission.wait_s == pytest.approx(0.4)  # 4 x the first holding time assumed, 0.1 s
+
+    def served(seconds: float, times: int) -> None:
+        for _ in range(times):
+            with admission.slot(clock[0]):
+                clock[0] += seconds
+
+    served(0.01, 60)  # a fast backend (or one that refuses at once): a short wait, and soon a 429
+    assert admission.wait_s == pytest.approx(0.04, rel=0.05)
+    served(0.6, 60)  # a slow one: waiting is worth it, up to the longest wait
+    assert admission.wait_s == 1.0
+
+
 def test_refusal_before_the_body_only_when_the_wait_is_over_and_no_slot_is_free():
-    admission, release = Admission(slots=1, wait_s=0.3), threading.Event()
+    admission, release = fixed(1, 0.3), threading.Event()
     long_ago = time.monotonic() - 1.0
     assert admission.refusal(long_ago) is None  # a free slot: late or not, it goes on
     holder = hold(admission, time.monotonic(), release)
@@ -77,7 +98,7 @@ def test_refusal_before_the_body_only_when_the_wait_is_over_and_no_slot_is_free(
 
 
 def test_a_draining_admission_serves_what_arrived_before_and_refuses_what_arrives_after():
-    admission, release = Admission(slots=2, wait_s=0.3), threading.Event()
+    admission, release = fixed(2, 0.3), threading.Event()
     before = time.monotonic()
     holder = hold(admission, before, release)
     admission.begin_drain()

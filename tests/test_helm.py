@@ -351,6 +351,15 @@ def test_values_schema_rejects_bad_values(override, message):
             {"gateway": {"maxInflight": 8, "threads": 8}},
             "gateway.maxInflight (8) must be below gateway.threads",
         ),
+        (
+            {"gateway": {"terminationGracePeriodSeconds": 30}},
+            "gateway.terminationGracePeriodSeconds (30) must exceed gateway.preStopSleepSeconds (5) plus the "
+            "drain (25 s",
+        ),
+        (
+            {"triton": {"terminationGracePeriodSeconds": 30, "exitTimeoutSeconds": 30}},
+            "triton.terminationGracePeriodSeconds (30) must exceed triton.exitTimeoutSeconds (30)",
+        ),
     ],
 )
 def test_inconsistent_values_stop_rendering_with_a_clear_message(override, message):
@@ -766,6 +775,56 @@ def test_gateway_probes_env_and_metadata(value_set):
         assert "emptyDir" in metadata
         copy = container(spec, "copy-metadata")
         assert any(m["name"] == mounts[env["FASHION_MODEL_REPOSITORY"]] for m in copy["volumeMounts"])
+
+
+def graceful_timeout_s(timeout_s: float, queue_wait_s: float) -> int:
+    """gunicorn's graceful_timeout as gateway/gunicorn_conf.py computes it (in a subprocess: importing it sets
+    PROMETHEUS_MULTIPROC_DIR)."""
+    env = {**os.environ, "FASHION_TIMEOUT_S": str(timeout_s), "FASHION_QUEUE_WAIT_S": str(queue_wait_s)}
+    code = "import gateway.gunicorn_conf as c; print(c.graceful_timeout)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return int(out.stdout)
+
+
+@pytest.mark.parametrize("value_set", sorted(VALUE_SETS))
+def test_gateway_pods_leave_the_service_then_get_sigterm_with_time_to_drain(value_set):
+    """Kubernetes stops a pod with its preStop hook, then the image's stop signal to PID 1, then SIGKILL after
+    terminationGracePeriodSeconds. The gateway: a sleep while the endpoint removal propagates, SIGTERM to
+    gunicorn (the image's CMD, no command override), and a grace longer than both."""
+    spec = gateway_spec(value_set)
+    gw = container(spec, "gateway")
+    assert "command" not in gw and "args" not in gw  # the image's exec-form CMD: gunicorn is PID 1
+    assert gw["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", "5"]}}
+    env = env_of(gw)
+    drain_s = graceful_timeout_s(float(env["FASHION_TIMEOUT_S"]), float(env["FASHION_QUEUE_WAIT_S"]))
+    assert spec["terminationGracePeriodSeconds"] > 5 + drain_s
+    # /readyz turns 503 "draining" on SIGTERM: the readiness probe agrees with the preStop.
+    assert gw["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    lines = _instructions(ROOT / "docker" / "gateway.Dockerfile")
+    assert "STOPSIGNAL SIGTERM" in lines and lines[-1].startswith('CMD ["gunicorn"')
+
+
+@pytest.mark.parametrize(("timeout_s", "queue_wait_s"), [(10, 0.25), (30, 2.0)])
+def test_the_charts_drain_bound_is_gunicorns_graceful_timeout(timeout_s, queue_wait_s):
+    drain_s = graceful_timeout_s(timeout_s, queue_wait_s)
+    values = {"timeoutS": timeout_s, "queueWaitS": queue_wait_s, "preStopSleepSeconds": 5}
+    with pytest.raises(HelmRenderError, match=r"must exceed gateway\.preStopSleepSeconds"):
+        render_raw({"gateway": {**values, "terminationGracePeriodSeconds": 5 + drain_s}})
+    rendered = render_raw({"gateway": {**values, "terminationGracePeriodSeconds": 5 + drain_s + 1}})
+    assert f"terminationGracePeriodSeconds: {5 + drain_s + 1}" in "".join(rendered.values())
+
+
+def test_no_prestop_when_its_sleep_is_zero():
+    raw = render_raw({"gateway": {"preStopSleepSeconds": 0}})
+    deployment = next(text for path, text in raw.items() if path.endswith("gateway-deployment.yaml"))
+    assert "preStop" not in deployment
+
+
+def test_triton_gets_an_exit_timeout_shorter_than_its_grace():
+    spec = triton_spec("default-cpu")
+    args = container(spec, "triton")["args"]
+    assert "--exit-timeout-secs=30" in args and spec["terminationGracePeriodSeconds"] == 60
 
 
 def test_api_keys_come_from_a_secret():

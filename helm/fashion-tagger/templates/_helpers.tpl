@@ -253,6 +253,15 @@ Deployment, so any `helm install/template/lint` stops with one of these messages
 {{- if and .Values.gateway.autoscaling.enabled (lt (int .Values.gateway.autoscaling.maxReplicas) (int .Values.gateway.autoscaling.minReplicas)) }}
 {{- fail "gateway.autoscaling.maxReplicas must be >= minReplicas" }}
 {{- end }}
+{{- $g := .Values.gateway }}
+{{- /* gunicorn's graceful_timeout (gateway/gunicorn_conf.py): the longest the drain can take after SIGTERM */}}
+{{- $drain := maxf 25 (addf (float64 $g.timeoutS) (float64 $g.queueWaitS) 10) | ceil | int }}
+{{- if le (int $g.terminationGracePeriodSeconds) (add (int $g.preStopSleepSeconds) $drain) }}
+{{- fail (printf "gateway.terminationGracePeriodSeconds (%d) must exceed gateway.preStopSleepSeconds (%d) plus the drain (%d s: gunicorn's graceful_timeout, max(25, timeoutS + queueWaitS + 10)); otherwise Kubernetes kills the pod while it still answers the requests it accepted" (int $g.terminationGracePeriodSeconds) (int $g.preStopSleepSeconds) $drain) }}
+{{- end }}
+{{- if le (int .Values.triton.terminationGracePeriodSeconds) (int .Values.triton.exitTimeoutSeconds) }}
+{{- fail (printf "triton.terminationGracePeriodSeconds (%d) must exceed triton.exitTimeoutSeconds (%d): Kubernetes would kill Triton before it finished its in-flight requests" (int .Values.triton.terminationGracePeriodSeconds) (int .Values.triton.exitTimeoutSeconds)) }}
+{{- end }}
 {{- if ge (int .Values.gateway.maxInflight) (int .Values.gateway.threads) }}
 {{- fail (printf "gateway.maxInflight (%d) must be below gateway.threads (%d): the spare threads answer 429s and probes at once; a limit at or above threads never triggers and excess requests queue inside gunicorn" (int .Values.gateway.maxInflight) (int .Values.gateway.threads)) }}
 {{- end }}
