@@ -1,4 +1,5 @@
-"""CLI of the loadtest stage: ``fashion loadtest`` (Locust against a deployed stack) and ``fashion bench``.
+"""CLI of the loadtest stage: ``fashion loadtest`` (Locust against a deployed stack), ``fashion bench`` and
+``fashion overload`` (answers/s against offered load, ``loadtest.overload``).
 
 Exit status: 0 when every objective holds, **1** when the run was made but an SLO was broken
 (``SloViolation``), 2 when the run could not be made (``LoadtestError``, via ``fashion.cli``).
