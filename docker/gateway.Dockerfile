@@ -19,6 +19,7 @@ COPY export/ export/
 COPY gateway/ gateway/
 COPY loadtest/ loadtest/
 COPY orchestration/ orchestration/
+COPY tagging/ tagging/
 RUN pip install ".[gateway]"
 
 # A fixed non-root uid: the Helm chart runs the pod as 10001 with a read-only root file system.
