@@ -254,6 +254,10 @@ def run_bench(opts: CostOptions, say: Callable[[str], None] = emit) -> CostRepor
         "local", repository=str(opts.repository), model_name=opts.model_name, version=str(model.version)
     )
 
+    def add(row: CostRow) -> None:
+        report.rows.append(row)
+        say(f"{row.system}: {row.images_per_s:.1f} images/s, {row.cpu_s_per_image * 1000:.1f} CPU ms/image")
+
     def engine_row(system: str, engine: EngineSpec, servers: Sequence[int]) -> CostRow:
         job = TagJob(photos, opts.out / f"tags-{system}", engine, progress=False)
         if job.out.exists():
@@ -263,21 +267,18 @@ def run_bench(opts: CostOptions, say: Callable[[str], None] = emit) -> CostRepor
         return CostRow(system, summary.tagged, row.seconds, row.cpu_s, summary.errors)
 
     if "local" in opts.systems:
-        report.rows.append(engine_row("local", spec, []))
-        say(report.markdown())
+        add(engine_row("local", spec, []))
     if {"triton", "gateway"} & set(opts.systems):
         with served(config, say=log.info) as stack:
             ends = stack.endpoints
             if "triton" in opts.systems:
                 triton = EngineSpec(**{**asdict(spec), "kind": "triton", "url": ends.triton_grpc})
-                report.rows.append(engine_row("triton", triton, [ends.triton_pid]))
-                say(report.markdown())
+                add(engine_row("triton", triton, [ends.triton_pid]))
             if "gateway" in opts.systems:
                 gateway = EngineSpec(**{**asdict(spec), "kind": "gateway", "url": ends.gateway})
-                report.rows.append(engine_row("gateway", gateway, [ends.triton_pid, ends.gateway_pid]))
-                say(report.markdown())
+                add(engine_row("gateway", gateway, [ends.triton_pid, ends.gateway_pid]))
     if "predict" in opts.systems:
-        report.rows.append(predict_row(opts, photos, record.checkpoint_sha256))
+        add(predict_row(opts, photos, record.checkpoint_sha256))
     text = report.markdown()
     (opts.out / "tag-bench.md").write_text(text + "\n")
     (opts.out / "tag-bench.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")

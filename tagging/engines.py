@@ -116,8 +116,8 @@ def politely(
     clock: Callable[[], float] = time.monotonic,
 ) -> T:
     """``call()``; when it raises an error that ``wait_for`` maps to a ``Retry-After`` (seconds, 0 when the
-    server gave none), wait that plus ``backoff``'s jittered, doubling window and call again — until the
-    next wait would end past ``give_up_s`` since the first refusal: then ``EngineDown`` says so."""
+    server gave none), wait that plus ``backoff``'s jittered, doubling window and call again — for
+    ``give_up_s`` from the first call (the last try comes at ``give_up_s``): then ``EngineDown`` says so."""
     start = clock()
     attempt = 0
     while True:
@@ -128,12 +128,12 @@ def politely(
             if retry_after is None:
                 raise
             attempt += 1
-            delay = backoff.delay_s(attempt, retry_after)
             waited = clock() - start
-            if waited + delay > give_up_s:
+            if waited >= give_up_s:
                 raise EngineDown(
                     f"{what} stayed unavailable for {waited:.0f} s ({attempt} tries; the last: {e})"
                 ) from e
+            delay = min(backoff.delay_s(attempt, retry_after), give_up_s - waited)  # last try: at give_up_s
             (log.warning if attempt == 1 else log.debug)("%s: %s; trying again in %.1f s", what, e, delay)
             sleep(delay)
             continue

@@ -23,7 +23,7 @@ from tagging.engines import Engine, EngineDown, EngineSpec, build_engine, descri
 from tagging.errors import TagError
 from tagging.inputs import Inputs, Item, ManifestColumns, read_inputs
 from tagging.pipeline import stream_rows
-from tagging.store import Part, Store
+from tagging.store import Part, Store, rows_in
 
 log = logging.getLogger(__name__)
 Say = Callable[[str], None]
@@ -77,10 +77,22 @@ def tag(job: TagJob, say: Say = emit, on_ready: Callable[[], None] | None = None
     (the bench measures from there)."""
     inputs = read_inputs(job.source, job.manifest)
     _check_out(job, inputs)
+    try:
+        summary = _tag(job, inputs, say, on_ready)
+    except EngineDown as e:
+        raise EngineDown(
+            f"{e}. {rows_in(job.out)} of {len(inputs)} inputs are tagged in {job.out}; run the same command "
+            "again to tag the rest"
+        ) from e
+    say(describe_summary(summary))
+    return summary
+
+
+def _tag(job: TagJob, inputs: Inputs, say: Say, on_ready: Callable[[], None] | None) -> TagSummary:
     started = time.perf_counter()
     engine = None if job.ray else build_engine(job.engine)
-    view = describe(job.engine) if engine is None else engine.view
     try:
+        view = describe(job.engine) if engine is None else engine.view
         store = Store.open(job.out, inputs, job.part_size, view.model, view.columns)
         pending = store.pending()
         items = store.items(pending, inputs)
@@ -92,31 +104,15 @@ def tag(job: TagJob, say: Say = emit, on_ready: Callable[[], None] | None = None
             on_ready()
         started = time.perf_counter()
         rows = _rows(job, engine, items)
-        try:
-            tagged, errors = write_parts(store, pending, rows, _bar(job, len(inputs), resumed))
-        except EngineDown as e:
-            done = store.rows_written()
-            raise EngineDown(
-                f"{e}. {done} of {len(inputs)} inputs are tagged in {job.out}; run the same command again "
-                "to tag the rest"
-            ) from e
+        tagged, errors = write_parts(store, pending, rows, _bar(job, len(inputs), resumed))
     finally:
         if engine is not None:
             engine.close()
-    summary = TagSummary(
-        job.out,
-        len(inputs),
-        resumed,
-        tagged,
-        errors,
-        len(store.parts),
-        time.perf_counter() - started,
-        start_s,
-        view.model,
+    seconds = time.perf_counter() - started
+    return TagSummary(
+        job.out, len(inputs), resumed, tagged, errors, len(store.parts), seconds, start_s, view.model,
         _engine_name(job),
-    )
-    say(describe_summary(summary))
-    return summary
+    )  # fmt: skip
 
 
 def _check_out(job: TagJob, inputs: Inputs) -> None:

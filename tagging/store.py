@@ -182,9 +182,6 @@ class Store:
         _fsync_dir(self.out)
         return final
 
-    def rows_written(self) -> int:
-        return sum(p.size for p in self.parts if (self.out / p.name).is_file())
-
 
 def _write_atomic(path: Path, data: bytes) -> None:
     partial = path.with_name(f".{path.name}.partial")
@@ -202,6 +199,13 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def rows_in(out: str | Path) -> int:
+    """How many rows the complete parts in ``out`` hold (0 when there are none)."""
+    import pyarrow.parquet as pq
+
+    return sum(pq.read_metadata(p).num_rows for p in sorted(Path(out).glob("part-*.parquet")))
 
 
 def read_rows(out: str | Path) -> list[dict[str, Any]]:
