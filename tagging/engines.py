@@ -24,7 +24,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -76,10 +76,6 @@ class EngineSpec:
             raise TagError("batch size and concurrency must not be negative; decode threads at least 1")
         if self.timeout_s <= 0 or self.give_up_s < 0:
             raise TagError("timeout_s must be positive and give_up_s not negative")
-
-    def describe(self) -> dict[str, Any]:
-        """What the state file records (no API key)."""
-        return {k: v for k, v in asdict(self).items() if k != "api_key"}
 
 
 @dataclass

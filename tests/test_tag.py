@@ -5,7 +5,10 @@ the output folder's parts and resuming. The engines, against a real export and r
 from __future__ import annotations
 
 import csv
+import os
 import random
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +22,7 @@ import pytest
 from fashion.metadata import parse_metadata
 from fashion.text import TitleTokenizer
 from gateway.retry import Backoff
+from tagging.bench import CostRow, tree_cpu_s
 from tagging.columns import ModelRef, TagColumns, title_input
 from tagging.engines import EngineSpec, politely
 from tagging.errors import EngineDown, TagError
@@ -273,5 +277,23 @@ def test_an_engine_spec_is_checked_when_made():
         EngineSpec("gateway")
     with pytest.raises(TagError, match="unknown engine"):
         EngineSpec("pytorch")
-    assert "api_key" not in EngineSpec("gateway", url="http://x", api_key="s3cret").describe()
     assert "s3cret" not in repr(EngineSpec("gateway", url="http://x", api_key="s3cret"))
+
+
+def test_the_tagging_run_path_imports_no_torch():
+    """``fashion tag`` runs where only the gateway's and the export's runtimes are installed."""
+    code = (
+        "import sys, tagging.run, tagging.engines, tagging.ray_data, tagging.cli; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'training', 'orchestration'}))"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_cost_per_million_is_cpu_seconds_per_image_times_a_million_in_hours():
+    row = CostRow("local", images=2000, seconds=20.0, cpu_s=36.0)
+    assert row.images_per_s == 100.0 and row.cpu_s_per_image == pytest.approx(0.018)
+    assert row.cpu_hours_per_million == pytest.approx(5.0)
+    assert row.to_dict(price=0.04)["usd_per_million"] == pytest.approx(0.2)
+    assert tree_cpu_s([os.getpid()]) > 0  # this process, read from /proc like the servers are
