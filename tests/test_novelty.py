@@ -53,8 +53,8 @@ def test_one_ulp_of_distance_flips_a_step_gate_but_barely_moves_the_ramp():
     scale = 10.0
     moved = float(gate_weight(above, t, scale) - gate_weight(at, t, scale))
     assert 0.0 <= moved <= GATE * float(above - at) / scale
-    # 0 up to the threshold, the full gate from threshold + scale on, continuous in between.
-    d = torch.tensor([100.0, 150.0, 155.0, 160.0, 1e6])
+    # 0 up to threshold - scale, the full gate from the threshold on, continuous in between.
+    d = torch.tensor([100.0, 140.0, 145.0, 150.0, 1e6])
     torch.testing.assert_close(gate_weight(d, t, scale), torch.tensor([0.0, 0.0, GATE / 2, GATE, GATE]))
 
 
@@ -84,7 +84,7 @@ def test_a_photo_exactly_at_the_threshold_gets_the_same_probabilities_from_pytor
             np.testing.assert_allclose(got, want, rtol=0, atol=FP32_ATOL, err_msg=f"{name} at {threshold}")
 
 
-def test_photos_up_to_the_threshold_are_served_as_without_the_gate_and_past_the_ramp_always_flagged():
+def test_photos_below_the_ramp_are_served_as_without_the_gate_and_past_the_threshold_always_flagged():
     model, val, _ = gated_model()
     gate = model.novelty
     assert gate is not None and gate.scale > 0
@@ -96,9 +96,9 @@ def test_photos_up_to_the_threshold_are_served_as_without_the_gate_and_past_the_
         model.novelty = None
         plain = model.served_probabilities(logits, None)["articleType"]
         model.novelty = gate
-        gate.threshold.fill_(float(d.max()))  # every photo at or below the threshold
+        gate.threshold.fill_(float(d.max()) + gate.scale)  # every photo at or below the foot of the ramp
         torch.testing.assert_close(model.served_probabilities(logits, pooled)["articleType"], plain)
-        gate.threshold.fill_(float(d.min()) - gate.scale)  # every photo at or past the end of the ramp
+        gate.threshold.fill_(float(d.min()))  # every photo at or past the threshold
         past = model.served_probabilities(logits, pooled)["articleType"]
     assert torch.all(past.max(1).values < thresholds["articleType"])
     assert torch.equal(past.argmax(1), plain.argmax(1))  # the order is kept

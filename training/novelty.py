@@ -11,20 +11,23 @@ components; measured on held-out article types, the full space separates them be
 
 Above a threshold ``t`` — the ``quantile`` of the distances of the validation photos, which the model did
 not train on — the gated heads' probabilities are mixed with the uniform distribution
-(``p' = (1 - g) p + g / C``, ``mix_uniform``). The weight ``g`` rises as a ramp, not a step:
-``g = GATE * clip((d - t) / s, 0, 1)`` (``gate_weight``), 0 up to the threshold and the full ``GATE`` from
-``t + s`` on, where ``s`` is a share of the spread of the validation distances (``ramp_scale``). A step put
-some validation photo exactly at the threshold (the threshold *is* its distance), and the last bit of a
-float — PyTorch against ONNX Runtime, FP32 against a reduced precision — flipped its probabilities by
-``0.9 (1 - 1/C)``; the ramp moves them by at most ``GATE / s`` per unit of distance. A gate read from a
-checkpoint saved before the ramp (no ``scale`` in its description) stays a step (``scale = 0``), so that such
-a checkpoint serves the numbers it always did; ``fashion novelty`` re-fits it with a ramp.
+(``p' = (1 - g) p + g / C``, ``mix_uniform``). The weight ``g`` rises as a ramp that ends at the
+threshold, not as a step: ``g = GATE * clip((d - t) / s + 1, 0, 1)`` (``gate_weight``), 0 up to ``t - s`` and
+the full ``GATE`` from the threshold on, where ``s`` is a share of the spread of the validation distances
+(``ramp_scale``). A step put some validation photo exactly at the threshold (the threshold *is* its
+distance), and the last bit of a float — PyTorch against ONNX Runtime, FP32 against a reduced precision —
+flipped its probabilities by ``GATE (p - 1/C)``, up to 0.9; the ramp moves them by at most ``GATE / s`` per
+unit of distance (measured on the synthetic demo: distances differ by about 2e-5 between PyTorch and ONNX
+Runtime near the threshold, ``s`` is 1.3, so probabilities by about 1e-5, under the export's 1e-4). A gate
+read from a checkpoint saved before the ramp (no ``scale`` in its description) stays a step (``scale = 0``),
+so that such a checkpoint serves the numbers it always did; ``fashion novelty`` re-fits it with a ramp.
 
-The gated heads' order is kept (top-k still lists the nearest known types), but from ``t + s`` on the top-1
+The gated heads' order is kept (top-k still lists the nearest known types), but past the threshold the top-1
 confidence is at most ``(1 - GATE) + GATE / C``, below the head's abstain threshold, which is raised above
-that (``floor_thresholds``) so that a photo well past the threshold is always flagged; on the ramp the head's
-threshold decides, as for any photo. Everything is part of the model (and so of the ONNX graph): the gateway
-needs no change, and ``uncertain: true`` comes back through the usual threshold.
+that (``floor_thresholds``): a photo past the threshold is always flagged, as with the step. On the ramp
+below it the confidence is lowered by less, and the head's threshold decides, as for any photo. Everything is
+part of the model (and so of the ONNX graph): the gateway needs no change, and ``uncertain: true`` comes back
+through the usual threshold.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from fashion.schema import MISSING, LabelSchema, Role
 
 log = logging.getLogger(__name__)
 
-GATE = 0.9  # share of probability mass moved to the uniform distribution from ``t + s`` on
+GATE = 0.9  # share of probability mass moved to the uniform distribution from the threshold on
 RANK = 4096  # principal components kept: more than the features have, i.e. the full space
 SHRINKAGE = 0.1  # of the mean eigenvalue added to the shared covariance's diagonal (few photos per class)
 # The ramp's width ``s``, as a share of the validation distances' spread between these quantiles.
@@ -63,10 +66,10 @@ def nearest_distance(
 
 
 def gate_weight(distance: torch.Tensor, threshold: torch.Tensor | float, scale: float) -> torch.Tensor:
-    """``GATE * clip((d - t) / s, 0, 1)``: 0 up to the threshold, ``GATE`` from ``t + s`` on, continuous in
-    between; ``scale == 0`` is the step of gates fitted before the ramp (``GATE`` where ``d > t``)."""
+    """``GATE * clip((d - t) / s + 1, 0, 1)``: 0 up to ``t - s``, ``GATE`` from the threshold on, continuous
+    in between; ``scale == 0`` is the step of gates fitted before the ramp (``GATE`` where ``d > t``)."""
     if scale > 0:
-        return ((distance - threshold) / scale).clamp(0.0, 1.0) * GATE
+        return ((distance - threshold) / scale + 1.0).clamp(0.0, 1.0) * GATE
     return (distance > threshold).to(distance.dtype) * GATE
 
 
@@ -100,8 +103,8 @@ class NoveltyGate(nn.Module):
     ) -> None:
         super().__init__()
         self.gated = tuple(heads)  # the attributes whose probabilities the gate mixes
-        # The ramp's width, in units of squared distance; 0: a step. A setting of the gate's shape (like
-        # ``gated``), saved in ``describe()``; a constant of the ONNX graph.
+        # The ramp's width below the threshold, in units of squared distance; 0: a step. Part of the gate's
+        # shape (like ``gated``): saved in ``describe()``, a constant of the ONNX graph.
         self.scale = float(scale)
         self.register_buffer("center", torch.zeros(features))
         self.register_buffer("projection", torch.zeros(features, rank))
@@ -117,7 +120,7 @@ class NoveltyGate(nn.Module):
             "classes": int(self.means.shape[0]),
             "heads": list(self.gated),
             "threshold": float(self.threshold),
-            "scale": self.scale,  # 0: a step at the threshold; else the ramp's width
+            "scale": self.scale,  # 0: a step at the threshold; else the width of the ramp that ends there
             "gate": GATE,
         }
 
@@ -137,12 +140,13 @@ class NoveltyGate(nn.Module):
 
 
 def gated_threshold(threshold: float, classes: int) -> float:
-    """An abstain threshold that a fully gated prediction can never reach: above ``(1 - GATE) + GATE / C``."""
+    """An abstain threshold that a fully gated prediction (a photo past the gate's threshold) can never
+    reach: above ``(1 - GATE) + GATE / C``."""
     return max(float(threshold), (1 - GATE) + GATE / classes + 1e-4)
 
 
 def floor_thresholds(schema: LabelSchema, thresholds: dict[str, float], gated: Sequence[str]) -> None:
-    """Raise the gated heads' abstain thresholds in place so that a fully gated photo is always
+    """Raise the gated heads' abstain thresholds in place so that a photo past the gate's threshold is always
     ``uncertain``."""
     for a in schema.attributes:
         if a.name in gated:
@@ -166,7 +170,8 @@ class NoveltyFit:
         return nearest_distance(*as_64).numpy()
 
     def gate(self, threshold: float, scale: float = 0.0) -> NoveltyGate:
-        """The gate module for the model: 0 up to ``threshold``, a ramp of width ``scale`` (0: a step)."""
+        """The gate module for the model: full from ``threshold`` on, a ramp of width ``scale`` below it (0:
+        a step)."""
         gate = NoveltyGate(
             self.center.shape[0], self.projection.shape[1], self.means.shape[0], self.gated, scale
         )
