@@ -7,6 +7,7 @@ so one per process (made after gunicorn forks); its HTTP client is not, so one p
 
 from __future__ import annotations
 
+import http.client
 import logging
 import os
 import socket
@@ -236,6 +237,8 @@ def classify(error: BaseException, url: str = "") -> GatewayError | None:
         if any(w in lowered for w in _TIMEOUT_WORDS):
             return UpstreamTimeout(f"Triton did not answer in time: {message}")
         return UpstreamError(f"Triton failed the request: {message}")
-    if isinstance(error, (ConnectionError, OSError, EOFError)):
+    # HTTPException: the HTTP client's connection closed before a whole answer (geventhttpclient's
+    # HTTPConnectionClosed when Triton dies with the request in flight).
+    if isinstance(error, (ConnectionError, OSError, EOFError, http.client.HTTPException)):
         return ModelUnavailable(f"Triton at {url} is unreachable: {error}", code=ErrorCode.TRITON_UNREACHABLE)
     return None

@@ -551,15 +551,18 @@ def test_config_precedence_is_defaults_then_env_then_arguments():
         "FASHION_TRITON_PROTOCOL": "http",
         "FASHION_TIMEOUT_S": "2.5",
         "FASHION_MAX_INFLIGHT": "7",
-        "FASHION_API_KEYS": " a, ,b ",
+        "FASHION_API_KEYS": " key-alpha-7f3, ,key-bravo-9c1 ",
         "FASHION_MODEL_VERSION": "",
         "FASHION_METRICS_REQUIRE_KEY": "true",
     }
     config = GatewayConfig.from_env(env, max_inflight=3)
     assert config.triton_url == "localhost:8000"  # the HTTP default port
-    assert config.timeout_s == 2.5 and config.max_inflight == 3 and config.api_keys == ("a", "b")
+    assert config.timeout_s == 2.5 and config.max_inflight == 3
+    assert config.api_keys == ("key-alpha-7f3", "key-bravo-9c1")
     assert config.metrics_require_key is True and config.model_version == ""
-    assert "a" not in repr(config.api_keys) or "api_keys" not in repr(config)  # keys stay out of logs
+    # Keys stay out of logs: a logged or printed config (repr, str, an f-string) names none of them.
+    shown = (repr(config), str(config), f"{config}", f"{config!r}")
+    assert not [key for key in config.api_keys for text in shown if key in text], shown[0]
     assert GatewayConfig.from_env({}).triton_url == "localhost:8001"
     assert GatewayConfig.from_env({}).max_request_bytes == 16 * 10 * 1024 * 1024 + 1024 * 1024
 
@@ -614,6 +617,32 @@ def test_transport_maps_a_closed_port_to_model_unavailable(protocol):
     assert info.value.code == "triton_unreachable" and time.monotonic() - start < 1.0
     with pytest.raises(ModelUnavailable):
         transport.server_ready()
+
+
+def test_http_transport_maps_a_server_that_hangs_up_mid_request_to_unreachable():
+    # What a Triton killed with the request in flight does: the connection closes before any answer.
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        stop = threading.Event()
+
+        def hang_up() -> None:
+            while not stop.is_set():
+                try:
+                    conn, _ = server.accept()
+                except OSError:
+                    return
+                with conn:
+                    conn.recv(65536)
+
+        threading.Thread(target=hang_up, daemon=True).start()
+        transport = TritonTransport(f"127.0.0.1:{server.getsockname()[1]}", "http", timeout_s=2.0)
+        try:
+            with pytest.raises(ModelUnavailable) as info:
+                transport.infer("fashion", 1, "image", BATCH, ["colour"], 2.0)
+        finally:
+            stop.set()
+    assert info.value.code == "triton_unreachable", info.value.message
 
 
 def test_http_transport_maps_a_silent_server_to_a_timeout():
