@@ -58,8 +58,11 @@ class Stack:
     loopback ports; what every integration test module starts through ``stack_factory``.
 
     ``triton()`` restarts a Triton that a test stopped (or killed), so one stack can outlive such a test.
-    ``gateway(name, **settings)`` starts a gateway with ``FASHION_<SETTING>`` overrides, ready on entry
-    (``/readyz`` 200) and stopped on exit.
+    ``gateway(name, protocol, **settings)`` starts a gateway that calls Triton over ``protocol`` (one of
+    ``gateway.config.PROTOCOLS``, the chart's ``FASHION_TRITON_PROTOCOL`` values) with ``FASHION_<SETTING>``
+    overrides, ready on entry (``/readyz`` 200: Triton's model metadata read over that protocol) and stopped
+    on exit. The served-parity, fault and model-update tests run over each protocol, so that a broken
+    transport fails.
     """
 
     def __init__(self, repository: Path, work: Path, models: tuple[str, ...] = ("fashion",), **triton_args):
@@ -74,14 +77,15 @@ class Stack:
         return self.server
 
     @contextlib.contextmanager
-    def gateway(self, name: str = "gateway", **settings: object):
+    def gateway(self, name: str = "gateway", protocol: str = "grpc", **settings: object):
         from orchestration.gateway import GatewayProcess
 
         work = Path(tempfile.mkdtemp(dir=self.work, prefix=f"gateway-{name}-"))  # a name may be reused
         (work / "prometheus").mkdir()
+        triton = self.triton()
         env = {
-            "FASHION_TRITON_URL": self.triton().grpc_url,
-            "FASHION_TRITON_PROTOCOL": "grpc",
+            "FASHION_TRITON_URL": {"grpc": triton.grpc_url, "http": triton.http_url}[protocol],
+            "FASHION_TRITON_PROTOCOL": protocol,
             "FASHION_MODEL_REPOSITORY": str(self.repository),
             "PROMETHEUS_MULTIPROC_DIR": str(work / "prometheus"),
             **{f"FASHION_{key.upper()}": str(value) for key, value in settings.items()},
@@ -114,7 +118,6 @@ def stack_factory(tmp_path_factory) -> Iterator:
 def colour_stack(stack_factory, tmp_path_factory) -> Stack:
     """The tiny colour model of ``tests/test_gateway_stack.py``, published once and served by one Triton for
     every module that only reads it (the gateway stack, hostile clients, security, load tests)."""
-    pytest.importorskip("onnx")
     from tests.test_gateway_stack import publish
 
     work = tmp_path_factory.mktemp("colour-stack")

@@ -32,13 +32,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("onnx")
-tritonserver = pytest.importorskip("orchestration.triton")
-
-from fashion.contract import Preprocessing  # noqa: E402
-from orchestration.gateway import GatewayProcess  # noqa: E402
-from tests.fixtures_gateway import solid  # noqa: E402
-from tests.test_gateway_stack import BLUE, RED, SCHEMA, SIZE, colour_model, publish  # noqa: E402
+from fashion.contract import Preprocessing
+from gateway.config import PROTOCOLS
+from orchestration.gateway import GatewayProcess
+from tests.fixtures_gateway import solid
+from tests.test_gateway_stack import BLUE, RED, SCHEMA, SIZE, colour_model, publish
 
 pytestmark = pytest.mark.server
 
@@ -153,9 +151,12 @@ def stack(stack_factory, tmp_path_factory) -> Iterator[dict]:
 
 
 @contextlib.contextmanager
-def gateway(stack: dict, name: str, model: str = "fashion", **settings: object) -> Iterator[GatewayProcess]:
-    """gunicorn serving ``model`` with ``FASHION_<SETTING>`` overrides; ready (``/readyz`` 200) on entry."""
-    with stack["stack"].gateway(name, model_name=model, **settings) as server:
+def gateway(
+    stack: dict, name: str, model: str = "fashion", protocol: str = "grpc", **settings: object
+) -> Iterator[GatewayProcess]:
+    """gunicorn serving ``model`` over ``protocol`` with ``FASHION_<SETTING>`` overrides; ready (``/readyz``
+    200) on entry."""
+    with stack["stack"].gateway(f"{name}-{protocol}", protocol, model_name=model, **settings) as server:
         yield server
 
 
@@ -263,11 +264,15 @@ def assert_error_shape(outcome: Outcome) -> None:
 
 
 # -- 1. Triton killed under load ------------------------------------------------------------------------
-def test_triton_killed_under_load_gets_503_within_the_timeout_then_recovers_without_restart(stack):
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_triton_killed_under_load_gets_503_within_the_timeout_then_recovers_without_restart(stack, protocol):
     """A Triton crash must cost clients fast 503s only, and its return must need no gateway restart."""
     triton = stack["triton"]
     timeout_s = 3.0
-    with gateway(stack, "kill-triton", workers=2, timeout_s=timeout_s) as gw, Load(gw.url, clients=3) as load:
+    with (
+        gateway(stack, "kill-triton", protocol=protocol, workers=2, timeout_s=timeout_s) as gw,
+        Load(gw.url, clients=3) as load,
+    ):
         assert load.wait_for(lambda done: sum(o.status == 200 for o in done) >= 15, 30), counts(load.outcomes)
         killed_at = time.monotonic()
         try:
@@ -321,12 +326,12 @@ def test_triton_killed_under_load_gets_503_within_the_timeout_then_recovers_with
 
 
 # -- 2. Triton slow -------------------------------------------------------------------------------------
-def test_slow_triton_gets_504_at_the_deadline_while_other_requests_stay_fast(stack):
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_slow_triton_gets_504_at_the_deadline_while_other_requests_stay_fast(stack, protocol):
     """A slow model holds only the threads of its own requests: no head-of-line blocking of the pool."""
     timeout_s = 2.0
-    with gateway(
-        stack, "slow", model="slow", workers=1, threads=6, max_inflight=4, timeout_s=timeout_s
-    ) as gw:
+    settings = {"workers": 1, "threads": 6, "max_inflight": 4, "timeout_s": timeout_s}
+    with gateway(stack, "slow", model="slow", protocol=protocol, **settings) as gw:
         with ThreadPoolExecutor(8) as pool:
             slow = [pool.submit(predict, gw.url, RED) for _ in range(2)]
             time.sleep(0.5)  # both are sleeping in Triton now, each holding a gunicorn thread
@@ -352,10 +357,12 @@ def test_slow_triton_gets_504_at_the_deadline_while_other_requests_stay_fast(sta
 
 
 # -- 3. Overload ----------------------------------------------------------------------------------------
-def test_overload_gets_fast_429_or_503_with_retry_after_and_no_request_is_lost(stack):
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_overload_gets_fast_429_or_503_with_retry_after_and_no_request_is_lost(stack, protocol):
     """Far more concurrent requests than slots: the excess is refused at once at either bound, not queued."""
     clients, per_client = 40, 6
-    with gateway(stack, "overload", model="busy", workers=2, threads=6, max_inflight=3, timeout_s=10) as gw:
+    settings = {"workers": 2, "threads": 6, "max_inflight": 3, "timeout_s": 10}
+    with gateway(stack, "overload", model="busy", protocol=protocol, **settings) as gw:
         barrier = threading.Barrier(clients)
 
         def client(_: int) -> list[Outcome]:

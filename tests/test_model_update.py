@@ -23,9 +23,11 @@ import numpy as np
 import pytest
 
 from gateway import create_app
-from gateway.config import GatewayConfig
-from gateway.errors import ModelUnavailable
-from tests.fixtures_gateway import FakeTriton, solid, write_metadata
+from gateway.config import PROTOCOLS, GatewayConfig
+from gateway.errors import GatewayError
+from gateway.triton import classify
+from tests.fixtures_gateway import FakeTriton, metric_value, solid, write_metadata
+from tests.test_gateway_stack import http
 
 RED, BLUE = (220, 30, 30), (30, 40, 220)
 IMAGES = {"red": solid(RED), "blue": solid(BLUE)}
@@ -36,15 +38,62 @@ V2_CLASSES = ("blue-2", "red-2", "green-2")
 V2_WEIGHTS = np.eye(3, dtype=np.float32)[:, [2, 0, 1]] / 10.0  # class i of v2 reads channel (2, 0, 1)[i]
 
 
+# -- what Triton 2.51 answers for a version it does not serve ----------------------------------------
+# (tritonclient's InferenceServerException status, message) per protocol, as the pip Triton gives them to
+# inference and metadata calls: "unloaded" for a version it served and unloaded (a deploy, a rollback),
+# "unknown" for one it never loaded (on disk but not deployed, or no such folder). Checked against the
+# real server by test_triton_refuses_a_version_it_does_not_serve_with_the_answers_the_unit_tests_use.
+UNLOADED = "Request for unknown model: '{model}' version {version} is not at ready state"
+UNKNOWN = "Request for unknown model: '{model}' version {version} is not found"
+TRITON_REFUSALS = {
+    ("grpc", "unloaded"): ("StatusCode.UNAVAILABLE", UNLOADED),
+    ("http", "unloaded"): ("503", UNLOADED),
+    ("grpc", "unknown"): ("StatusCode.NOT_FOUND", UNKNOWN),
+    ("http", "unknown"): ("404", UNKNOWN),
+}
+
+
+def triton_refusal(protocol: str, kind: str, model: str, version: int) -> GatewayError:
+    """What ``gateway.triton.TritonTransport`` raises when Triton refuses ``version`` that way: Triton's own
+    status and text, through the gateway's classifier."""
+    from tritonclient.utils import InferenceServerException
+
+    status, text = TRITON_REFUSALS[protocol, kind]
+    error = classify(InferenceServerException(text.format(model=model, version=version), status=status))
+    assert error is not None
+    return error
+
+
 # -- the gateway's version logic (FakeTriton) --------------------------------------------------------
 class VersionedTriton(FakeTriton):
-    """A FakeTriton that, like Triton, refuses inference on a version it does not have ready."""
+    """A FakeTriton that refuses calls on a version it does not have ready as Triton does over ``protocol``
+    (``TRITON_REFUSALS[protocol, refusal]``, classified by the gateway's own ``classify``)."""
 
-    def infer(self, model, version, input_name, batch, outputs, timeout_s):
+    def __init__(self, protocol: str = "grpc", refusal: str = "unloaded") -> None:
+        super().__init__()
+        self.protocol, self.refusal = protocol, refusal
+
+    def _refuse(self, model: str, version: int) -> None:
         if self.ready_versions is not None and version not in self.ready_versions:
             self.calls.append({"version": version, "refused": True})
-            raise ModelUnavailable(f"Request for unknown model: version {version}", code="model_not_ready")
+            raise triton_refusal(self.protocol, self.refusal, model, version)
+
+    def infer(self, model, version, input_name, batch, outputs, timeout_s):
+        self._refuse(model, version)
         return super().infer(model, version, input_name, batch, outputs, timeout_s)
+
+    def model_metadata(self, model, version):
+        self._refuse(model, version)
+        return super().model_metadata(model, version)
+
+
+REFUSALS = sorted(TRITON_REFUSALS)
+
+
+@pytest.mark.parametrize("protocol,refusal", REFUSALS)
+def test_tritons_answers_for_a_version_it_does_not_serve_are_classified_model_not_ready(protocol, refusal):
+    error = triton_refusal(protocol, refusal, "fashion", 3)
+    assert error.code == "model_not_ready" and error.status == 503, (error.code, error.message)
 
 
 def fake_gateway(repository: Path, triton: FakeTriton, **settings: Any):
@@ -69,10 +118,13 @@ def test_the_gateway_serves_the_highest_version_that_triton_has_ready_and_follow
     assert predict(client)["model"]["version"] == 1
 
 
-def test_a_request_whose_version_triton_unloaded_is_answered_by_the_version_now_served(tmp_path):
+@pytest.mark.parametrize("protocol,refusal", REFUSALS)
+def test_a_request_whose_version_triton_unloaded_is_answered_by_the_version_now_served(
+    tmp_path, protocol, refusal
+):
     for version in (1, 2):
         write_metadata(tmp_path, version=version)
-    triton = VersionedTriton()
+    triton = VersionedTriton(protocol, refusal)
     triton.ready_versions = {1}
     client = fake_gateway(tmp_path, triton)  # refreshes hourly: only the failed request can move it
     assert predict(client)["model"]["version"] == 1
@@ -83,9 +135,10 @@ def test_a_request_whose_version_triton_unloaded_is_answered_by_the_version_now_
     assert predict(client)["model"]["version"] == 2 and "refused" not in triton.calls[-1]
 
 
-def test_a_request_is_not_retried_when_no_other_version_is_ready(tmp_path):
+@pytest.mark.parametrize("protocol,refusal", REFUSALS)
+def test_a_request_is_not_retried_when_no_other_version_is_ready(tmp_path, protocol, refusal):
     write_metadata(tmp_path, version=1)
-    triton = VersionedTriton()
+    triton = VersionedTriton(protocol, refusal)
     triton.ready_versions = {1}
     client = fake_gateway(tmp_path, triton)
     triton.ready_versions = set()
@@ -184,20 +237,24 @@ def publish_v2(repository: Path, work: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def stack(stack_factory, tmp_path_factory) -> Iterator[dict]:
-    """Its own repository (the tests publish versions into it), served by its own Triton."""
-    pytest.importorskip("onnx")
+    """Its own repository (the tests publish versions into it), served by its own Triton; the tests start
+    their gateways."""
     from tests.test_gateway_stack import publish
 
     work = tmp_path_factory.mktemp("update")
     repository = work / "model_repository"
     publish(repository, work)  # version 1
     served = stack_factory(repository, work, log_file=work / "triton.log")
-    settings = {"workers": 2, "threads": 8, "max_inflight": 6, "timeout_s": 10, "metadata_refresh_s": 0.5}
     try:
-        with served.gateway("update", **settings) as gateway:
-            yield {"url": gateway.url, "triton": served.triton(), "repository": repository, "work": work}
+        yield {"stack": served, "triton": served.triton(), "repository": repository, "work": work}
     finally:
         served.stop()
+
+
+def ensure_v2(stack: dict) -> None:
+    """Version 2 on disk (published once per module; Triton loads it only when deployed)."""
+    if not (stack["repository"] / "fashion" / "2").is_dir():
+        publish_v2(stack["repository"], stack["work"])
 
 @dataclass
 class Answer:
@@ -313,17 +370,25 @@ def statuses_of(probes: list[tuple], column: int) -> dict[int, int]:
 
 HOLD_S = 4.0  # load kept after each deploy
 SWITCH_BOUND_S = 2.5  # requests sent this long after a deploy returned must get the new version
+UPDATE_GATEWAY = {"workers": 2, "threads": 8, "max_inflight": 6, "timeout_s": 10, "metadata_refresh_s": 0.5}
 
 
 @pytest.mark.server
-def test_update_and_rollback_under_load_fail_no_request_and_label_every_answer_with_its_version(stack):
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_update_and_rollback_under_load_fail_no_request_and_label_every_answer_with_its_version(
+    stack, protocol
+):
     """Export v2 while v1 serves, deploy it, roll back: every request answered 200 by one whole version."""
     from export.deploy import deploy
 
     triton, repository = stack["triton"], stack["repository"]
-    with Load(stack["url"], triton_url=triton.http_url) as load:
+    assert deploy(triton.http_url, "fashion", 1).ready == (1,)  # what an earlier test left is undone
+    with (
+        stack["stack"].gateway(f"update-{protocol}", protocol, **UPDATE_GATEWAY) as gateway,
+        Load(gateway.url, threads=4, triton_url=triton.http_url) as load,
+    ):
         time.sleep(2.0)
-        publish_v2(repository, stack["work"])  # on disk, not loaded: the gateway must keep serving 1
+        ensure_v2(stack)  # on disk, not loaded: the gateway must keep serving 1
         time.sleep(1.5)
         update_start = time.monotonic()
         update = deploy(triton.http_url, "fashion", 2, repository=repository, timeout_s=120)
@@ -333,6 +398,7 @@ def test_update_and_rollback_under_load_fail_no_request_and_label_every_answer_w
         rollback = deploy(triton.http_url, "fashion", 1, repository=repository, timeout_s=120)
         rolled_back = time.monotonic()
         time.sleep(HOLD_S)
+        metrics = http("GET", gateway.url + "/metrics")[2].decode()
     answers = load.all()
     statuses = Counter(a.status for a in answers)
 
@@ -349,16 +415,17 @@ def test_update_and_rollback_under_load_fail_no_request_and_label_every_answer_w
     assert after_rollback and {a.version for a in after_rollback} == {1}
     assert load.probes and {p[1] for p in load.probes} == {200}, load.not_ready[:5]  # never left the Service
 
-    from tests.test_gateway_stack import http
-
-    metrics = http("GET", stack["url"] + "/metrics")[2].decode()
-    retried = sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in metrics.splitlines()
-        if line.startswith("fashion_gateway_triton_errors_total") and 'kind="model_not_ready"' in line
-    )
+    # Every Triton failure the gateway met was a version Triton had unloaded, and each was retried (every
+    # answer is a 200): one per request that was on its way to the old version when its worker switched,
+    # so per switch and worker at most one per client (test_a_request_sent_to_a_version_triton_unloaded_...
+    # checks that one such request costs exactly one retry).
+    retried = metric_value(metrics, "fashion_gateway_triton_errors_total", kind="model_not_ready")
+    assert metric_value(metrics, "fashion_gateway_triton_errors_total") == retried, metrics
+    switches, workers = 2, UPDATE_GATEWAY["workers"]
+    assert retried <= switches * workers * load.threads, retried
     lines = [
-        f"model update under load: {len(answers)} requests, {len(answers) - statuses.get(200, 0)} failed, "
+        f"model update under load ({protocol}): {len(answers)} requests, "
+        f"{len(answers) - statuses.get(200, 0)} failed, "
         f"{retried:.0f} retried on the new version after Triton unloaded theirs",
         f"deploy 1→2: {timing(update, update_start, updated)}, "
         + switch_window(answers, 1, 2, update_start, rollback_start),
@@ -388,8 +455,7 @@ def test_deploy_refuses_what_it_cannot_serve_and_leaves_the_served_version_alone
     from tests.test_gateway_stack import http
 
     triton, repository = stack["triton"], stack["repository"]
-    if not (repository / "fashion" / "2").is_dir():
-        publish_v2(repository, stack["work"])
+    ensure_v2(stack)
     assert deploy(triton.http_url, "fashion", 2).ready == (2,)
     ready = f"http://{triton.http_url}/v2/models/fashion/versions/{{}}/ready"
     assert (http("GET", ready.format(2))[0], http("GET", ready.format(1))[0]) == (200, 400)
@@ -414,6 +480,101 @@ def test_deploy_refuses_what_it_cannot_serve_and_leaves_the_served_version_alone
     assert "does not exist" in capsys.readouterr().err
     assert deploy(triton.http_url, "fashion", 1).before == (1,)  # still serving 1
     assert (http("GET", ready.format(1))[0], http("GET", ready.format(2))[0]) == (200, 400)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_request_sent_to_a_version_triton_unloaded_is_answered_by_the_new_one_after_exactly_one_retry(
+    stack, protocol
+):
+    """The real refusal (the gateway's transport over ``protocol``, the real Triton) of a version a deploy
+    unloaded: classified model_not_ready, counted once, and answered 200 by the version now served."""
+    from export.deploy import deploy
+
+    triton, repository = stack["triton"], stack["repository"]
+    ensure_v2(stack)
+    assert deploy(triton.http_url, "fashion", 1).ready == (1,)
+    config = GatewayConfig(
+        triton_url={"grpc": triton.grpc_url, "http": triton.http_url}[protocol],
+        triton_protocol=protocol,
+        model_repository=str(repository),
+        metadata_refresh_s=3600,  # only the failed request can move this gateway to version 2
+    )
+    client = create_app(config).test_client()
+
+    def retried() -> float:
+        text = client.get("/metrics").get_data(as_text=True)
+        return metric_value(text, "fashion_gateway_triton_errors_total", kind="model_not_ready")
+
+    try:
+        first = predict(client)
+        assert (first["status"], first["model"]["version"], first["predictions"]["colour"]["label"]) == (
+            200,
+            1,
+            "red",
+        )
+        assert deploy(triton.http_url, "fashion", 2).ready == (2,)  # Triton unloaded version 1
+        answer = predict(client)
+        assert answer["status"] == 200, answer
+        assert (answer["model"]["version"], answer["predictions"]["colour"]["label"]) == (2, "red-2")
+        assert retried() == 1
+        again = predict(client)
+        assert (again["status"], again["model"]["version"]) == (200, 2) and retried() == 1
+    finally:
+        deploy(triton.http_url, "fashion", 1)
+
+
+@pytest.mark.server
+def test_triton_refuses_a_version_it_does_not_serve_with_the_answers_the_unit_tests_use(stack):
+    """``TRITON_REFUSALS`` is what this Triton really answers, over both protocols: to a version a deploy
+    unloaded, and to one it never loaded."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    from export.deploy import deploy
+    from tests.test_gateway_stack import SIZE
+
+    triton = stack["triton"]
+    ensure_v2(stack)
+    modules = {"grpc": grpcclient, "http": httpclient}
+    clients = {
+        "grpc": grpcclient.InferenceServerClient(triton.grpc_url),
+        "http": httpclient.InferenceServerClient(triton.http_url),
+    }
+    batch = np.zeros((1, SIZE, SIZE, 3), np.uint8)
+
+    def refusals(version: int) -> dict[str, tuple[str, str]]:
+        """(status, message) of an inference and of a metadata call on ``version``, per protocol."""
+        found = {}
+        for protocol, client in clients.items():
+            image = modules[protocol].InferInput("image", list(batch.shape), "UINT8")
+            image.set_data_from_numpy(batch)
+            with pytest.raises(InferenceServerException) as infer:
+                client.infer("fashion", [image], model_version=str(version))
+            with pytest.raises(InferenceServerException) as metadata:
+                client.get_model_metadata("fashion", str(version))
+            for call, refused in (("infer", infer.value), ("metadata", metadata.value)):
+                found[f"{protocol} {call}"] = (str(refused.status()), refused.message())
+        return found
+
+    def expected(kind: str, version: int) -> dict[str, tuple[str, str]]:
+        return {
+            f"{protocol} {call}": (status, text.format(model="fashion", version=version))
+            for (protocol, refusal), (status, text) in TRITON_REFUSALS.items()
+            if refusal == kind
+            for call in ("infer", "metadata")
+        }
+
+    try:
+        assert deploy(triton.http_url, "fashion", 1).ready == (1,)
+        assert deploy(triton.http_url, "fashion", 2).ready == (2,)
+        assert refusals(1) == expected("unloaded", 1)  # served, then unloaded by the deploy
+        assert refusals(9) == expected("unknown", 9)  # never loaded
+    finally:
+        for client in clients.values():
+            client.close()
+        deploy(triton.http_url, "fashion", 1)
 
 
 def test_deploy_checks_versions_with_the_gateways_metadata_reader_and_skew_check(tmp_path):

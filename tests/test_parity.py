@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from fashion.schema import MISSING, Attribute, LabelSchema
+from gateway.config import PROTOCOLS
 from loadtest import parity
-from tests.conftest import served_repository
 
 TRAIN_IMAGES = 240
 UNSEEN_IMAGES = 250  # one flipped label moves an accuracy by 0.4 points: within the 0.5-point tolerance
@@ -71,11 +71,8 @@ def _digests(folder: Path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def served_tiny_model(stack_factory, tmp_path_factory) -> Iterator[dict]:
-    """A tiny model trained on seed-11 products, served by real Triton + gunicorn; seed-12 products unseen."""
-    pytest.importorskip("onnx")
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("torch")
-    pytest.importorskip("orchestration.triton")
+    """A tiny model trained on seed-11 products, served by a real Triton; seed-12 products unseen. Each test
+    puts its own gateway (gunicorn) in front of it."""
     from export.pipeline import ExportOptions, export_checkpoint
     from training.config import TrainConfig
     from training.synth import generate
@@ -103,25 +100,26 @@ def served_tiny_model(stack_factory, tmp_path_factory) -> Iterator[dict]:
         ExportOptions(checkpoint=run / "best.pt", repository=repository, eval_images=16),
         report=lambda _: None,
     )
-    with served_repository(stack_factory, repository, work) as url:
-        yield {"url": url, "checkpoint": run / "best.pt", "unseen": work / "unseen", "work": work}
+    stack = stack_factory(repository, work)
+    try:
+        yield {"stack": stack, "checkpoint": run / "best.pt", "unseen": work / "unseen", "work": work}
+    finally:
+        stack.stop()
 
 
 @pytest.mark.server
 @pytest.mark.slow
-def test_served_accuracy_on_unseen_images_equals_fashion_evaluate_within_half_a_point(served_tiny_model):
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_served_accuracy_on_unseen_images_equals_fashion_evaluate_within_half_a_point(
+    served_tiny_model, protocol
+):
     model = served_tiny_model
     assert not _digests(model["work"] / "train") & _digests(model["unseen"])  # never seen, not one image
-    out = model["work"] / "parity"
-    args = [
-        "--gateway",
-        model["url"],
-        "--checkpoint",
-        str(model["checkpoint"]),
-        "--data",
-        str(model["unseen"]),
-    ]
-    status = parity.main([*args, "--out", str(out), "--tolerance-points", str(TOLERANCE_POINTS)])
+    out = model["work"] / f"parity-{protocol}"
+    with model["stack"].gateway(f"parity-{protocol}", protocol, workers=2, timeout_s=30) as gateway:
+        args = ["--gateway", gateway.url, "--checkpoint", str(model["checkpoint"]), "--out", str(out)]
+        args += ["--data", str(model["unseen"]), "--tolerance-points", str(TOLERANCE_POINTS)]
+        status = parity.main(args)
     report = json.loads((out / "parity.json").read_text())
     assert status == 0, report
     assert report["images"] == UNSEEN_IMAGES and report["served_errors"] == 0
