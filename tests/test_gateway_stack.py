@@ -18,12 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("onnx")
-tritonserver = pytest.importorskip("orchestration.triton")
-
-from fashion.contract import Preprocessing  # noqa: E402
-from fashion.schema import Attribute, LabelSchema  # noqa: E402
-from tests.fixtures_gateway import solid  # noqa: E402
+from fashion.contract import Preprocessing
+from fashion.schema import Attribute, LabelSchema
+from tests.fixtures_gateway import metric_value, solid
 
 pytestmark = pytest.mark.server
 
@@ -190,14 +187,29 @@ def test_stack_bad_inputs_get_4xx_json(stack):
 
 
 def test_stack_metrics_move_after_requests(stack):
+    """Each request is counted once, by its status, in the sum over both workers' metric files."""
     url = stack["url"]
-    http("POST", url + "/v1/predict", solid(RED), {"Content-Type": "image/jpeg"})
-    text = http("GET", url + "/metrics")[2].decode()
-    assert (
-        'fashion_gateway_request_duration_seconds_count{endpoint="/v1/predict",method="POST",status="200"}'
-        in text
-    )
-    assert 'fashion_gateway_stage_duration_seconds_count{stage="triton"}' in text
+    request = {"endpoint": "/v1/predict", "method": "POST"}
+    series = {
+        "ok": ("fashion_gateway_request_duration_seconds_count", {**request, "status": "200"}),
+        "refused": ("fashion_gateway_request_duration_seconds_count", {**request, "status": "415"}),
+        "triton": ("fashion_gateway_stage_duration_seconds_count", {"stage": "triton"}),
+        "images": ("fashion_gateway_images_per_request_sum", {"endpoint": "predict"}),
+    }
+
+    def scrape() -> dict[str, float]:
+        text = http("GET", url + "/metrics")[2].decode()
+        return {key: metric_value(text, name, **labels) for key, (name, labels) in series.items()}
+
+    before = scrape()
+    sent, refused = 6, 2
+    for _ in range(sent):
+        assert http("POST", url + "/v1/predict", solid(RED), {"Content-Type": "image/jpeg"})[0] == 200
+    for _ in range(refused):
+        assert http("POST", url + "/v1/predict", b"text", {"Content-Type": "text/plain"})[0] == 415
+    after = scrape()
+    moved = {key: after[key] - before[key] for key in series}
+    assert moved == {"ok": sent, "refused": refused, "triton": sent, "images": sent}, (before, after)
 
 
 def test_stack_readyz_reports_skewed_metadata(stack):

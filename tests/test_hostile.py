@@ -349,24 +349,35 @@ def gunicorn(colour_stack) -> Iterator[dict]:
 
 @dataclass
 class Outcome:
-    """What a raw client got: the first response (``status`` None: the connection closed without one)."""
+    """What a raw client got: the first response (``status`` None: the connection closed without one), and
+    for a client that read its connection to the end, every response on it (``responses``) and whether the
+    gateway closed it (``closed``)."""
 
     status: int | None
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
     seconds: float = 0.0
     sent_everything: bool = True
+    responses: list[tuple[int, dict[str, str], bytes]] = field(default_factory=list)
+    closed: bool | None = None
 
     def check(self) -> None:
-        """A 2xx/4xx in the JSON shape, or a closed connection; never a 5xx or an HTML page."""
+        """Each response a 2xx/4xx in the JSON shape, or a closed connection; never a 5xx or an HTML page."""
         if self.status is None:
             return
-        assert 200 <= self.status < 500, (self.status, self.body[:300])
-        assert self.headers.get("content-type", "").startswith("application/json"), self.headers
-        body = json.loads(self.body)
-        if self.status >= 400:
-            assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
-        assert self.headers.get("x-request-id"), self.headers
+        for status, headers, data in self.responses or [(self.status, self.headers, self.body)]:
+            assert 200 <= status < 500, (status, data[:300])
+            assert headers.get("content-type", "").startswith("application/json"), headers
+            body = json.loads(data)
+            if status >= 400:
+                assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+            assert headers.get("x-request-id"), headers
+
+    def codes(self) -> list[tuple[int, str]]:
+        """(status, error code or "") of every response read."""
+        return [
+            (status, json.loads(data).get("error", {}).get("code", "")) for status, _, data in self.responses
+        ]
 
 
 def read_response(sock: socket.socket, timeout_s: float) -> tuple[int | None, dict[str, str], bytes]:
@@ -398,6 +409,35 @@ def read_response(sock: socket.socket, timeout_s: float) -> tuple[int | None, di
         ) from e
 
 
+def parse_responses(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+    """Every whole HTTP response in ``data`` (what a connection carried), in order; a response cut short
+    counts too (with the body it got)."""
+    responses = []
+    while b"\r\n\r\n" in data:
+        head, _, data = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        length = int(headers.get("content-length", "0"))
+        responses.append((int(lines[0].split()[1]), headers, data[:length]))
+        data = data[length:]
+    return responses
+
+
+def read_to_the_end(sock: socket.socket, timeout_s: float) -> tuple[bytes, bool]:
+    """Everything the server sends on ``sock`` until it closes it (True) or stays silent for ``timeout_s``
+    (False: the connection is still open)."""
+    sock.settimeout(timeout_s)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except (ConnectionResetError, BrokenPipeError):
+        pass
+    except TimeoutError:
+        return data, False
+    return data, True
+
+
 class _Answered(Exception):
     """The server answered (or hung up) before the whole request was sent."""
 
@@ -409,9 +449,12 @@ def exchange(
     *,
     half_close: bool = False,
     timeout_s: float = 30.0,
+    to_the_end: bool = False,
 ) -> Outcome:
-    """Send ``head`` then the body pieces, then read the first response. Like a good HTTP client, it stops
-    sending as soon as the server answers (it never blocks in a send while an answer waits to be read)."""
+    """Send ``head`` then the body pieces, then read the first response (``to_the_end``: every response,
+    until the gateway closes the connection or stays silent for ``timeout_s``). Like a good HTTP client, it
+    stops sending as soon as the server answers (it never blocks in a send while an answer waits to be
+    read)."""
     start = time.monotonic()
     sent_everything = True
     with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
@@ -428,6 +471,12 @@ def exchange(
                 sock.shutdown(socket.SHUT_WR)
         except (_Answered, BrokenPipeError, ConnectionResetError):
             sent_everything = False
+        if to_the_end:
+            data, closed = read_to_the_end(sock, timeout_s)
+            responses = parse_responses(data)
+            status, headers, body = responses[0] if responses else (None, {}, b"")
+            seconds = time.monotonic() - start
+            return Outcome(status, headers, body, seconds, sent_everything, responses, closed)
         status, headers, data = read_response(sock, timeout_s)
     return Outcome(status, headers, data, time.monotonic() - start, sent_everything)
 
@@ -480,6 +529,17 @@ def predict_ok(port: int, timeout_s: float = 30.0) -> tuple[int | None, float]:
     return outcome.status, time.monotonic() - start
 
 
+# A second request carried where the first one's framing is ambiguous or broken: it must never be answered.
+SMUGGLED = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+# Cases whose connection is read to the end (every response counted, until the gateway hangs up).
+FRAMING_CASES = (
+    "two Content-Lengths",
+    "Content-Length and chunked",
+    "Content-Length smaller than the body",
+    "chunk size overflowing 64 bits",
+    "not HTTP at all",
+)
+
 HOSTILE_CASES: dict[str, Callable[[int, str], Outcome]] = {
     "50 MB of JSON": lambda port, path: exchange(
         port,
@@ -522,7 +582,8 @@ HOSTILE_CASES: dict[str, Callable[[int, str], Outcome]] = {
     "Content-Length smaller than the body": lambda port, path: exchange(
         port,
         request_head(path, {"Content-Type": "image/jpeg", "Content-Length": "10"}),
-        [SEEDS["jpeg"] + b"GET /healthz HTTP/1.1\r\n\r\n"],
+        [SEEDS["jpeg"] + SMUGGLED],
+        to_the_end=True,
     ),
     "negative Content-Length": lambda port, path: exchange(
         port, request_head(path, {"Content-Type": "image/jpeg", "Content-Length": "-5"}), [b"x" * 5]
@@ -533,14 +594,16 @@ HOSTILE_CASES: dict[str, Callable[[int, str], Outcome]] = {
     "two Content-Lengths": lambda port, path: exchange(
         port,
         request_head(path, {"Content-Type": "image/jpeg", "Content-Length": "5", "content-length": "7"}),
-        [b"x" * 7],
+        [b"x" * 7 + SMUGGLED],
+        to_the_end=True,
     ),
     "Content-Length and chunked": lambda port, path: exchange(
         port,
         request_head(
             path, {"Content-Type": "image/jpeg", "Content-Length": "5", "Transfer-Encoding": "chunked"}
         ),
-        [b"5\r\nxxxxx\r\n0\r\n\r\n"],
+        [b"5\r\nxxxxx\r\n0\r\n\r\n" + SMUGGLED],
+        to_the_end=True,
     ),
     "bad chunk size (raw image)": lambda port, path: exchange(
         port,
@@ -557,8 +620,9 @@ HOSTILE_CASES: dict[str, Callable[[int, str], Outcome]] = {
     "chunk size overflowing 64 bits": lambda port, path: exchange(
         port,
         request_head(path, {"Content-Type": "image/jpeg", "Transfer-Encoding": "chunked"}),
-        [b"ffffffffffffffffffff\r\nxxxx\r\n"],
+        [b"ffffffffffffffffffff\r\nxxxx\r\n0\r\n\r\n" + SMUGGLED],
         half_close=True,
+        to_the_end=True,
     ),
     "unknown transfer coding": lambda port, path: exchange(
         port, request_head(path, {"Content-Type": "image/jpeg", "Transfer-Encoding": "gzip"}), [b"x" * 10]
@@ -570,7 +634,9 @@ HOSTILE_CASES: dict[str, Callable[[int, str], Outcome]] = {
     "request line over the limit": lambda port, path: exchange(
         port, request_head(path + "?" + "q" * 10_000, {"Content-Length": "0"})
     ),
-    "not HTTP at all": lambda port, path: exchange(port, b"\x16\x03\x01\x02\x00" + bytes(range(256)) * 4),
+    "not HTTP at all": lambda port, path: exchange(
+        port, b"\x16\x03\x01\x02\x00" + bytes(range(256)) * 4 + b"\r\n\r\n" + SMUGGLED, to_the_end=True
+    ),
 }
 
 
@@ -618,6 +684,31 @@ def test_huge_nested_and_lying_requests_get_4xx_json_or_a_closed_connection(guni
     assert by_case["header over the size limit"] == {431}, by_case
     assert by_case["request line over the limit"] == {414}, by_case
     assert by_case["bad chunk size (raw image)"] <= {400, 415}, by_case
+    # Framing: read to the end of each connection. No smuggled request is ever answered, the gateway hangs
+    # up, and a framing error is refused as one: 400 bad_request, by gunicorn's parser (Connection: close)
+    # or by the app reading a body that breaks off. A refusal written while the client's unread bytes are
+    # still queued can be lost to the reset that closing such a socket sends: then only the hang-up shows.
+    refusal = (400, "bad_request")
+    # What each endpoint answers a 10-byte image/jpeg body (or one it never reads: the batch endpoint wants
+    # multipart).
+    first_answer = {
+        "/v1/predict": [(400, "undecodable_image")],
+        "/v1/predict/batch": [(415, "unsupported_media_type")],
+    }
+    for (name, path), o in outcomes.items():
+        if name not in FRAMING_CASES:
+            continue
+        case = f"{name} on {path}: {o.codes()}"
+        assert o.closed, case
+        assert not any(b'"ok"' in data for _, _, data in o.responses), case  # GET /healthz answered
+        if name in ("two Content-Lengths", "Content-Length and chunked"):  # refused at the headers
+            assert o.codes() == [refusal] and o.headers["connection"] == "close", case
+        elif name == "Content-Length smaller than the body":  # 10 bytes, then what follows is no request
+            assert o.codes() in (first_answer[path], first_answer[path] + [refusal]), case
+        elif name == "chunk size overflowing 64 bits":  # the body breaks off (unless it is never read)
+            assert o.codes() == ([refusal] if path == "/v1/predict" else first_answer[path]), case
+        else:  # not HTTP at all
+            assert o.codes() in ([], [refusal]), case
     stalled = [o for (name, _), o in outcomes.items() if name.endswith("then stall")]
     assert all(o.seconds < CLIENT_TIMEOUT_S + 15 for o in stalled), [o.seconds for o in stalled]
     # The workers survived, the gateway still answers, and its memory is bounded.
