@@ -35,10 +35,6 @@ def test_the_shipped_model_and_its_card_are_in_the_tree_within_the_size_limit():
 def served_default(stack_factory, tmp_path_factory) -> Iterator[dict]:
     """``fashion serve``'s model step on an empty repository (the shipped model, exported), then real
     Triton + gunicorn serving it."""
-    pytest.importorskip("torch")
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("orchestration.triton")
-
     work = tmp_path_factory.mktemp("default-model")
     repository = work / "model_repository"
     said: list[str] = []

@@ -10,8 +10,7 @@ from __future__ import annotations
 import inspect
 
 import pytest
-
-gthread = pytest.importorskip("gunicorn.workers.gthread")
+from gunicorn.workers import gthread
 
 WORKER_METHODS = (
     "handle",

@@ -159,8 +159,6 @@ def test_loadtest_exits_1_when_the_slo_is_impossible(stack, tmp_path, capsys):
 
 @pytest.mark.server
 def test_bench_quick_with_a_tiny_model_writes_every_key(tmp_path):
-    pytest.importorskip("timm")
-    pytest.importorskip("orchestration.triton")
     out = tmp_path / "bench"
     code = main(
         [

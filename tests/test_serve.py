@@ -225,8 +225,6 @@ def test_an_existing_repository_is_served_without_importing_torch(tmp_path):
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> Iterator[tuple[Command, Path]]:
     """``fashion serve --smoke`` on a fresh folder: builds the tiny demo model, serves, asks, stops."""
-    for module in ("timm", "onnxruntime", "gunicorn", "tritonclient"):
-        pytest.importorskip(module)
     from orchestration.triton import TritonNotInstalled, pytriton_dist
 
     try:

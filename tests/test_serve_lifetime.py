@@ -23,9 +23,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("onnx")
-pytest.importorskip("orchestration.triton")
-
 from orchestration.ports import port_free
 from orchestration.process import free_ports
 from orchestration.serve import ServeConfig, ServedStack, serve
