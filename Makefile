@@ -31,9 +31,12 @@ serve: install
 
 # Lint and type-check first (seconds), then the suite on TEST_WORKERS processes (pytest-xdist; one test file
 # per worker, longest files first, see tests/conftest.py; TEST_WORKERS=0 runs it in this process). Any failure
-# fails the target (and CI).
+# fails the target (and CI). The results go to TEST_RESULTS (JUnit XML), where CI checks that every skip is a
+# known one (tests/known_skips.txt, docs/testing.md).
 TEST_WORKERS ?= 2
+TEST_RESULTS ?= build/test-results.xml
 test: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \
+		--junitxml=$(TEST_RESULTS) $(PYTEST_ARGS)
