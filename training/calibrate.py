@@ -22,6 +22,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -99,11 +100,33 @@ def fit_temperatures_from_logits(
 
 
 def model_logits(
-    model: FashionNet, images: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 64
+    model: FashionNet,
+    images: np.ndarray,
+    device: torch.device | str = "cpu",
+    batch_size: int = 64,
+    titles: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Raw logits (before any temperature) per head for a uint8 NHWC array."""
+    """Raw logits (before any temperature) per head for a uint8 NHWC array (and its title ids, if any)."""
     model.eval().to(device)
-    return collect(model, image_batches(images, batch_size, device), head_widths(model.schema))
+    batches = image_batches(images, batch_size, device)
+    if titles is None:
+        return collect(model, batches, head_widths(model.schema))
+    with_ids = zip(batches, image_batches(titles, batch_size, device), strict=True)
+    return collect(lambda b: model(*b), with_ids, head_widths(model.schema))
+
+
+def fit_title_temperatures(
+    ckpt: Checkpoint, images: np.ndarray, titles: np.ndarray, labels: np.ndarray, device: torch.device | str
+) -> dict[str, float]:
+    """The temperatures of a title model's image + title requests (``FashionNet.title_temperature``), fitted
+    on the rows that have a title; applied to the model."""
+    model = ckpt.model
+    has = (titles != 0).any(axis=1)
+    logits = model_logits(model, images[has], device, titles=titles[has])
+    temps = fit_temperatures_from_logits(ckpt.schema, logits, labels[has])
+    values = [float(temps[a.name]) for a in model.schema.attributes]
+    cast(torch.Tensor, model.title_temperature).copy_(torch.tensor(values, dtype=model.temperature.dtype))
+    return temps
 
 
 def fit_temperatures(
@@ -249,12 +272,18 @@ def calibrate_in_memory(
     target_precision: float = 0.9,
     device: torch.device | str = "cpu",
     source: str = "validation split",
+    titles: np.ndarray | None = None,
 ) -> list[HeadCalibration]:
     """Calibrate a checkpoint file on images already decoded (what ``train`` has for its validation
-    split) and save it to ``out`` (default: in place). Prints the ECE table."""
+    split) and save it to ``out`` (default: in place). Prints the ECE table. A title model's image + title
+    temperatures are fitted on the same photos with ``titles``; the thresholds come from the image-only
+    answers, the less confident of the two."""
     ckpt = load_checkpoint(checkpoint, device)
     logits = model_logits(ckpt.model, images, device)
     report = calibrate_logits(ckpt, logits, labels, target_precision)
+    if titles is not None and ckpt.model.title is not None:
+        temps = fit_title_temperatures(ckpt, images, titles, labels, device)
+        emit("temperatures with titles: " + ", ".join(f"{k} {v:.3f}" for k, v in temps.items()))
     ckpt.model.cpu()
     save_calibrated(ckpt, out or checkpoint, report, source)
     emit(calibration_table(report))

@@ -19,6 +19,7 @@ from fashion.errors import UserError
 from fashion.schema import LabelSchema
 from training.model import FashionNet, build_model
 from training.novelty import NoveltyGate
+from training.title import TitleEncoder
 
 FORMAT = "fashion-tagger/checkpoint@1"
 
@@ -71,7 +72,9 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
         "preprocessing": model.preprocessing.to_dict(),
         "dropout": model.dropout,
         "colour_grid": model.colour_grid,
+        "colour_hist": model.colour_hist,
         "novelty": model.novelty.describe() if model.novelty is not None else None,
+        "title": model.title.describe() if model.title is not None else None,
         "state_dict": state,
         "config": ckpt.config,
         "epoch": ckpt.epoch,
@@ -97,8 +100,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         raise CheckpointError(f"{path} is not a {FORMAT} file (written by `fashion train`)")
     schema = LabelSchema.from_dict(payload["schema"])
     pre = Preprocessing.from_dict(payload["preprocessing"])
+    title = TitleEncoder.from_description(payload["title"]) if payload.get("title") else None
     model = build_model(payload["backbone"], schema, pre, dropout=payload.get("dropout", 0.2),
-        colour_grid=payload.get("colour_grid", 0),
+        colour_grid=payload.get("colour_grid", 0), title=title, colour_hist=payload.get("colour_hist", 0),
     )
     if payload.get("novelty"):
         model.novelty = NoveltyGate.from_description(payload["novelty"])

@@ -90,6 +90,15 @@ def register(sub: argparse._SubParsersAction) -> None:
       "of the validation photos (default 0.85; 0 = no novelty gate)")
     a("--novelty-heads", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
       help="comma-separated heads the novelty gate flags (default: the product-type head, e.g. articleType)")
+    a("--title", action=argparse.BooleanOptionalAction, default=None,
+      help="also read the listing's title (styles.csv's productDisplayName, a CSV's title column); one model "
+      "then serves image-only and image + title requests")
+    a("--title-buckets", type=int, help="hashed title token ids (default 8192)")
+    a("--title-dim", type=int, help="width of the title's embedding (default 64)")
+    a("--title-loss", type=float, help="weight of the title-only heads' loss (default 0.5)")
+    a("--logit-adjust", type=float, help="logit adjustment tau against the training class mix (default 0)")
+    a("--trunk-cache", help="folder that keeps the frozen trunk's activations between runs")
+    a("--colour-hist", type=int, help="heads also read the product's colour histogram, N³ RGB bins (0 = off)")
     t.set_defaults(func=_train)
     register_analysis(sub)
 
@@ -115,11 +124,13 @@ def _train(args: argparse.Namespace) -> int:
 
     names = [
         "data", "out", "format", "attributes", "backbone", "pretrained", "weights", "image_size",
-        "resize_mode", "trim", "colour_grid", "head_lr_scale", "epochs", "batch_size", "lr", "weight_decay",
+        "resize_mode", "trim", "colour_grid", "colour_hist", "head_lr_scale", "epochs", "batch_size", "lr",
+        "weight_decay",
         "label_smoothing", "class_weights", "split_by", "val_from",
         "mixup_alpha", "cutmix_alpha", "min_class_count", "val_fraction", "patience", "seed", "workers",
         "device", "resume", "time_budget_min", "max_samples", "freeze_blocks", "aspect_views", "hold_out",
-        "novelty_quantile", "novelty_heads",
+        "novelty_quantile", "novelty_heads", "title", "title_buckets", "title_dim", "title_loss",
+        "logit_adjust", "trunk_cache",
     ]
     overrides: dict[str, Any] = {n: getattr(args, n) for n in names}
     cfg = TrainConfig.from_sources(args.config, overrides)

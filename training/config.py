@@ -44,6 +44,7 @@ class TrainConfig:
     cutmix_alpha: float = 0.0
     dropout: float = 0.2
     colour_grid: int = 4  # heads also see the mean colour of a grid×grid layout of the input; 0: off
+    colour_hist: int = 0  # and the product's colour histogram over colour_hist³ RGB bins; 0: off
     head_lr_scale: float = 10.0  # heads learn this many times faster than the backbone
     grad_clip: float = 5.0
     patience: int = 5  # early stopping: epochs without a better validation score
@@ -76,6 +77,21 @@ class TrainConfig:
     # head, ``fashion.schema.Role``: articleType in the Kaggle layout). 0 turns the gate off.
     novelty_quantile: float = 0.85
     novelty_heads: tuple[str, ...] = ()
+    # The listing's title as a second input (training.title, fashion.text): hashed word and character
+    # n-grams in ``title_buckets`` ids, an embedding bag of ``title_dim``. Every batch trains the heads
+    # twice, with its titles and with them dropped, so one model serves image-only and image + title
+    # requests; title-only heads (weight ``title_loss``) say when a photo and its title disagree.
+    title: bool = False
+    title_buckets: int = 8192
+    title_dim: int = 64
+    title_loss: float = 0.5
+    # Logit adjustment (Menon et al., ICLR 2021): the loss sees logits + tau * log(training prior), so the
+    # served logits estimate the class from the photo with the training catalogue's class mix divided out
+    # — what holds when a later catalogue has another mix of genders and categories. 0: off.
+    logit_adjust: float = 0.0
+    # Where the frozen trunk's activations are kept between runs (one row per photo and view; any run with
+    # the same backbone, weights, frozen stages and contract reuses them). None: computed in memory per run.
+    trunk_cache: str | None = None
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -106,6 +122,10 @@ class TrainConfig:
         object.__setattr__(self, "novelty_heads", tuple(self.novelty_heads))
         if not 0 <= self.novelty_quantile < 1:
             raise ConfigError(f"novelty_quantile must be in [0, 1), got {self.novelty_quantile}")
+        if self.title_buckets < 2 or self.title_dim < 1 or self.title_loss < 0:
+            raise ConfigError("title_buckets must be at least 2, title_dim positive, title_loss not negative")
+        if self.logit_adjust < 0:
+            raise ConfigError(f"logit_adjust must not be negative, got {self.logit_adjust}")
         for item in self.hold_out:
             if item.count("=") != 1 or not all(item.split("=")):
                 raise ConfigError(f"hold_out entries are attribute=class, got {item!r}")

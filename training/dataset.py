@@ -82,9 +82,19 @@ def load_view(path: str, pre: Preprocessing, aspect: float = 1.0, mirror: bool =
 class TrainDataset(Dataset):
     """(uint8 HWC image, int64 labels with MISSING) pairs, with label-respecting augmentation."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, *, augment: bool, colour_target: bool):
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        *,
+        augment: bool,
+        colour_target: bool,
+        titles: np.ndarray | None = None,
+    ):
         self.images = images
         self.labels = torch.from_numpy(labels)
+        # (n, max_tokens) title ids: items become (image, labels, title ids)
+        self.titles = torch.from_numpy(titles) if titles is not None else None
         fill = [255, 255, 255]
         steps: list[v2.Transform] = [
             v2.RandomHorizontalFlip(),
@@ -97,8 +107,10 @@ class TrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
         image = torch.from_numpy(self.images[i])
         if self.transform is not None:
             image = self.transform(image.permute(2, 0, 1)).permute(1, 2, 0).contiguous()
+        if self.titles is not None:
+            return image, self.labels[i], self.titles[i]
         return image, self.labels[i]

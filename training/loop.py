@@ -17,10 +17,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from fashion.schema import LabelSchema
 from training.checkpoint import Checkpoint, save_checkpoint
 from training.config import TrainConfig
-from training.loss import class_weights, masked_loss
+from training.loss import class_weights, log_priors, objective
 from training.metrics import evaluate_arrays
 from training.model import FashionNet
 from training.runtime import Run, agree_to_stop
@@ -57,6 +56,7 @@ class Optimisation:
     scaler: torch.amp.GradScaler
     class_weights: list[torch.Tensor | None]
     amp: bool  # float16 autocast (CUDA only)
+    priors: list[torch.Tensor] | None = None  # log class priors per head, for logit adjustment
 
 
 def make_optimisation(
@@ -65,9 +65,12 @@ def make_optimisation(
     """AdamW over the trainable backbone parameters and the heads, warm-up + cosine per step."""
     # The heads are small linear layers on top of a shared backbone: they converge faster with a larger
     # step (the usual fine-tuning recipe, and it matters most when the backbone starts from scratch).
+    heads = [*model.heads.parameters()]
+    for part in (model.title, model.title_heads):  # the title branch learns at the heads' pace
+        heads += [*part.parameters()] if part is not None else []
     groups: list[dict[str, Any]] = [
         {"params": [p for p in model.backbone.parameters() if p.requires_grad]},
-        {"params": model.heads.parameters(), "lr": cfg.lr * cfg.head_lr_scale},
+        {"params": heads, "lr": cfg.lr * cfg.head_lr_scale},
     ]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup, total = int(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch
@@ -78,6 +81,7 @@ def make_optimisation(
         torch.amp.GradScaler("cuda", enabled=amp),
         class_weights(labels, model.schema, cfg.class_weights),
         amp,
+        log_priors(labels, model.schema) if cfg.logit_adjust > 0 else None,
     )
 
 
@@ -131,17 +135,23 @@ class EpochRecord:
     train_loss: float
     val_score: float
     lr: float
-    metrics: Metrics  # per attribute, all of ``training.metrics``
+    metrics: Metrics  # per attribute, all of ``training.metrics`` (with titles, for a title model)
+    image_only: Metrics | None = None  # a title model's metrics without the titles
 
     def to_dict(self) -> dict[str, Any]:
-        val = {k: {"accuracy": v["accuracy"], "macro_f1": v["macro_f1"]} for k, v in self.metrics.items()}
-        return {
+        def brief(metrics: Metrics) -> dict[str, dict[str, float]]:
+            return {k: {"accuracy": v["accuracy"], "macro_f1": v["macro_f1"]} for k, v in metrics.items()}
+
+        doc = {
             "epoch": self.epoch,
             "train_loss": self.train_loss,
             "val_score": self.val_score,
             "lr": self.lr,
-            "val": val,
+            "val": brief(self.metrics),
         }
+        if self.image_only is not None:
+            doc["val_image_only"] = brief(self.image_only)
+        return doc
 
 
 # --- one epoch ------------------------------------------------------------------------------------
@@ -152,9 +162,9 @@ def train_step(
 ) -> float:
     """Forward, masked loss, backward, clipped update and scheduler step; returns the loss."""
     with torch.autocast(batch.targets.device.type, dtype=torch.float16, enabled=opt.amp):
-        logits = source.logits(batch)
-        loss = masked_loss(
-            logits, batch.targets, model.schema, opt.class_weights, cfg.label_smoothing, batch.mix
+        loss = objective(
+            source.logits(batch), batch.targets, model.schema, opt.class_weights, cfg.label_smoothing,
+            batch.mix, priors=opt.priors, tau=cfg.logit_adjust, title_weight=cfg.title_loss,
         )
     opt.optimizer.zero_grad(set_to_none=True)
     opt.scaler.scale(loss).backward()
@@ -181,10 +191,16 @@ def train_epoch(
 
 
 def validate(
-    epoch: int, loss: float, source: BatchSource, schema: LabelSchema, labels: np.ndarray, opt: Optimisation
+    epoch: int, loss: float, source: BatchSource, model: FashionNet, labels: np.ndarray, opt: Optimisation
 ) -> EpochRecord:
-    score, per = evaluate_arrays(schema, labels, source.validation_probabilities())
-    return EpochRecord(epoch, loss, score, float(opt.scheduler.get_last_lr()[0]), per)
+    """The validation photos as served. A model with a title branch is scored both as image-only and as
+    image + title requests; its score is their mean (one model must serve both), its metrics the latter."""
+    lr = float(opt.scheduler.get_last_lr()[0])
+    score, per = evaluate_arrays(model.schema, labels, source.validation_probabilities())
+    if model.title is None:
+        return EpochRecord(epoch, loss, score, lr, per)
+    titled, per_titled = evaluate_arrays(model.schema, labels, source.validation_probabilities(titles=True))
+    return EpochRecord(epoch, loss, (score + titled) / 2, lr, per_titled, per)
 
 
 # --- after each epoch: checkpoints, and whether to go on ----------------------------------------------
@@ -235,7 +251,7 @@ def run_epochs(
         progress = replace(progress, epochs_run=progress.epochs_run + 1)
         stop = False
         if run.main:
-            record = validate(epoch, loss, source, model.schema, val_labels, opt)
+            record = validate(epoch, loss, source, model, val_labels, opt)
             progress = keep(run.run_dir, record, progress, model, cfg, opt)
             stop = should_stop(cfg, epoch, progress, started)
         if agree_to_stop(run, stop):

@@ -29,16 +29,18 @@ import yaml
 from fashion.console import emit, table
 from fashion.contract import Preprocessing
 from fashion.schema import LabelSchema
+from fashion.text import TitleTokenizer, tokenize_all
 from training.calibrate import HeadCalibration, calibrate_in_memory
 from training.checkpoint import Checkpoint, load_checkpoint
-from training.config import TrainConfig
+from training.config import ConfigError, TrainConfig
 from training.context import prepare_data
-from training.data import Catalogue, build_schema, encode, split_held_out
+from training.data import Catalogue, Sample, build_schema, encode, split_held_out
 from training.dataset import ImageCache
 from training.loop import Metrics, Progress, make_optimisation, run_epochs
 from training.model import FashionNet, build_model, pretrained_preprocessing
 from training.runtime import Run, end_run, start_run
-from training.sources import check_settings, make_source
+from training.sources import Paths, check_settings, make_source
+from training.title import TitleEncoder, Titles
 from training.unseen import NoveltyReport, fit_checkpoint
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,24 @@ class Prepared:
     schema: LabelSchema
     preprocessing: Preprocessing
     resumed: Checkpoint | None  # ``--resume``'s checkpoint: its schema, contract and model are kept
+    titles: Titles | None = None  # ``cfg.title``: the title ids of both splits
+
+
+def read_titles(
+    cfg: TrainConfig, train: list[Sample], val: list[Sample], resumed: Checkpoint | None
+) -> Titles:
+    """Tokenise both splits' titles (the resumed model's tokenizer, or a new one as ``cfg`` says)."""
+    if resumed is not None and resumed.model.title is not None:
+        tokenizer = resumed.model.title.tokenizer
+    else:
+        tokenizer = TitleTokenizer(buckets=cfg.title_buckets)
+    if not any(s.title for s in train):
+        raise ConfigError(
+            f"--title: no training row of {cfg.data} has a title (styles.csv's productDisplayName, or a "
+            f"'title' column in a plain CSV); the Meesho layout has none: train without --title"
+        )
+    return Titles(tokenizer, tokenize_all(tokenizer, [s.title for s in train]),
+                  tokenize_all(tokenizer, [s.title for s in val]))
 
 
 def prepare(cfg: TrainConfig, run: Run) -> Prepared:
@@ -100,8 +120,9 @@ def prepare(cfg: TrainConfig, run: Run) -> Prepared:
         if cat.problems:
             with (run.run_dir / "problems.txt").open("w") as f:
                 f.writelines(f"{p}\n" for p in cat.problems)
+    titles = read_titles(cfg, train_samples, val_samples, resumed) if cfg.title else None
     return Prepared(cat, [s.image_path for s in train_samples], [s.image_path for s in val_samples],
-                    encode(schema, train_samples), encode(schema, val_samples), schema, pre, resumed)
+                    encode(schema, train_samples), encode(schema, val_samples), schema, pre, resumed, titles)
 
 
 @dataclass(frozen=True)
@@ -128,8 +149,10 @@ def build_or_resume(cfg: TrainConfig, data: Prepared, run: Run) -> FashionNet:
     if data.resumed is not None:
         model = data.resumed.model
     else:
+        title = TitleEncoder(data.titles.tokenizer, cfg.title_dim) if data.titles is not None else None
         model = build_model(cfg.backbone, data.schema, data.preprocessing, pretrained=cfg.pretrained,
-                            weights=cfg.weights, dropout=cfg.dropout, colour_grid=cfg.colour_grid)
+                            weights=cfg.weights, dropout=cfg.dropout, colour_grid=cfg.colour_grid,
+                            title=title, colour_hist=cfg.colour_hist)
     return model.to(run.device)
 
 
@@ -144,8 +167,10 @@ def emit_summary(progress: Progress, run_dir: Path) -> None:
 
 
 def calibrate_best(best: Path, data: Prepared, val_images: np.ndarray, run: Run) -> list[HeadCalibration]:
-    """Per-head temperatures and abstain thresholds for ``best.pt``, fitted on the validation split."""
-    return calibrate_in_memory(best, val_images, data.y_val, device=run.device)
+    """Per-head temperatures and abstain thresholds for ``best.pt``, fitted on the validation split (and,
+    with titles, the temperatures of image + title requests on the same photos with their titles)."""
+    titles = data.titles.val if data.titles is not None else None
+    return calibrate_in_memory(best, val_images, data.y_val, device=run.device, titles=titles)
 
 
 def fit_gate(
@@ -168,7 +193,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     data = prepare(cfg, run)
     photos = decode(cfg, data)
     model = build_or_resume(cfg, data, run)
-    source = make_source(cfg, run, model, photos.views, data.y_train, photos.val)
+    source = make_source(cfg, run, model, photos.views, data.y_train, photos.val, data.titles,
+                         Paths(data.train_paths, data.val_paths))
     train_images, val_images = photos.views[0], photos.val  # the gate is fitted on the photos as they are
     del photos  # the other views live on in the source (its dataset or its trunk cache) only
     opt = make_optimisation(cfg, model, data.y_train, source.steps_per_epoch, run.device)

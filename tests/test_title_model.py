@@ -1,0 +1,123 @@
+"""The title as a second input, colour histograms, logit adjustment and the trunk cache (training side)."""
+
+import numpy as np
+import pytest
+import torch
+
+from fashion.contract import Preprocessing
+from fashion.schema import Attribute, LabelSchema
+from fashion.text import TitleTokenizer
+from training.checkpoint import load_checkpoint
+from training.config import ConfigError, TrainConfig
+from training.loss import Outputs, adjusted, log_priors, objective
+from training.model import ProbabilityModel, build_model
+from training.title import TitleEncoder
+from training.train import train
+
+SCHEMA = LabelSchema((Attribute("colour", ("red", "blue")), Attribute("kind", ("a", "b", "c"))))
+PRE = Preprocessing(image_size=32)
+
+
+def title_model(**kw):
+    torch.manual_seed(0)
+    tokenizer = TitleTokenizer(buckets=64, max_tokens=16)
+    return build_model("test_efficientnet", SCHEMA, PRE, title=TitleEncoder(tokenizer, dim=8), **kw).eval()
+
+
+def images(n=2, seed=0):
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
+
+
+def test_an_image_only_request_is_exactly_a_request_with_an_empty_title():
+    model = title_model()
+    x = images()
+    ids = torch.from_numpy(model.title.tokenizer.batch(["", None]))
+    a, b = model.probabilities(x), model.probabilities(x, ids)
+    for name in a:
+        assert torch.equal(a[name], b[name])
+    titled = model.probabilities(x, torch.from_numpy(model.title.tokenizer.batch(["red shirt", "blue cap"])))
+    assert not torch.allclose(a["kind"], titled["kind"])  # a title does change the answer
+
+
+def test_the_conflict_score_is_high_when_photo_and_title_disagree_and_zero_without_a_title():
+    model = title_model()
+    with torch.no_grad():  # the photo says "red", the title alone says "blue" / then "red"
+        model.heads["colour"][1].weight.zero_()
+        model.heads["colour"][1].bias.copy_(torch.tensor([8.0, -8.0]))
+        model.title_heads["colour"].weight.zero_()
+        model.title_heads["colour"].bias.copy_(torch.tensor([-8.0, 8.0]))
+    x = images()
+    ids = torch.from_numpy(model.title.tokenizer.batch(["navy shirt", ""]))
+    _, features = model.embed(x, ids)
+    conflict = model.conflict(features)
+    assert conflict.shape == (2, 2)
+    assert conflict[0, 0] > 0.99 and conflict[1].abs().max() == 0  # the second row has no title
+    with torch.no_grad():
+        model.title_heads["colour"].bias.copy_(torch.tensor([8.0, -8.0]))
+    assert model.conflict(features)[0, 0] < 0.01
+    outputs = ProbabilityModel(model)(x, ids)
+    assert len(outputs) == 3 and torch.equal(outputs[-1], model.conflict(features))
+
+
+def test_logit_adjustment_adds_tau_times_the_log_prior_to_the_loss_logits_only():
+    labels = np.array([[0, 0], [0, 1], [0, 0], [1, 2]])
+    priors = log_priors(labels, SCHEMA)
+    np.testing.assert_allclose(priors[0].exp().numpy(), [4 / 6, 2 / 6], rtol=1e-6)  # +1 per class
+    logits = {"colour": torch.zeros(1, 2), "kind": torch.zeros(1, 3)}
+    moved = adjusted(logits, SCHEMA, priors, 0.5)
+    torch.testing.assert_close(moved["colour"][0], 0.5 * priors[0])
+    targets = torch.tensor([[1, 2]])
+    plain = objective(Outputs(logits), targets, SCHEMA, [None, None], 0.0)
+    tilted = objective(Outputs(logits), targets, SCHEMA, [None, None], 0.0, priors=priors, tau=1.0)
+    assert tilted > plain  # the rare classes are the targets: with their prior added they look less likely
+
+
+def test_the_colour_histogram_sees_the_product_and_not_the_white_background():
+    model = build_model("test_efficientnet", SCHEMA, PRE, colour_hist=3, colour_grid=0).eval()
+    x = torch.full((1, 32, 32, 3), 255, dtype=torch.uint8)
+    x[0, 8:24, 8:24] = torch.tensor([200, 20, 20], dtype=torch.uint8)  # a red product on white
+    hist = model.colour_histogram(model.normalize(x) * model.std + model.mean)[0]
+    assert hist.shape == (28,)
+    assert int(hist[:27].argmax()) == 2 * 9 + 0 * 3 + 0  # the red bin
+    assert hist[:27].sum() > 0.9 and 0.6 < hist[27] < 0.8  # the background's share: 3/4 of the photo
+
+
+def test_a_title_model_trains_calibrates_both_temperatures_and_round_trips(kaggle_dir, tmp_path):
+    cfg = TrainConfig(data=str(kaggle_dir), out=str(tmp_path / "run"), backbone="test_efficientnet",
+                      image_size=32, epochs=2, batch_size=8, workers=0, title=True, title_buckets=256,
+                      title_dim=8, colour_hist=2, min_class_count=0, novelty_quantile=0.5, logit_adjust=1.0)
+    result = train(cfg)
+    ckpt = load_checkpoint(result.run_dir / "best.pt")
+    model = ckpt.model
+    assert model.title is not None and model.title.tokenizer.buckets == 256 and model.colour_hist == 2
+    assert not torch.equal(model.title_temperature, torch.ones_like(model.title_temperature))
+    x = images(3)
+    ids = torch.from_numpy(model.title.tokenizer.batch(["Brand 1 Red Tshirt", "", "Brand 2 Blue Tshirt"]))
+    again = load_checkpoint(result.run_dir / "best.pt").model
+    for name, p in model.probabilities(x, ids).items():
+        torch.testing.assert_close(p, again.probabilities(x, ids)[name])
+    lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
+    assert '"val_image_only"' in lines[-1]
+
+
+def test_title_training_on_data_without_titles_is_refused_before_any_work(meesho_dir, tmp_path):
+    cfg = TrainConfig(data=str(meesho_dir), out=str(tmp_path / "run"), backbone="test_efficientnet",
+                      image_size=32, epochs=1, workers=0, title=True)
+    with pytest.raises(ConfigError, match=r"no training row .* has a title"):
+        train(cfg)
+
+
+def test_the_trunk_cache_is_computed_once_and_gives_the_same_run(kaggle_dir, tmp_path):
+    def run(out, colour_hist):
+        cfg = TrainConfig(data=str(kaggle_dir), out=str(tmp_path / out), backbone="tf_efficientnet_lite0",
+                          image_size=32, epochs=1, batch_size=8, workers=0, freeze_blocks=4,
+                          aspect_views=(1.0, 1.3333), novelty_quantile=0, min_class_count=0,
+                          trunk_cache=str(tmp_path / "cache"), colour_hist=colour_hist)
+        return train(cfg).best_score
+
+    first = run("a", 0)
+    chunks = sorted((tmp_path / "cache").rglob("chunk-*.pt"))
+    assert len(chunks) == 3  # two views of the training photos, one of the validation photos
+    assert run("b", 0) == first
+    run("c", 2)  # other colour features, the same trunk: nothing new is computed
+    assert sorted((tmp_path / "cache").rglob("chunk-*.pt")) == chunks
