@@ -374,13 +374,15 @@ UPDATE_GATEWAY = {"workers": 2, "threads": 8, "max_inflight": 6, "timeout_s": 10
 
 
 @pytest.mark.server
-@pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_update_and_rollback_under_load_fail_no_request_and_label_every_answer_with_its_version(
-    stack, protocol
-):
-    """Export v2 while v1 serves, deploy it, roll back: every request answered 200 by one whole version."""
+def test_update_and_rollback_under_load_fail_no_request_and_label_every_answer_with_its_version(stack):
+    """Export v2 while v1 serves, deploy it, roll back: every request answered 200 by one whole version.
+
+    Over gRPC (the chart's default) only, to keep CI short: over HTTP, the same switch is driven request by
+    request by test_a_request_sent_to_a_version_triton_unloaded_is_answered_by_the_new_one_after_exactly_...
+    """
     from export.deploy import deploy
 
+    protocol = "grpc"
     triton, repository = stack["triton"], stack["repository"]
     assert deploy(triton.http_url, "fashion", 1).ready == (1,)  # what an earlier test left is undone
     with (
