@@ -121,3 +121,19 @@ def test_the_trunk_cache_is_computed_once_and_gives_the_same_run(kaggle_dir, tmp
     assert run("b", 0) == first
     run("c", 2)  # other colour features, the same trunk: nothing new is computed
     assert sorted((tmp_path / "cache").rglob("chunk-*.pt")) == chunks
+
+
+def test_conflict_thresholds_flag_few_photos_with_their_own_titles(kaggle_dir, tmp_path):
+    from training.calibrate import CONFLICT_FALSE_ALARMS, conflict_scores
+
+    cfg = TrainConfig(data=str(kaggle_dir), out=str(tmp_path / "run"), backbone="test_efficientnet",
+                      image_size=32, epochs=1, batch_size=8, workers=0, title=True, title_buckets=256,
+                      title_dim=8, min_class_count=0, novelty_quantile=0)
+    ckpt = load_checkpoint(train(cfg).run_dir / "best.pt")
+    assert set(ckpt.conflict_thresholds) == {a.name for a in ckpt.schema.attributes}
+    tok = ckpt.model.title.tokenizer
+    photos = images(20, seed=3).numpy()
+    ids = tok.batch([f"Brand {i} Red Tshirt" for i in range(20)])
+    scores = conflict_scores(ckpt.model, photos, ids, "cpu")
+    assert scores.shape == (20, len(ckpt.schema.attributes)) and (scores >= 0).all() and (scores <= 1).all()
+    assert 0 < CONFLICT_FALSE_ALARMS < 0.1

@@ -31,8 +31,10 @@ from tqdm import tqdm
 
 from fashion.console import emit, table
 from fashion.schema import MISSING, LabelSchema
+from fashion.text import tokenize_all
 from training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from training.context import resolve_device
+from training.dataset import ImageCache
 from training.evaluate import encode_known, evaluation_samples
 from training.inference import collect, head_widths, image_batches
 from training.metrics import expected_calibration_error
@@ -113,6 +115,54 @@ def model_logits(
         return collect(model, batches, head_widths(model.schema))
     with_ids = zip(batches, image_batches(titles, batch_size, device), strict=True)
     return collect(lambda b: model(*b), with_ids, head_widths(model.schema))
+
+
+CONFLICT_FALSE_ALARMS = 0.05  # the share of photos with their own titles that may be flagged
+
+
+def conflict_scores(
+    model: FashionNet,
+    images: np.ndarray,
+    titles: np.ndarray,
+    device: torch.device | str,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """``FashionNet.conflict`` of each photo with the given titles: ``(n, attributes)``."""
+    model.eval().to(device)
+    batches = zip(image_batches(images, batch_size, device), image_batches(titles, batch_size, device),
+                  strict=True)
+
+    def step(batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"conflict": model.conflict(model.embed(*batch)[1])}
+
+    return collect(step, batches, {"conflict": len(model.schema.attributes)})["conflict"]
+
+
+def fit_conflict_thresholds(
+    ckpt: Checkpoint, images: np.ndarray, titles: np.ndarray, device: torch.device | str, seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """Per attribute, the conflict score above which a photo and its title are flagged: the score that
+    ``CONFLICT_FALSE_ALARMS`` of the validation photos reach with their own titles. Stored in
+    ``ckpt.conflict_thresholds``; returns, per attribute, the threshold and the share flagged with the true
+    titles and with titles shuffled among the photos (the listing-QA signal's two error rates)."""
+    has = (titles != 0).any(axis=1)
+    images, titles = images[has], titles[has]
+    true = conflict_scores(ckpt.model, images, titles, device)
+    order = np.random.default_rng(seed).permutation(len(titles))
+    shuffled = conflict_scores(ckpt.model, images, titles[order], device)
+    report = {}
+    for j, a in enumerate(ckpt.schema.attributes):
+        threshold = float(np.quantile(true[:, j], 1 - CONFLICT_FALSE_ALARMS)) if len(true) else 1.0
+        ckpt.conflict_thresholds[a.name] = threshold
+        report[a.name] = {
+            "threshold": threshold,
+            "flagged_true_titles": float(np.mean(true[:, j] > threshold)) if len(true) else 0.0,
+            "flagged_shuffled_titles": float(np.mean(shuffled[:, j] > threshold)) if len(true) else 0.0,
+        }
+    emit(table(["attribute", "conflict threshold", "flagged: own titles", "flagged: shuffled titles"],
+               [[k, f"{v['threshold']:.3f}", f"{v['flagged_true_titles']:.1%}",
+                 f"{v['flagged_shuffled_titles']:.1%}"] for k, v in report.items()]))
+    return report
 
 
 def fit_title_temperatures(
@@ -284,6 +334,7 @@ def calibrate_in_memory(
     if titles is not None and ckpt.model.title is not None:
         temps = fit_title_temperatures(ckpt, images, titles, labels, device)
         emit("temperatures with titles: " + ", ".join(f"{k} {v:.3f}" for k, v in temps.items()))
+        fit_conflict_thresholds(ckpt, images, titles, device)
     ckpt.model.cpu()
     save_calibrated(ckpt, out or checkpoint, report, source)
     emit(calibration_table(report))
@@ -323,6 +374,11 @@ def calibrate(
     logits = {k: np.concatenate(v) for k, v in chunks.items()}
     labels[~np.asarray(ok, dtype=bool)] = MISSING
     report = calibrate_logits(ckpt, logits, labels, target_precision)
+    if ckpt.model.title is not None:  # the image + title temperatures and the conflict thresholds
+        photos = ImageCache.build([s.image_path for s in samples], ckpt.preprocessing, desc="decode").images
+        titles = tokenize_all(ckpt.model.title.tokenizer, [s.title for s in samples])
+        fit_title_temperatures(ckpt, photos, titles, labels, dev)
+        fit_conflict_thresholds(ckpt, photos, titles, dev)
     ckpt.model.cpu()
     source = f"{data} (all)" if data else f"validation split of {ckpt.config.get('data')}"
     path = save_calibrated(ckpt, out, report, source)

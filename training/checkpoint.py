@@ -37,6 +37,8 @@ class Checkpoint:
     val_score: float | None = None
     val_metrics: dict[str, Any] = field(default_factory=dict)
     thresholds: dict[str, float] = field(default_factory=dict)  # per-attribute abstain thresholds
+    # A title model's: the ``conflict`` score above which a photo and its title are flagged as disagreeing
+    conflict_thresholds: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # optimizer/scheduler state for --resume
 
     @property
@@ -81,6 +83,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
         "val_score": ckpt.val_score,
         "val_metrics": ckpt.val_metrics,
         "thresholds": ckpt.thresholds,
+        "conflict_thresholds": ckpt.conflict_thresholds,
         "extra": ckpt.extra,
     }
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -116,5 +119,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         val_score=payload.get("val_score"),
         val_metrics=payload.get("val_metrics", {}),
         thresholds=payload.get("thresholds", {}),
+        conflict_thresholds=payload.get("conflict_thresholds", {}),
         extra=payload.get("extra", {}),
     )
