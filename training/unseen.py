@@ -90,7 +90,7 @@ class NoveltyReport:
     flagged_seen: dict[str, float]  # head → share of validation photos flagged uncertain
     flagged_unseen: dict[str, float]  # head → share of held-out photos flagged uncertain
     candidates: list[dict[str, float]] = field(default_factory=list)
-    scale: float = 0.0  # the gate's ramp: from ``threshold`` to ``threshold + scale`` (training.novelty)
+    scale: float = 0.0  # the gate's ramp: from ``threshold - scale`` up to ``threshold`` (training.novelty)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -183,7 +183,8 @@ def emit_report(report: NoveltyReport) -> None:
         line = f"{name}: {report.flagged_seen[name]:.1%} of {report.seen} validation photos flagged uncertain"
         if report.unseen:
             line += f", {report.flagged_unseen[name]:.1%} of {report.unseen} photos of held-out types"
-        gate = f"gate from validation quantile {report.quantile:.2f}, in full {report.scale:.1f} further"
+        q, s = report.quantile, report.scale
+        gate = f"gate full from validation quantile {q:.2f}, rising over {s:.1f} below it"
         emit(f"{line} ({gate})")
 
 
