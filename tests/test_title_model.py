@@ -137,3 +137,39 @@ def test_conflict_thresholds_flag_few_photos_with_their_own_titles(kaggle_dir, t
     scores = conflict_scores(ckpt.model, photos, ids, "cpu")
     assert scores.shape == (20, len(ckpt.schema.attributes)) and (scores >= 0).all() and (scores <= 1).all()
     assert 0 < CONFLICT_FALSE_ALARMS < 0.1
+
+
+def test_prior_correction_moves_answers_towards_classes_the_training_mix_made_rare():
+    from training.priors import shift_biases
+
+    model = build_model("test_efficientnet", SCHEMA, PRE).eval()
+    with torch.no_grad():
+        for head in model.heads.values():
+            head[1].weight.zero_()
+            head[1].bias.zero_()
+    priors = log_priors(np.array([[0, 0]] * 9 + [[1, 1]]), SCHEMA)  # "red" 9 times in 10: a common class
+    x = images(1)
+    shift_biases(model, priors, 1.0)
+    p = model.probabilities(x)["colour"][0]
+    assert p[1] > p[0]  # with nothing else to go on, the corrected model now leans to the rare class
+    torch.testing.assert_close(p[0] / p[1], (priors[0][1] - priors[0][0]).exp())
+
+
+def test_evaluate_scores_a_title_model_with_titles_without_and_with_wrong_ones(kaggle_dir, tmp_path, capsys):
+    import json
+
+    from fashion.cli import main
+
+    cfg = TrainConfig(data=str(kaggle_dir), out=str(tmp_path / "run"), backbone="test_efficientnet",
+                      image_size=32, epochs=1, batch_size=8, workers=0, title=True, title_buckets=256,
+                      title_dim=8, min_class_count=0, novelty_quantile=0, prior_correction=0.5)
+    best = str(train(cfg).run_dir / "best.pt")
+    assert load_checkpoint(best).config["prior_correction"] == 0.5
+    docs = {}
+    for mode in ("auto", "none", "shuffled"):
+        out = tmp_path / mode
+        assert main(["evaluate", "--checkpoint", best, "--data", str(kaggle_dir), "--out", str(out),
+                     "--title", mode]) == 0
+        docs[mode] = json.loads((out / "metrics.json").read_text())["attributes"]["baseColour"]
+    assert docs["none"]["conflict_rate"] is None  # no title, nothing to disagree with
+    assert docs["auto"]["conflict_rate"] is not None and docs["shuffled"]["conflict_rate"] is not None

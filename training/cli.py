@@ -98,6 +98,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("--title-loss", type=float, help="weight of the title-only heads' loss (default 0.5)")
     a("--logit-adjust", type=float, help="logit adjustment tau against the training class mix (default 0)")
     a("--trunk-cache", help="folder that keeps the frozen trunk's activations between runs")
+    a("--prior-correction", type=float, help="after training, divide this power of the training class mix "
+      "out of best.pt's answers (training.priors; default 0)")
     a("--colour-hist", type=int, help="heads also read the product's colour histogram, N³ RGB bins (0 = off)")
     t.set_defaults(func=_train)
     register_analysis(sub)
@@ -130,7 +132,7 @@ def _train(args: argparse.Namespace) -> int:
         "mixup_alpha", "cutmix_alpha", "min_class_count", "val_fraction", "patience", "seed", "workers",
         "device", "resume", "time_budget_min", "max_samples", "freeze_blocks", "aspect_views", "hold_out",
         "novelty_quantile", "novelty_heads", "title", "title_buckets", "title_dim", "title_loss",
-        "logit_adjust", "trunk_cache",
+        "logit_adjust", "prior_correction", "trunk_cache",
     ]
     overrides: dict[str, Any] = {n: getattr(args, n) for n in names}
     cfg = TrainConfig.from_sources(args.config, overrides)
@@ -196,6 +198,11 @@ def register_analysis(sub: argparse._SubParsersAction) -> None:
     _common(e, "labelled dataset folder (or CSV file); optional with --subset val")
     e.add_argument("--out", required=True, help="folder for metrics.json, reports/, confusion/, report.md")
     e.add_argument("--split", default="train", help="Meesho table to read: train (default) or test")
+    e.add_argument("--title", choices=["auto", "none", "shuffled"], default="auto",
+                   help="a title model's requests: with each photo's title (auto, default), image only "
+                   "(none), or with another photo's title (shuffled: how often the conflict flag fires)")
+    e.add_argument("--prior-correction", type=float, default=0.0,
+                   help="evaluate with this much more prior correction folded in (training.priors)")
     e.add_argument("--subset", choices=["all", "val", "drift"], default="all",
                    help="all images of --data (default) or the trainer's validation split, re-created")
     e.add_argument("--aspect", type=float, default=1.0,
@@ -273,7 +280,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from training.evaluate import evaluate
 
     evaluate(args.checkpoint, args.out, args.data, format=args.format, split=args.split, subset=args.subset,
-             top_n=args.top_classes, batch_size=args.batch_size, device=args.device, aspect=args.aspect)
+             top_n=args.top_classes, batch_size=args.batch_size, device=args.device, aspect=args.aspect,
+             title=args.title, prior_correction=args.prior_correction)
     return 0
 
 

@@ -89,6 +89,9 @@ class TrainConfig:
     # served logits estimate the class from the photo with the training catalogue's class mix divided out
     # — what holds when a later catalogue has another mix of genders and categories. 0: off.
     logit_adjust: float = 0.0
+    # Post-hoc prior correction (training.priors): after training, ``tau * log prior`` is subtracted from
+    # every head's bias of best.pt (before calibration). 0: off.
+    prior_correction: float = 0.0
     # Where the frozen trunk's activations are kept between runs (one row per photo and view; any run with
     # the same backbone, weights, frozen stages and contract reuses them). None: computed in memory per run.
     trunk_cache: str | None = None
@@ -124,8 +127,8 @@ class TrainConfig:
             raise ConfigError(f"novelty_quantile must be in [0, 1), got {self.novelty_quantile}")
         if self.title_buckets < 2 or self.title_dim < 1 or self.title_loss < 0:
             raise ConfigError("title_buckets must be at least 2, title_dim positive, title_loss not negative")
-        if self.logit_adjust < 0:
-            raise ConfigError(f"logit_adjust must not be negative, got {self.logit_adjust}")
+        if self.logit_adjust < 0 or self.prior_correction < 0:
+            raise ConfigError("logit_adjust and prior_correction must not be negative")
         for item in self.hold_out:
             if item.count("=") != 1 or not all(item.split("=")):
                 raise ConfigError(f"hold_out entries are attribute=class, got {item!r}")

@@ -29,16 +29,19 @@ import numpy as np
 
 from fashion.console import emit, table
 from fashion.schema import MISSING, OTHER, LabelSchema
+from fashion.text import tokenize_all
 from training.checkpoint import Checkpoint, load_checkpoint
 from training.context import checkpoint_config, drift_samples, resolve_device, validation_samples
 from training.data import DatasetError, Sample, encode, read_catalogue
 from training.metrics import confusion_top_classes, evaluate_arrays, per_class_report
-from training.predict import predict_paths
+from training.predict import Predictions, predict_paths
+from training.priors import correct_priors
 
 log = logging.getLogger(__name__)
 
 METRIC_KEYS = (
-    "accuracy", "top3_accuracy", "macro_f1", "micro_f1", "harmonic_f1", "ece", "uncertain_rate", "support"
+    "accuracy", "top3_accuracy", "macro_f1", "micro_f1", "harmonic_f1", "ece", "uncertain_rate",
+    "conflict_rate", "support",
 )
 SUBSETS = ("all", "val", "drift")
 
@@ -197,6 +200,43 @@ def write_report_md(
 # --- the command ----------------------------------------------------------------------------------
 
 
+TITLE_MODES = ("auto", "none", "shuffled")  # a title model's requests: with titles, without, titles mixed up
+
+
+def request_titles(
+    ckpt: Checkpoint, samples: Sequence[Sample], mode: str, seed: int = 0
+) -> np.ndarray | None:
+    """The title ids to evaluate a title model with: the photos' own titles (``auto``), none (image-only
+    requests), or each photo with another photo's title (``shuffled``: how often the conflict flag fires
+    on a wrong title). ``None`` for a model without a title branch."""
+    if mode not in TITLE_MODES:
+        raise DatasetError(f"title must be one of {TITLE_MODES}, got {mode!r}")
+    title = ckpt.model.title
+    if title is None or mode == "none":
+        return None
+    ids = tokenize_all(title.tokenizer, [s.title for s in samples])
+    return ids[np.random.default_rng(seed).permutation(len(ids))] if mode == "shuffled" else ids
+
+
+def flag_rates(
+    ckpt: Checkpoint, labels: np.ndarray, preds: Predictions, per: dict[str, dict[str, float]]
+) -> None:
+    """Add, per attribute, the share of scored photos a client sees flagged ``uncertain`` and, with titles,
+    the share flagged ``conflict`` (photos with a title only)."""
+    titled = None
+    for j, a in enumerate(ckpt.schema.attributes):
+        scored = labels[:, j] != MISSING
+        confidence = preds.probs[a.name].max(axis=1)[scored]
+        per[a.name]["uncertain_rate"] = (
+            float(np.mean(confidence < ckpt.thresholds.get(a.name, 0.0))) if scored.any() else float("nan")
+        )
+        if preds.conflict is not None:
+            titled = preds.conflict.any(axis=1) if titled is None else titled
+            flagged = preds.conflict[:, j] > ckpt.conflict_thresholds.get(a.name, 1.0)
+            rows = scored & titled
+            per[a.name]["conflict_rate"] = float(np.mean(flagged[rows])) if rows.any() else float("nan")
+
+
 def evaluate(
     checkpoint: str | Path,
     out_dir: str | Path,
@@ -209,27 +249,39 @@ def evaluate(
     batch_size: int = 64,
     device: str = "auto",
     aspect: float = 1.0,
+    title: str = "auto",
+    prior_correction: float = 0.0,
 ) -> EvalResult:
-    """Evaluate ``checkpoint`` on ``data`` and write the report folder (module docstring)."""
+    """Evaluate ``checkpoint`` on ``data`` and write the report folder (module docstring). ``title``: how a
+    title model is asked (``TITLE_MODES``); ``prior_correction``: evaluate the model with that much more
+    prior correction folded in (``training.priors``), to choose it."""
 
     ckpt = load_checkpoint(checkpoint)
     schema = ckpt.schema
     samples = evaluation_samples(ckpt, data, format, split, subset)
     if not samples:
         raise DatasetError(f"{data}: no usable labelled images")
+    correct_priors(ckpt, prior_correction)
     labels = encode_known(schema, samples, known_only=subset == "drift")
     preds = predict_paths(ckpt.model, [s.image_path for s in samples], resolve_device(device), batch_size,
-                          desc="evaluate", aspect=aspect)
+                          desc="evaluate", aspect=aspect, titles=request_titles(ckpt, samples, title))
     labels[~preds.ok] = MISSING  # an undecodable image has no prediction to score
     score, per = evaluate_arrays(schema, labels, preds.probs)
-    for j, a in enumerate(schema.attributes):  # what a client sees flagged `uncertain`, on scored photos
-        scored = labels[:, j] != MISSING
-        confidence = preds.probs[a.name].max(axis=1)[scored]
-        per[a.name]["uncertain_rate"] = (
-            float(np.mean(confidence < ckpt.thresholds.get(a.name, 0.0))) if scored.any() else float("nan")
-        )
-
+    flag_rates(ckpt, labels, preds, per)
     out = Path(out_dir)
+    write_reports(out, ckpt, labels, preds, score, per, top_n,
+                  checkpoint=str(checkpoint), data=str(data or ckpt.config.get("data")), images=len(samples))
+    emit(table(SUMMARY_HEADERS, summary_rows(per)))
+    emit(f"score {_fmt(score)} on {len(samples)} images; report {out / 'report.md'}")
+    return EvalResult(out, score, per, len(samples))
+
+
+def write_reports(
+    out: Path, ckpt: Checkpoint, labels: np.ndarray, preds: Predictions, score: float,
+    per: dict[str, dict[str, float]], top_n: int, *, checkpoint: str, data: str, images: int,
+) -> None:
+    """``metrics.json``, a class report and a confusion matrix per attribute, and ``report.md``."""
+    schema = ckpt.schema
     (out / "reports").mkdir(parents=True, exist_ok=True)
     (out / "confusion").mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics_document(score, per), indent=1))
@@ -240,8 +292,5 @@ def evaluate(
         write_class_report(out / csv_name, per_class_report(labels[:, j], pred, a.classes))
         plot_confusion(out / png_name, labels[:, j], pred, a.classes, a.name, top_n)
         files[a.name] = (csv_name, png_name)
-    write_report_md(out / "report.md", schema, score, per, checkpoint=str(checkpoint),
-                    data=str(data or ckpt.config.get("data")), images=len(samples), files=files)
-    emit(table(SUMMARY_HEADERS, summary_rows(per)))
-    emit(f"score {_fmt(score)} on {len(samples)} images; report {out / 'report.md'}")
-    return EvalResult(out, score, per, len(samples))
+    write_report_md(out / "report.md", schema, score, per, checkpoint=checkpoint, data=data, images=images,
+                    files=files)

@@ -34,7 +34,7 @@ from training.context import resolve_device
 from training.data import Catalogue, DatasetError, Sample, read_catalogue
 from training.dataset import load_view
 from training.inference import collect, head_widths
-from training.model import FashionNet
+from training.model import CONFLICT, FashionNet
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,7 @@ def iter_batches(
 class Predictions:
     probs: dict[str, np.ndarray]  # head → (n, classes) calibrated probabilities
     ok: np.ndarray  # (n,) bool: the image could be decoded
+    conflict: np.ndarray | None = None  # (n, heads) a title model's conflict scores, with titles
 
 
 def predict_paths(
@@ -125,20 +126,37 @@ def predict_paths(
     batch_size: int = 64,
     desc: str = "predict",
     aspect: float = 1.0,
+    titles: np.ndarray | None = None,
 ) -> Predictions:
-    """Calibrated probabilities per head for image files, with a progress bar."""
+    """Calibrated probabilities per head for image files, with a progress bar; with ``titles`` (a title
+    model's ``(n, max_tokens)`` ids, rows aligned with ``paths``) as image + title requests, and the
+    conflict scores."""
     model.eval().to(device)
     ok: list[bool] = []
 
-    def batches() -> Iterator[torch.Tensor]:
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         with tqdm(total=len(paths), desc=desc, unit="img") as bar:
+            start = 0
             for images, flags in iter_batches(paths, model.preprocessing, batch_size, aspect=aspect):
-                yield torch.from_numpy(images).to(device)
+                ids = titles[start : start + len(flags)] if titles is not None else None
+                yield torch.from_numpy(images).to(device), None if ids is None else torch.from_numpy(ids)
+                start += len(flags)
                 ok.extend(flags)
                 bar.update(len(flags))
 
-    probs = collect(model.probabilities, batches(), head_widths(model.schema))
-    return Predictions(probs, np.asarray(ok, dtype=bool))
+    widths = head_widths(model.schema)
+    with_conflict = titles is not None and model.title is not None
+    if with_conflict:
+        widths = {**widths, CONFLICT: len(model.schema.attributes)}
+
+    def step(batch: tuple[torch.Tensor, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+        pooled, features = model.embed(*batch)
+        out = model.features_probabilities(pooled, features)
+        return {**out, CONFLICT: model.conflict(features)} if with_conflict else out
+
+    probs = collect(step, batches(), widths)
+    conflict = probs.pop(CONFLICT) if with_conflict else None
+    return Predictions(probs, np.asarray(ok, dtype=bool), conflict)
 
 
 # --- writing the file -----------------------------------------------------------------------------

@@ -9,8 +9,10 @@
    or the frozen trunk's cached features;
 6. ``make_optimisation`` and ``Progress.resume``, then ``run_epochs`` (``training.loop``): AdamW with
    warm-up + cosine, masked multi-head cross-entropy, validation, ``best.pt``/``last.pt``, early stopping;
-7. on the main process: the summary table, then ``calibrate_best`` (per-head temperatures and abstain
-   thresholds) and ``fit_gate`` (the novelty gate against unseen product types) on ``best.pt``.
+7. on the main process: the summary table, then ``correct_best`` (``prior_correction``: the training class
+   mix divided out), ``calibrate_best`` (per-head temperatures and abstain thresholds; a title model's
+   title temperatures and conflict thresholds) and ``fit_gate`` (the novelty gate against unseen product
+   types) on ``best.pt``.
 
 Single process by default; under ``torchrun`` (``LOCAL_RANK`` set) it runs DistributedDataParallel,
 with rank 0 evaluating and writing the run directory.
@@ -31,13 +33,14 @@ from fashion.contract import Preprocessing
 from fashion.schema import LabelSchema
 from fashion.text import TitleTokenizer, tokenize_all
 from training.calibrate import HeadCalibration, calibrate_in_memory
-from training.checkpoint import Checkpoint, load_checkpoint
+from training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from training.config import ConfigError, TrainConfig
 from training.context import prepare_data
 from training.data import Catalogue, Sample, build_schema, encode, split_held_out
 from training.dataset import ImageCache
 from training.loop import Metrics, Progress, make_optimisation, run_epochs
 from training.model import FashionNet, build_model, pretrained_preprocessing
+from training.priors import correct_priors
 from training.runtime import Run, end_run, start_run
 from training.sources import Paths, check_settings, make_source
 from training.title import TitleEncoder, Titles
@@ -166,6 +169,14 @@ def emit_summary(progress: Progress, run_dir: Path) -> None:
     emit(f"{best}; run directory {run_dir}")
 
 
+def correct_best(cfg: TrainConfig, best: Path, data: Prepared) -> None:
+    """``cfg.prior_correction`` folded into ``best.pt``'s heads (``training.priors``), before calibration."""
+    if cfg.prior_correction > 0:
+        ckpt = load_checkpoint(best)
+        correct_priors(ckpt, cfg.prior_correction, data.y_train)
+        save_checkpoint(best, ckpt)
+
+
 def calibrate_best(best: Path, data: Prepared, val_images: np.ndarray, run: Run) -> list[HeadCalibration]:
     """Per-head temperatures and abstain thresholds for ``best.pt``, fitted on the validation split (and,
     with titles, the temperatures of image + title requests on the same photos with their titles)."""
@@ -205,6 +216,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if run.main:
         emit_summary(progress, run.run_dir)
         if best.is_file():
+            correct_best(cfg, best, data)
             calibration = calibrate_best(best, data, val_images, run)
             novelty = fit_gate(cfg, best, data, train_images, val_images, run)
     end_run(run)
