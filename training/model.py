@@ -250,7 +250,7 @@ class FashionNet(nn.Module):
         if self.title is None:
             return features
         width = self.title.features
-        return torch.cat([features[:, :-width], features.new_zeros((len(features), width))], dim=1)
+        return torch.cat([features[:, :-width], torch.zeros_like(features[:, -width:])], dim=1)
 
     def has_title(self, features: torch.Tensor) -> torch.Tensor | None:
         """``(N, 1)``: 1 where the heads' input carries a title (None for a model without the branch)."""
