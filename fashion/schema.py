@@ -35,6 +35,17 @@ class Role(StrEnum):
     OTHER = "other"
 
 
+ALWAYS_UNCERTAIN = 1.0  # an abstain threshold that flags every answer (a head that must not be trusted)
+
+
+def is_uncertain(confidence: Any, threshold: float | None) -> Any:
+    """Whether a top-1 confidence (a number or a NumPy array) is flagged ``uncertain`` under an abstain
+    threshold: below it, or always at ``ALWAYS_UNCERTAIN``; never without a threshold."""
+    if threshold is None:
+        return confidence < 0  # False in the shape of ``confidence``
+    return (confidence < threshold) | (threshold >= ALWAYS_UNCERTAIN)
+
+
 def tensor_name(name: str) -> str:
     """A Triton/ONNX-safe tensor name for an attribute (letters, digits, underscores)."""
     safe = re.sub(r"[^A-Za-z0-9_]+", "_", name).strip("_")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fashion.contract import Preprocessing
-from fashion.schema import Attribute, LabelSchema
+from fashion.schema import Attribute, LabelSchema, is_uncertain
 from fashion.text import TitleTokenizer
 from training.checkpoint import load_checkpoint
 from training.config import ConfigError, TrainConfig
@@ -173,3 +173,17 @@ def test_evaluate_scores_a_title_model_with_titles_without_and_with_wrong_ones(k
         docs[mode] = json.loads((out / "metrics.json").read_text())["attributes"]["baseColour"]
     assert docs["none"]["conflict_rate"] is None  # no title, nothing to disagree with
     assert docs["auto"]["conflict_rate"] is not None and docs["shuffled"]["conflict_rate"] is not None
+
+
+def test_a_head_served_as_always_uncertain_gets_a_threshold_no_answer_reaches(kaggle_dir, tmp_path):
+    cfg = TrainConfig(data=str(kaggle_dir), out=str(tmp_path / "run"), backbone="test_efficientnet",
+                      image_size=32, epochs=1, batch_size=8, workers=0, min_class_count=0, novelty_quantile=0,
+                      always_uncertain=("season",))
+    ckpt = load_checkpoint(train(cfg).run_dir / "best.pt")
+    assert ckpt.thresholds["season"] == 1.0
+    confidence = ckpt.model.probabilities(images(4))["season"].max(dim=1).values.detach().numpy()
+    assert is_uncertain(confidence, ckpt.thresholds["season"]).all()  # every season answer is flagged
+    assert (confidence > 0.99).all()  # however sure the model is (one season in this catalogue)
+    assert not is_uncertain(confidence, 0.5).any() and not is_uncertain(confidence, None).any()
+    with pytest.raises(ConfigError, match="not trained"):
+        TrainConfig(data="d", out="o", attributes=("gender",), always_uncertain=("season",))

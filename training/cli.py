@@ -98,6 +98,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("--title-loss", type=float, help="weight of the title-only heads' loss (default 0.5)")
     a("--logit-adjust", type=float, help="logit adjustment tau against the training class mix (default 0)")
     a("--trunk-cache", help="folder that keeps the frozen trunk's activations between runs")
+    a("--always-uncertain", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+      help="comma-separated heads served as always uncertain (e.g. season: a listing date, not in the photo)")
     a("--prior-correction", type=float, help="after training, divide this power of the training class mix "
       "out of best.pt's answers (training.priors; default 0)")
     a("--colour-hist", type=int, help="heads also read the product's colour histogram, N³ RGB bins (0 = off)")
@@ -132,7 +134,7 @@ def _train(args: argparse.Namespace) -> int:
         "mixup_alpha", "cutmix_alpha", "min_class_count", "val_fraction", "patience", "seed", "workers",
         "device", "resume", "time_budget_min", "max_samples", "freeze_blocks", "aspect_views", "hold_out",
         "novelty_quantile", "novelty_heads", "title", "title_buckets", "title_dim", "title_loss",
-        "logit_adjust", "prior_correction", "trunk_cache",
+        "logit_adjust", "prior_correction", "trunk_cache", "always_uncertain",
     ]
     overrides: dict[str, Any] = {n: getattr(args, n) for n in names}
     cfg = TrainConfig.from_sources(args.config, overrides)

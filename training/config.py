@@ -92,6 +92,10 @@ class TrainConfig:
     # Post-hoc prior correction (training.priors): after training, ``tau * log prior`` is subtracted from
     # every head's bias of best.pt (before calibration). 0: off.
     prior_correction: float = 0.0
+    # Heads served as always ``uncertain`` (abstain threshold 1.0): kept trainable and reported, but never
+    # presented as a confident tag — e.g. season, which in a catalogue is when the listing was made, not
+    # something a photo shows (models/default/MODEL_CARD.md measures it on the split by year).
+    always_uncertain: tuple[str, ...] = ()
     # Where the frozen trunk's activations are kept between runs (one row per photo and view; any run with
     # the same backbone, weights, frozen stages and contract reuses them). None: computed in memory per run.
     trunk_cache: str | None = None
@@ -123,12 +127,15 @@ class TrainConfig:
             raise ConfigError(f"aspect_views must be 1 to n values in [0.25, 4], got {self.aspect_views}")
         object.__setattr__(self, "hold_out", tuple(self.hold_out))
         object.__setattr__(self, "novelty_heads", tuple(self.novelty_heads))
+        object.__setattr__(self, "always_uncertain", tuple(self.always_uncertain))
         if not 0 <= self.novelty_quantile < 1:
             raise ConfigError(f"novelty_quantile must be in [0, 1), got {self.novelty_quantile}")
         if self.title_buckets < 2 or self.title_dim < 1 or self.title_loss < 0:
             raise ConfigError("title_buckets must be at least 2, title_dim positive, title_loss not negative")
         if self.logit_adjust < 0 or self.prior_correction < 0:
             raise ConfigError("logit_adjust and prior_correction must not be negative")
+        if self.attributes is not None and not set(self.always_uncertain) <= set(self.attributes):
+            raise ConfigError(f"always_uncertain names heads that are not trained: {self.always_uncertain}")
         for item in self.hold_out:
             if item.count("=") != 1 or not all(item.split("=")):
                 raise ConfigError(f"hold_out entries are attribute=class, got {item!r}")
@@ -139,7 +146,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for key in ("attributes", "aspect_views", "hold_out", "novelty_heads"):
+        for key in ("attributes", "aspect_views", "hold_out", "novelty_heads", "always_uncertain"):
             if d[key] is not None:
                 d[key] = list(d[key])
         return d

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from fashion.console import emit, table
-from fashion.schema import MISSING, OTHER, LabelSchema
+from fashion.schema import MISSING, OTHER, LabelSchema, is_uncertain
 from fashion.text import tokenize_all
 from training.checkpoint import Checkpoint, load_checkpoint
 from training.context import checkpoint_config, drift_samples, resolve_device, validation_samples
@@ -228,7 +228,9 @@ def flag_rates(
         scored = labels[:, j] != MISSING
         confidence = preds.probs[a.name].max(axis=1)[scored]
         per[a.name]["uncertain_rate"] = (
-            float(np.mean(confidence < ckpt.thresholds.get(a.name, 0.0))) if scored.any() else float("nan")
+            float(np.mean(is_uncertain(confidence, ckpt.thresholds.get(a.name, 0.0))))
+            if scored.any()
+            else float("nan")
         )
         if preds.conflict is not None:
             titled = preds.conflict.any(axis=1) if titled is None else titled

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from fashion.contract import ImageError, Preprocessing
-from fashion.schema import OTHER
+from fashion.schema import OTHER, is_uncertain
 from training.checkpoint import Checkpoint, load_checkpoint
 from training.context import resolve_device
 from training.data import Catalogue, DatasetError, Sample, read_catalogue
@@ -182,7 +182,7 @@ def write_attribute_csv(
                 p = preds.probs[a.name][i]
                 k = int(p.argmax())
                 threshold = ckpt.thresholds.get(a.name) if abstain else None
-                uncertain = threshold is not None and float(p[k]) < threshold
+                uncertain = bool(is_uncertain(float(p[k]), threshold))
                 row += ["" if uncertain else a.classes[k], f"{float(p[k]):.4f}", int(uncertain)]
             w.writerow(row)
 

@@ -177,11 +177,19 @@ def correct_best(cfg: TrainConfig, best: Path, data: Prepared) -> None:
         save_checkpoint(best, ckpt)
 
 
-def calibrate_best(best: Path, data: Prepared, val_images: np.ndarray, run: Run) -> list[HeadCalibration]:
+def calibrate_best(
+    cfg: TrainConfig, best: Path, data: Prepared, val_images: np.ndarray, run: Run
+) -> list[HeadCalibration]:
     """Per-head temperatures and abstain thresholds for ``best.pt``, fitted on the validation split (and,
     with titles, the temperatures of image + title requests on the same photos with their titles)."""
     titles = data.titles.val if data.titles is not None else None
-    return calibrate_in_memory(best, val_images, data.y_val, device=run.device, titles=titles)
+    report = calibrate_in_memory(best, val_images, data.y_val, device=run.device, titles=titles)
+    if cfg.always_uncertain:
+        ckpt = load_checkpoint(best)
+        for name in cfg.always_uncertain:
+            ckpt.thresholds[name] = 1.0  # no confidence reaches it: every answer is flagged uncertain
+        save_checkpoint(best, ckpt)
+    return report
 
 
 def fit_gate(
@@ -217,7 +225,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         emit_summary(progress, run.run_dir)
         if best.is_file():
             correct_best(cfg, best, data)
-            calibration = calibrate_best(best, data, val_images, run)
+            calibration = calibrate_best(cfg, best, data, val_images, run)
             novelty = fit_gate(cfg, best, data, train_images, val_images, run)
     end_run(run)
     return TrainResult(run.run_dir, progress.best_score, progress.best_epoch, progress.epochs_run,

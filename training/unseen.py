@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from fashion.console import emit, table
+from fashion.schema import is_uncertain
 from training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from training.context import checkpoint_config, prepare_data, resolve_device
 from training.data import encode, split_held_out
@@ -76,7 +77,10 @@ def flagged(
 ) -> dict[str, float]:
     """Head → share of the photos served ``uncertain`` (top-1 confidence below the head's threshold)."""
     probs = served(model, out, device)
-    return {name: float(np.mean(p.max(axis=1) < thresholds.get(name, 0.0))) for name, p in probs.items()}
+    return {
+        name: float(np.mean(is_uncertain(p.max(axis=1), thresholds.get(name, 0.0))))
+        for name, p in probs.items()
+    }
 
 
 @dataclass
