@@ -183,6 +183,8 @@ class ModelState:
                     }
                 served = self.triton.model_metadata(meta.name, meta.version)
             except GatewayError as e:
+                if attempt == 0 and e.code is ErrorCode.MODEL_NOT_READY:
+                    continue  # unloaded between the two calls (a deploy switching): look again
                 return False, {**details, "reason": e.message}
             problems = skew(meta, served)
             if problems:

@@ -78,9 +78,9 @@ class VersionedTriton(FakeTriton):
             self.calls.append({"version": version, "refused": True})
             raise triton_refusal(self.protocol, self.refusal, model, version)
 
-    def infer(self, model, version, input_name, batch, outputs, timeout_s):
+    def infer(self, model, version, input_name, batch, outputs, timeout_s, **inputs):
         self._refuse(model, version)
-        return super().infer(model, version, input_name, batch, outputs, timeout_s)
+        return super().infer(model, version, input_name, batch, outputs, timeout_s, **inputs)
 
     def model_metadata(self, model, version):
         self._refuse(model, version)
@@ -158,6 +158,29 @@ def test_readyz_stays_ready_while_triton_loads_or_unloads_another_version(tmp_pa
     triton.ready_versions = set()
     body = client.get("/readyz").get_json()
     assert body["status"] == "not_ready" and body["reason"] == "Triton is not ready"
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_readyz_stays_ready_when_triton_unloads_the_served_version_between_its_two_checks(tmp_path, protocol):
+    # A rollback: Triton has 1 loaded, and unloads 2 after /readyz found 2 ready but before it read 2's
+    # metadata (a window that a loaded machine widens; the update-under-load test met it).
+    for version in (1, 2):
+        write_metadata(tmp_path, version=version)
+    triton = VersionedTriton(protocol, "unloaded")
+    triton.ready_versions = {1, 2}
+    client = fake_gateway(tmp_path, triton)
+    assert client.get("/readyz").get_json()["model"]["version"] == 2
+    metadata = triton.model_metadata
+
+    def unloaded_meanwhile(model, version):
+        triton.ready_versions = {1}
+        return metadata(model, version)
+
+    triton.model_metadata = unloaded_meanwhile  # type: ignore[method-assign]
+    response = client.get("/readyz")
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["model"]["version"] == 1
+    assert [c["version"] for c in triton.calls if c.get("refused")] == [2]
 
 
 def test_a_pinned_gateway_does_not_follow_triton_to_another_version(tmp_path):
@@ -415,7 +438,8 @@ def test_update_and_rollback_under_load_fail_no_request_and_label_every_answer_w
     after_rollback = [a for a in answers if rolled_back + SWITCH_BOUND_S < a.sent_s]
     assert after_update and {a.version for a in after_update} == {2}
     assert after_rollback and {a.version for a in after_rollback} == {1}
-    assert load.probes and {p[1] for p in load.probes} == {200}, load.not_ready[:5]  # never left the Service
+    gateway_not_ready = [body for body in load.not_ready if "/readyz" in body]  # it never left the Service
+    assert load.probes and {p[1] for p in load.probes} == {200}, gateway_not_ready[:5]
 
     # Every Triton failure the gateway met was a version Triton had unloaded, and each was retried (every
     # answer is a 200): one per request that was on its way to the old version when its worker switched,
