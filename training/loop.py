@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,12 @@ class EpochRecord:
         return doc
 
 
+# Called on the main process after each epoch is validated and kept (``metrics.jsonl``, ``best.pt``,
+# ``last.pt`` written); returns True to stop after this epoch. An exception it raises (a tuner's
+# ``optuna.TrialPruned``) ends the run there: the run directory is as that epoch left it, uncalibrated.
+EpochCallback = Callable[[EpochRecord], bool]
+
+
 # --- one epoch ------------------------------------------------------------------------------------
 
 
@@ -241,10 +248,10 @@ def should_stop(cfg: TrainConfig, epoch: int, progress: Progress, started: float
 
 def run_epochs(
     cfg: TrainConfig, run: Run, model: FashionNet, source: BatchSource, opt: Optimisation, progress: Progress,
-    val_labels: np.ndarray,
+    val_labels: np.ndarray, on_epoch: EpochCallback | None = None,
 ) -> Progress:
     """Epochs from ``progress.start_epoch`` to ``cfg.epochs`` or an earlier stop; the main process validates,
-    keeps checkpoints and decides to stop, the others follow."""
+    keeps checkpoints and decides to stop (``on_epoch`` may ask it to), the others follow."""
     started = time.monotonic()
     for epoch in range(progress.start_epoch, cfg.epochs + 1):
         loss = train_epoch(epoch, source, opt, model, cfg, show=run.main)
@@ -253,7 +260,10 @@ def run_epochs(
         if run.main:
             record = validate(epoch, loss, source, model, val_labels, opt)
             progress = keep(run.run_dir, record, progress, model, cfg, opt)
-            stop = should_stop(cfg, epoch, progress, started)
+            asked = on_epoch is not None and on_epoch(record)
+            if asked:
+                log.info("stopping: the epoch callback asked to")
+            stop = should_stop(cfg, epoch, progress, started) or asked
         if agree_to_stop(run, stop):
             break
     return progress

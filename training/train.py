@@ -38,7 +38,7 @@ from training.config import ConfigError, TrainConfig
 from training.context import prepare_data
 from training.data import Catalogue, Sample, build_schema, encode, split_held_out
 from training.dataset import ImageCache
-from training.loop import Metrics, Progress, make_optimisation, run_epochs
+from training.loop import EpochCallback, Metrics, Progress, make_optimisation, run_epochs
 from training.model import FashionNet, build_model, pretrained_preprocessing
 from training.priors import correct_priors
 from training.runtime import Run, end_run, start_run
@@ -205,8 +205,9 @@ def fit_gate(
                           quantile=cfg.novelty_quantile, heads=cfg.novelty_heads or None, device=run.device)
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Train a model as ``cfg`` says and write the run directory; returns the best validation result."""
+def train(cfg: TrainConfig, on_epoch: EpochCallback | None = None) -> TrainResult:
+    """Train a model as ``cfg`` says and write the run directory; returns the best validation result.
+    ``on_epoch`` (``training.loop.EpochCallback``) sees each epoch's validation record and may stop it."""
     run = start_run(cfg)
     check_settings(cfg, run.world)
     data = prepare(cfg, run)
@@ -217,7 +218,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     train_images, val_images = photos.views[0], photos.val  # the gate is fitted on the photos as they are
     del photos  # the other views live on in the source (its dataset or its trunk cache) only
     opt = make_optimisation(cfg, model, data.y_train, source.steps_per_epoch, run.device)
-    progress = run_epochs(cfg, run, model, source, opt, Progress.resume(data.resumed, opt), data.y_val)
+    progress = run_epochs(cfg, run, model, source, opt, Progress.resume(data.resumed, opt), data.y_val,
+                          on_epoch)
     calibration: list[HeadCalibration] = []
     novelty = None
     best = run.run_dir / "best.pt"
