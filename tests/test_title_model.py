@@ -166,13 +166,14 @@ def test_evaluate_scores_a_title_model_with_titles_without_and_with_wrong_ones(k
     best = str(train(cfg).run_dir / "best.pt")
     assert load_checkpoint(best).config["prior_correction"] == 0.5
     docs = {}
-    for mode in ("auto", "none", "shuffled"):
+    for mode in ("auto", "none", "shuffled", "only"):
         out = tmp_path / mode
         assert main(["evaluate", "--checkpoint", best, "--data", str(kaggle_dir), "--out", str(out),
                      "--title", mode]) == 0
         docs[mode] = json.loads((out / "metrics.json").read_text())["attributes"]["baseColour"]
     assert docs["none"]["conflict_rate"] is None  # no title, nothing to disagree with
     assert docs["auto"]["conflict_rate"] is not None and docs["shuffled"]["conflict_rate"] is not None
+    assert docs["only"]["accuracy"] != docs["auto"]["accuracy"] or docs["only"]["ece"] != docs["auto"]["ece"]
 
 
 def test_a_head_served_as_always_uncertain_gets_a_threshold_no_answer_reaches(kaggle_dir, tmp_path):

@@ -9,6 +9,7 @@ from typing import Any
 
 from fashion.console import emit, table
 from fashion.errors import UserError
+from training.tune_cli import register as register_tune
 
 EPILOG_TRAIN = """examples:
   fashion synth --out demo/synth --count 800 --seed 1
@@ -105,6 +106,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("--colour-hist", type=int, help="heads also read the product's colour histogram, N³ RGB bins (0 = off)")
     t.set_defaults(func=_train)
     register_analysis(sub)
+    register_tune(sub)
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -200,9 +202,10 @@ def register_analysis(sub: argparse._SubParsersAction) -> None:
     _common(e, "labelled dataset folder (or CSV file); optional with --subset val")
     e.add_argument("--out", required=True, help="folder for metrics.json, reports/, confusion/, report.md")
     e.add_argument("--split", default="train", help="Meesho table to read: train (default) or test")
-    e.add_argument("--title", choices=["auto", "none", "shuffled"], default="auto",
+    e.add_argument("--title", choices=["auto", "none", "shuffled", "only"], default="auto",
                    help="a title model's requests: with each photo's title (auto, default), image only "
-                   "(none), or with another photo's title (shuffled: how often the conflict flag fires)")
+                   "(none), with another photo's title (shuffled: how often the conflict flag fires), or "
+                   "its title-only heads (only: a reference, never served)")
     e.add_argument("--prior-correction", type=float, default=0.0,
                    help="evaluate with this much more prior correction folded in (training.priors)")
     e.add_argument("--subset", choices=["all", "val", "drift"], default="all",

@@ -200,7 +200,8 @@ def write_report_md(
 # --- the command ----------------------------------------------------------------------------------
 
 
-TITLE_MODES = ("auto", "none", "shuffled")  # a title model's requests: with titles, without, titles mixed up
+# A title model's requests: with titles, without, with titles mixed up; or its title-only heads (a reference)
+TITLE_MODES = ("auto", "none", "shuffled", "only")
 
 
 def request_titles(
@@ -213,6 +214,8 @@ def request_titles(
         raise DatasetError(f"title must be one of {TITLE_MODES}, got {mode!r}")
     title = ckpt.model.title
     if title is None or mode == "none":
+        if mode == "only":
+            raise DatasetError("--title only needs a model trained with --title")
         return None
     ids = tokenize_all(title.tokenizer, [s.title for s in samples])
     return ids[np.random.default_rng(seed).permutation(len(ids))] if mode == "shuffled" else ids
@@ -266,7 +269,8 @@ def evaluate(
     correct_priors(ckpt, prior_correction)
     labels = encode_known(schema, samples, known_only=subset == "drift")
     preds = predict_paths(ckpt.model, [s.image_path for s in samples], resolve_device(device), batch_size,
-                          desc="evaluate", aspect=aspect, titles=request_titles(ckpt, samples, title))
+                          desc="evaluate", aspect=aspect, titles=request_titles(ckpt, samples, title),
+                          title_only=title == "only")
     labels[~preds.ok] = MISSING  # an undecodable image has no prediction to score
     score, per = evaluate_arrays(schema, labels, preds.probs)
     flag_rates(ckpt, labels, preds, per)

@@ -127,10 +127,11 @@ def predict_paths(
     desc: str = "predict",
     aspect: float = 1.0,
     titles: np.ndarray | None = None,
+    title_only: bool = False,
 ) -> Predictions:
     """Calibrated probabilities per head for image files, with a progress bar; with ``titles`` (a title
     model's ``(n, max_tokens)`` ids, rows aligned with ``paths``) as image + title requests, and the
-    conflict scores."""
+    conflict scores. ``title_only``: what the title-only heads say instead (a reference, never served)."""
     model.eval().to(device)
     ok: list[bool] = []
 
@@ -145,12 +146,14 @@ def predict_paths(
                 bar.update(len(flags))
 
     widths = head_widths(model.schema)
-    with_conflict = titles is not None and model.title is not None
+    with_conflict = titles is not None and model.title is not None and not title_only
     if with_conflict:
         widths = {**widths, CONFLICT: len(model.schema.attributes)}
 
     def step(batch: tuple[torch.Tensor, torch.Tensor | None]) -> dict[str, torch.Tensor]:
         pooled, features = model.embed(*batch)
+        if title_only:
+            return {k: torch.softmax(v, dim=1) for k, v in model.title_logits(features).items()}
         out = model.features_probabilities(pooled, features)
         return {**out, CONFLICT: model.conflict(features)} if with_conflict else out
 
