@@ -11,6 +11,11 @@
    but never used to calibrate INT8 or to pass a reduced precision unless asked
    (``--synthetic-calibration``), and then the metadata says so.
 
+For a model that reads titles, every photo carries its listing's title as the model's ids (``titles``,
+tokenised with the checkpoint's own tokenizer, ``fashion.text.tokenize_all``): Kaggle's
+``productDisplayName``, a plain CSV's title column, a synthetic product's name; a photo without one gets an
+all-zero row (no title). The gate and the INT8 calibration then see what a request with a title sends.
+
 Where the photos come from is recorded truthfully (``fashion.metadata.PhotoOrigin``): a catalogue written
 by ``fashion synth`` (its ``training.synth.MARKER`` file) holds renders, not real photos, and counts as
 synthetic like the export's own renders.
@@ -18,7 +23,8 @@ synthetic like the export's own renders.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +33,7 @@ import numpy as np
 from export.errors import ExportError
 from fashion.contract import Preprocessing, resize, to_rgb
 from fashion.metadata import ExportPhotos, PhotoOrigin, PhotoSet
+from fashion.text import has_title, tokenize_all
 from training.context import checkpoint_config, prepare_data
 from training.data import DatasetError, read_catalogue
 from training.dataset import ImageCache
@@ -36,22 +43,51 @@ from training.synth import MARKER, render, sample_rows
 
 @dataclass(frozen=True)
 class ImageSet:
-    """uint8 NHWC images, where they came from and whether they are real photos (recorded)."""
+    """uint8 NHWC images, where they came from and whether they are real photos (recorded); for a model
+    that reads titles, their titles' ids ``(N, max_tokens)`` (all-zero rows: no title)."""
 
     images: np.ndarray
     source: str
     origin: PhotoOrigin = PhotoOrigin.REAL
+    titles: np.ndarray | None = None
 
     def record(self) -> PhotoSet:
-        return PhotoSet(self.source, len(self.images), self.origin)
+        titled = None if self.titles is None else int(has_title(self.titles).sum())
+        return PhotoSet(self.source, len(self.images), self.origin, titled)
+
+    def head(self, count: int) -> ImageSet:
+        """The first ``count`` images (and their titles)."""
+        titles = None if self.titles is None else self.titles[:count]
+        return ImageSet(self.images[:count], self.source, self.origin, titles)
+
+    def split(self, count: int) -> tuple[ImageSet, ImageSet]:
+        """(the first ``count`` images, the rest), each with its titles."""
+        rest = ImageSet(
+            self.images[count:],
+            self.source,
+            self.origin,
+            None if self.titles is None else self.titles[count:],
+        )
+        return self.head(count), rest
 
 
-def synthetic(pre: Preprocessing, count: int, seed: int = 0, start_id: int = 100_000) -> ImageSet:
-    """Rendered synthetic products with ids from ``start_id`` (beyond what ``fashion synth`` writes)."""
+def title_ids(ckpt: Any, titles: Sequence[str | None]) -> np.ndarray | None:
+    """The titles as ``ckpt``'s model reads them (None for a model without a title branch)."""
+    encoder = getattr(ckpt.model, "title", None)
+    return None if encoder is None else tokenize_all(encoder.tokenizer, titles)
+
+
+def synthetic(
+    pre: Preprocessing, count: int, seed: int = 0, start_id: int = 100_000, ckpt: Any = None
+) -> ImageSet:
+    """Rendered synthetic products with ids from ``start_id`` (beyond what ``fashion synth`` writes), with
+    their product names as titles for ``ckpt``'s model when it reads titles."""
 
     rows = sample_rows(count, seed, start_id=start_id)
     images = np.stack([resize(to_rgb(render(row, seed)[0], pre.fill), pre) for row in rows])
-    return ImageSet(images, f"synthetic renders (seed {seed}, {count} images)", PhotoOrigin.SYNTHETIC_RENDERS)
+    titles = None if ckpt is None else title_ids(ckpt, [row.product_display_name for row in rows])
+    source = f"synthetic renders (seed {seed}, {count} images)"
+    return ImageSet(images, source, PhotoOrigin.SYNTHETIC_RENDERS, titles)
 
 
 def catalogue_origin(folder: str | Path) -> PhotoOrigin:
@@ -76,6 +112,30 @@ class ExportImages:
     def record(self) -> ExportPhotos:
         calibration = None if self.calibration is None else self.calibration.record()
         return ExportPhotos(self.gate.record(), self.labels is not None, calibration)
+
+    def gate_batch(self) -> GateBatch:
+        """What the accuracy gate sends: the gate photos; for a model that reads titles, each photo twice,
+        with its title and without one (all-zero ids), since one model answers both kinds of request."""
+        gate = self.gate
+        if gate.titles is None:
+            return GateBatch(gate.images, None, self.labels)
+        labels = None if self.labels is None else np.concatenate([self.labels, self.labels])
+        titles = np.concatenate([gate.titles, np.zeros_like(gate.titles)])
+        return GateBatch(np.concatenate([gate.images, gate.images]), titles, labels)
+
+
+@dataclass(frozen=True)
+class GateBatch:
+    """The gate's inputs and labels, row by row."""
+
+    images: np.ndarray
+    titles: np.ndarray | None  # a title model's ids, all-zero rows without a title
+    labels: np.ndarray | None
+
+    @property
+    def titled(self) -> np.ndarray | None:
+        """Which rows carry a title (None for a model that reads no titles)."""
+        return None if self.titles is None else has_title(self.titles)
 
 
 def export_images(
@@ -106,17 +166,13 @@ def export_images(
         calib_where = f"training split of {ckpt.config['data']}"
         origin = catalogue_origin(ckpt.config["data"])
     else:
-        renders = synthetic(pre, gate_count + (calibration_count if synthetic_calibration else 0), seed)
-        kind = PhotoOrigin.SYNTHETIC_RENDERS
-        gate_set = ImageSet(
-            renders.images[:gate_count], renders.source + " [synthetic: not real photos]", kind
+        renders = synthetic(
+            pre, gate_count + (calibration_count if synthetic_calibration else 0), seed, ckpt=ckpt
         )
+        first, rest = renders.split(gate_count)
+        gate_set = replace(first, source=renders.source + " [synthetic: not real photos]")
         calibration = (
-            ImageSet(
-                renders.images[gate_count:],
-                renders.source + " [synthetic: asked by --synthetic-calibration]",
-                kind,
-            )
+            replace(rest, source=renders.source + " [synthetic: asked by --synthetic-calibration]")
             if synthetic_calibration
             else None
         )
@@ -124,9 +180,11 @@ def export_images(
     if len(gate) < 2:
         raise ExportError(f"{gate_where}: only {len(gate)} labelled photos for the checks; need at least 2")
     note = "" if origin is PhotoOrigin.REAL else ", a `fashion synth` catalogue: renders, not real photos"
-    gate_set = _decode(gate, pre, f"{gate_where} ({len(gate)} photos{note})", "decode gate photos", origin)
+    gate_set = _decode(ckpt, gate, f"{gate_where} ({len(gate)} photos{note})", "decode gate photos", origin)
     calib_set = (
-        _decode(calib, pre, f"{calib_where} ({len(calib)} photos{note})", "decode calibration photos", origin)
+        _decode(
+            ckpt, calib, f"{calib_where} ({len(calib)} photos{note})", "decode calibration photos", origin
+        )
         if calib
         else None
     )
@@ -144,6 +202,7 @@ def _catalogue_samples(path: Path) -> list[Any]:
     return cat.samples
 
 
-def _decode(samples: list[Any], pre: Preprocessing, source: str, desc: str, origin: PhotoOrigin) -> ImageSet:
-
-    return ImageSet(ImageCache.build([s.image_path for s in samples], pre, desc=desc).images, source, origin)
+def _decode(ckpt: Any, samples: list[Any], source: str, desc: str, origin: PhotoOrigin) -> ImageSet:
+    """The samples' photos through the checkpoint's preprocessing, with their titles (``Sample.title``)."""
+    images = ImageCache.build([s.image_path for s in samples], ckpt.preprocessing, desc=desc).images
+    return ImageSet(images, source, origin, title_ids(ckpt, [s.title for s in samples]))

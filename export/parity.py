@@ -4,7 +4,9 @@ Used twice: PyTorch vs the exported FP32 ONNX (``compare``: parity, which must h
 tolerance), and FP32 ONNX vs each candidate (``gate``: the accuracy gate, a ``GateVerdict`` recorded in
 the metadata). The gate compares what a user of the gateway receives (``gateway.client``): the top-1
 label, its confidence (and how well calibrated it is against the labels), the top-k list, the
-``uncertain`` flag (top-1 confidence below the head's threshold), and the accuracy against the labels.
+``uncertain`` flag (top-1 confidence below the head's threshold), and the accuracy against the labels;
+for a model that reads titles (``TitleGate``) also the ``conflict`` flag (the conflict score above the
+attribute's threshold) on the photos sent with their titles, with the same margin as ``uncertain``.
 """
 
 from __future__ import annotations
@@ -17,13 +19,24 @@ import numpy as np
 
 from fashion.console import table
 from fashion.metadata import AttributeVerdict, FlagAgreement, GateVerdict, ParityRow
-from fashion.schema import LabelSchema
+from fashion.schema import LabelSchema, is_uncertain
 
 # PyTorch vs ONNX Runtime, both FP32: the same arithmetic in a different order.
 FP32_ATOL = 1e-4
 # Two classes whose reference probabilities are this close are a tie: no decision can rest on which
 # one is on top, so a variant that swaps them is not counted as disagreeing (``decisive_agreement``).
 TIE = 1e-3
+
+
+def heads_and_conflict(
+    schema: LabelSchema, outputs: Sequence[np.ndarray]
+) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """A graph's outputs split into the probabilities per attribute (schema order) and, for a model that
+    reads titles (one output more), its ``(N, attributes)`` conflict scores."""
+    n = len(schema.attributes)
+    if len(outputs) not in (n, n + 1):
+        raise ValueError(f"{len(outputs)} outputs for {n} attributes")
+    return list(outputs[:n]), (np.asarray(outputs[n]) if len(outputs) > n else None)
 
 
 def compare(
@@ -82,6 +95,15 @@ ECE_BINS = 15
 
 
 @dataclass(frozen=True)
+class TitleGate:
+    """A title model's part of the gate: which photos were sent with a title (the last output is the
+    conflict score there), and each attribute's conflict threshold (``Checkpoint.conflict_thresholds``)."""
+
+    titled: np.ndarray  # (photos,) bool
+    thresholds: Mapping[str, float | None]
+
+
+@dataclass(frozen=True)
 class GateRule:
     """The bounds a candidate must keep, per attribute, against FP32."""
 
@@ -116,22 +138,48 @@ def gate(
     labels: np.ndarray | None,
     thresholds: Mapping[str, float] | None = None,
     rule: GateRule = GateRule(),
+    title: TitleGate | None = None,
 ) -> GateVerdict:
     """Does ``candidate`` answer users like the FP32 ``reference``, and is it as accurate on ``labels``?
 
     ``labels`` is ``(images, attributes)`` class indices with -1 for missing, or None (no labelled photos:
     no accuracy or calibration rule, and the verdict says so). ``thresholds``: each head's abstain
-    threshold (the metadata's ``threshold``: top-1 confidence below it is flagged ``uncertain``)."""
+    threshold (the metadata's ``threshold``: top-1 confidence below it is flagged ``uncertain``).
+    ``title``: for a model that reads titles, whose outputs end with the conflict scores; the ``conflict``
+    flag is compared on the photos that carried a title."""
+    reference, ref_conflict = heads_and_conflict(schema, reference)
+    candidate, conflict = heads_and_conflict(schema, candidate)
     rows = []
     for j, (a, ref, cand) in enumerate(zip(schema.attributes, reference, candidate, strict=True)):
         truth = None if labels is None else labels[:, j]
         threshold = (thresholds or {}).get(a.name)
-        rows.append(attribute_verdict(a.name, ref, cand, truth, threshold, rule))
+        verdict = attribute_verdict(a.name, ref, cand, truth, threshold, rule)
+        limit = None if title is None else title.thresholds.get(a.name)
+        if limit is not None and title is not None and ref_conflict is not None and conflict is not None:
+            rows_titled = np.asarray(title.titled, bool)
+            flag = flag_agreement(
+                "conflict",
+                ref_conflict[rows_titled, j],
+                conflict[rows_titled, j],
+                limit,
+                rule.flag_margin,
+                above=True,
+            )
+            verdict = replace(verdict, flags=(*verdict.flags, flag))
+            verdict = replace(verdict, failures=failures(verdict, rule))
+        rows.append(verdict)
+    text = rule.describe(labels is not None)
+    if title is not None:
+        text += (
+            f"; the `conflict` flag (score above the attribute's threshold) agreement >= "
+            f"{rule.min_agreement:.0%} on the {int(np.sum(title.titled))} photos sent with their titles "
+            f"(scores within {rule.flag_margin} of the threshold excused)"
+        )
     return GateVerdict(
         attributes=tuple(rows),
         images=len(reference[0]) if len(reference) else 0,
         labelled=labels is not None,
-        rule=rule.describe(labels is not None),
+        rule=text,
     )
 
 
@@ -192,11 +240,23 @@ def uncertain_agreement(
 ) -> FlagAgreement:
     """The ``uncertain`` flag (confidence below ``threshold``) of the candidate against FP32's, on the
     photos whose FP32 confidence is at least ``margin`` away from the threshold."""
-    flag_ref, flag = conf_ref < threshold, conf < threshold
-    counted = np.abs(conf_ref - threshold) >= margin
+    return flag_agreement("uncertain", conf_ref, conf, threshold, margin, above=False)
+
+
+def flag_agreement(
+    name: str, ref: np.ndarray, value: np.ndarray, threshold: float, margin: float, *, above: bool
+) -> FlagAgreement:
+    """A flag raised when a score is above ``threshold`` (``conflict``) or, as ``fashion.schema.is_uncertain``
+    says, below it (``uncertain``): the candidate's against FP32's, on the photos whose FP32 score is at least
+    ``margin`` from the threshold."""
+    if above:
+        flag_ref, flag = ref > threshold, value > threshold
+    else:
+        flag_ref, flag = is_uncertain(ref, threshold), is_uncertain(value, threshold)
+    counted = np.abs(ref - threshold) >= margin
     agreement = float((flag_ref == flag)[counted].mean()) if counted.any() else 1.0
     return FlagAgreement(
-        flag="uncertain",
+        flag=name,
         threshold=float(threshold),
         margin=margin,
         agreement=agreement,
@@ -261,10 +321,11 @@ def gate_table(verdict: GateVerdict, title: str = "") -> str:
     def pct(value: float | None) -> str:
         return "" if value is None else f"{value:.2%}"
 
+    flags = ["uncertain"] + (["conflict"] if any(r.flag("conflict") for r in verdict.attributes) else [])
     rows = []
     for r in verdict.attributes:
-        flag = r.flag("uncertain")
         delta = r.accuracy_delta
+        agreements = [r.flag(name) for name in flags]
         rows.append(
             (
                 r.attribute,
@@ -272,13 +333,13 @@ def gate_table(verdict: GateVerdict, title: str = "") -> str:
                 r.agreement_images,
                 pct(r.top_k_agreement),
                 f"{r.confidence_mean_delta:.3f}",
-                "" if flag is None else pct(flag.agreement),
+                *("" if f is None else pct(f.agreement) for f in agreements),
                 pct(r.accuracy_fp32),
                 pct(r.accuracy),
                 "" if delta is None else f"{delta * 100:+.2f}",
                 "yes" if r.passed else "NO: " + "; ".join(r.failures),
             )
         )
-    headers = ["attribute", "top-1", "photos", "top-k", "mean |Δconf|", "uncertain", "acc FP32", "acc"]
+    headers = ["attribute", "top-1", "photos", "top-k", "mean |Δconf|", *flags, "acc FP32", "acc"]
     body = table([*headers, "Δ points", "passed"], rows)
     return f"{title}\n{body}" if title else body

@@ -23,7 +23,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -33,7 +33,7 @@ import numpy as np
 import yaml
 
 from export.errors import ExportError, ParityError, PrecisionError
-from export.images import ExportImages, export_images
+from export.images import ExportImages, GateBatch, ImageSet, export_images
 from export.onnx_export import OPSET, export_onnx, run_torch
 from export.parity import (
     FP32_ATOL,
@@ -41,11 +41,12 @@ from export.parity import (
     GATE_MAX_MEAN_CONFIDENCE_DELTA,
     GATE_MIN_AGREEMENT,
     GateRule,
+    TitleGate,
     agreement_table,
     compare,
     gate,
     gate_table,
-    worst,
+    heads_and_conflict,
 )
 from export.precision import count_ops, to_fp16, to_int8
 from export.repository import CpuServing, ServingConfig, write_model_version, write_trt_model
@@ -73,11 +74,13 @@ from fashion.metadata import (
     ParityRow,
     Quantisation,
     TimingRecord,
+    TitleSpec,
     TrainingRecord,
     VariantRecord,
     build_metadata,
     file_sha256,
 )
+from fashion.text import has_title
 from training.checkpoint import Checkpoint, load_checkpoint, weights_digest
 
 log = logging.getLogger(__name__)
@@ -220,12 +223,14 @@ class PhotoPlan:
 
 @dataclass(frozen=True)
 class Fp32Export:
-    """The checked FP32 ONNX file, its parity with PyTorch, and ONNX Runtime's outputs on the gate photos."""
+    """The checked FP32 ONNX file, its parity with PyTorch, and ONNX Runtime's outputs on the gate's inputs
+    (``ExportImages.gate_batch``: a title model's photos with and without their titles)."""
 
     path: Path
     reference: Session
     outputs: tuple[np.ndarray, ...]
     parity: ParityRecord
+    batch: GateBatch
 
 
 @dataclass(frozen=True)
@@ -332,25 +337,49 @@ def pick_photos(opts: ExportOptions, loaded: Loaded, say: Say) -> PhotoPlan:
 
 
 def export_fp32(opts: ExportOptions, loaded: Loaded, plan: PhotoPlan, work: Path, say: Say) -> Fp32Export:
-    """The FP32 ONNX file, checked against PyTorch on the first ``eval_images`` gate photos."""
+    """The FP32 ONNX file, checked against PyTorch on the first ``eval_images`` gate photos — for a model
+    that reads titles, with their titles (probabilities and conflict scores) and without (all-zero ids)."""
     ckpt, photos = loaded.checkpoint, plan.photos
     path = export_onnx(ckpt.model, work / "model.onnx")
     reference = open_session(opts.reference, path)
-    eval_images = photos.gate.images[: opts.eval_images]
-    rows = compare(ckpt.schema, run_torch(ckpt.model, eval_images), run_all(reference, eval_images))
-    title = (
-        f"parity: PyTorch vs ONNX Runtime FP32 ({photos.gate.source}, {len(eval_images)} images; "
+    parity = check_parity(opts, ckpt, reference, photos.gate.head(opts.eval_images), say)
+    batch = photos.gate_batch()
+    outputs = run_all(reference, batch.images, titles=batch.titles)
+    return Fp32Export(path, reference, tuple(outputs), parity, batch)
+
+
+def check_parity(
+    opts: ExportOptions, ckpt: Checkpoint, session: Session, photos: ImageSet, say: Say
+) -> ParityRecord:
+    """PyTorch against ``session`` on ``photos`` (with their titles, and without, for a title model);
+    ``ParityError`` beyond ``parity_atol``."""
+    images, titles = photos.images, photos.titles
+    torch_out, ort_out = run_torch(ckpt.model, images, titles), run_all(session, images, titles=titles)
+    heads, conflict = heads_and_conflict(ckpt.schema, torch_out)
+    ort_heads, ort_conflict = heads_and_conflict(ckpt.schema, ort_out)
+    rows = compare(ckpt.schema, heads, ort_heads)
+    with_titles = "" if titles is None else f", {int(has_title(titles).sum())} with their titles"
+    header = (
+        f"parity: PyTorch vs ONNX Runtime FP32 ({photos.source}, {len(images)} images{with_titles}; "
         f"tolerance max |Δp| ≤ {opts.parity_atol:g})"
     )
-    say(agreement_table(rows, title))
-    max_diff, _ = worst(rows)
-    if max_diff > opts.parity_atol:
-        raise ParityError(
-            f"ONNX Runtime differs from PyTorch by up to {max_diff:.3g} (tolerance {opts.parity_atol:g}); "
-            "nothing was written"
+    say(agreement_table(rows, header))
+    record = ParityRecord(opts.parity_atol, len(images), photos.source, tuple(rows))
+    if titles is not None and conflict is not None and ort_conflict is not None:
+        plain_torch = heads_and_conflict(ckpt.schema, run_torch(ckpt.model, images))[0]
+        plain = compare(
+            ckpt.schema, plain_torch, heads_and_conflict(ckpt.schema, run_all(session, images))[0]
         )
-    parity = ParityRecord(opts.parity_atol, len(eval_images), photos.gate.source, tuple(rows))
-    return Fp32Export(path, reference, tuple(run_all(reference, photos.gate.images)), parity)
+        say(agreement_table(plain, "the same photos without titles (all-zero title ids)"))
+        delta = float(np.abs(conflict.astype(np.float64) - ort_conflict).max()) if conflict.size else 0.0
+        say(f"conflict scores: max |Δ| {delta:.2e}")
+        record = replace(record, without_title=tuple(plain), conflict_max_abs_diff=delta)
+    if record.max_abs_diff > opts.parity_atol:
+        raise ParityError(
+            f"ONNX Runtime differs from PyTorch by up to {record.max_abs_diff:.3g} "
+            f"(tolerance {opts.parity_atol:g}); nothing was written"
+        )
+    return record
 
 
 def make_variants(opts: ExportOptions, plan: PhotoPlan, fp32: Fp32Export, work: Path, say: Say) -> Variants:
@@ -366,7 +395,9 @@ def make_variants(opts: ExportOptions, plan: PhotoPlan, fp32: Fp32Export, work: 
     keep, keep_source = int8_keep(opts)
     if keep_source is not None:
         say(f"int8: keeping {', '.join(keep)} in FP32 ({keep_source})")
-    files["int8"], excluded = to_int8(fp32.path, work / "model.int8.onnx", calibration.images, keep)
+    files["int8"], excluded = to_int8(
+        fp32.path, work / "model.int8.onnx", calibration.images, keep, titles=calibration.titles
+    )
     quantisation = Quantisation(
         quantiser=f"nncf {_version('nncf')} post-training quantisation, PERFORMANCE preset "
         "(symmetric, per-channel weights)",
@@ -400,6 +431,10 @@ def gate_variants(
     """Every subject against ONNX Runtime FP32 on the gate photos, then the refusal policy. ``host`` is
     the CPU the candidates' availability is judged on (default: this one, ``cpu_info``)."""
     ckpt, photos, host = loaded.checkpoint, plan.photos, host or cpu_info()
+    batch = fp32.batch
+    titled = batch.titled
+    title = None if titled is None else TitleGate(titled, ckpt.conflict_thresholds)
+    where = photos.gate.source + ("" if titled is None else ", each photo with its title and without")
     gated = []
     for subject in gate_subjects(opts, plan, variants):
         why = unavailable(subject.spec, host) if subject.candidate else None
@@ -409,13 +444,11 @@ def gate_variants(
             continue
         same = subject.spec == fp32.reference.spec
         session = fp32.reference if same else open_session(subject.spec, variants.path(subject.spec))
-        outputs = fp32.outputs if same else run_all(session, photos.gate.images)
-        verdict = gate(ckpt.schema, fp32.outputs, outputs, photos.labels, ckpt.thresholds, opts.gate_rule)
-        say(
-            gate_table(
-                verdict, f"{subject.name} vs ONNX Runtime FP32 on {photos.gate.source}: {verdict.rule}"
-            )
+        outputs = fp32.outputs if same else run_all(session, batch.images, titles=batch.titles)
+        verdict = gate(
+            ckpt.schema, fp32.outputs, outputs, batch.labels, ckpt.thresholds, opts.gate_rule, title
         )
+        say(gate_table(verdict, f"{subject.name} vs ONNX Runtime FP32 on {where}: {verdict.rule}"))
         gated.append(Gated(subject, verdict, None, session if subject.candidate else None))
     decision = decide(tuple(gated), tuple(variants.files), opts.refusal or Refusal.REFUSE, say)
     return GateResult(host, tuple(gated), decision)
@@ -549,6 +582,7 @@ def publish(
 ) -> Path:
     """A new version of the model: the written files, the metadata, and a config per served spec."""
     ckpt = loaded.checkpoint
+    title = title_spec(ckpt)
     metadata = build_metadata(
         schema=ckpt.schema,
         preprocessing=ckpt.preprocessing,
@@ -556,6 +590,7 @@ def publish(
         temperatures=ckpt.temperatures(),
         thresholds=ckpt.thresholds,
         record=record,
+        title=title,
     )
     chosen = ranking.timed[ranking.chosen.name]
     configured = [ranking.timed[c.name] for c in ranking.candidates if c.configured]
@@ -573,11 +608,25 @@ def publish(
         serving=ServingConfig(max_batch_size=opts.max_batch_size),
         version=opts.version,
         cpu=CpuServing(chosen, configured, None if ngc is None else ranking.timed[ngc.name]),
+        title=title,
     )
 
 
-def build_trt_plans(opts: ExportOptions, version_dir: Path, image_size: int) -> dict[str, Path]:
-    """A TensorRT plan per ``trt-X`` precision asked, from the version's ``X`` file."""
+def title_spec(ckpt: Checkpoint) -> TitleSpec | None:
+    """The title input of a checkpoint that reads titles, as ``metadata.json`` declares it: its tokenizer
+    and the conflict thresholds fitted in training (``Checkpoint.conflict_thresholds``)."""
+    encoder = ckpt.model.title
+    if encoder is None:
+        return None
+    thresholds = {a.name: ckpt.conflict_thresholds.get(a.name) for a in ckpt.schema.attributes}
+    return TitleSpec(encoder.tokenizer, conflict_thresholds=thresholds)
+
+
+def build_trt_plans(
+    opts: ExportOptions, version_dir: Path, image_size: int, title_tokens: int | None = None
+) -> dict[str, Path]:
+    """A TensorRT plan per ``trt-X`` precision asked, from the version's ``X`` file (``title_tokens``: the
+    title input's ``max_tokens`` of a model that reads titles)."""
     plans = {}
     for precision in (p for p in opts.precisions if p.startswith("trt-")):
         base = precision.removeprefix("trt-")
@@ -589,6 +638,7 @@ def build_trt_plans(opts: ExportOptions, version_dir: Path, image_size: int) -> 
                 image_size=image_size,
                 max_batch_size=opts.max_batch_size,
                 timing_cache=opts.repository / ".trt_timing.cache",
+                title_tokens=title_tokens,
             )
             out = write_trt_model(
                 opts.repository,
@@ -629,7 +679,9 @@ def export_checkpoint(opts: ExportOptions, report: Say | None = None) -> ExportR
         ranking = _timed(seconds, "cpu_candidates", rank, opts, gates, plan, say)
         record = build_record(opts, loaded, plan, fp32, variants, gates, ranking)
         version_dir = publish(opts, loaded, plan, variants, ranking, record)
-    plans = build_trt_plans(opts, version_dir, loaded.checkpoint.preprocessing.image_size)
+    title = loaded.checkpoint.model.title
+    tokens = None if title is None else title.tokenizer.max_tokens
+    plans = build_trt_plans(opts, version_dir, loaded.checkpoint.preprocessing.image_size, tokens)
     files = {f.precision: version_dir / f.file for f in record.files}
     say(f"wrote {version_dir} ({', '.join(f.file for f in record.files)}) in {sum(seconds.values()):.1f} s")
     return ExportResult(

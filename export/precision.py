@@ -1,6 +1,7 @@
 """Reduced-precision ONNX variants of the FP32 graph: FP16 (for GPUs) and INT8 with Q/DQ nodes.
 
-Both keep the served interface: UINT8 NHWC ``image`` in, FP32 probabilities out. TensorRT 11 takes the
+Both keep the served interface: UINT8 NHWC ``image`` in (and a title model's INT64 ``title`` ids), FP32
+probabilities (and ``conflict`` scores) out. TensorRT 11 takes the
 precision from the graph itself (no builder flags), so these files are also what a plan is built from.
 
 What stays in FP32, and why
@@ -11,6 +12,9 @@ FP16 (``to_fp16``):
   * everything after the backbone's pooled features (``fp32_tail``: the heads, their temperature and
     ``Softmax``, the novelty gate and its mix): probabilities near 0/1 and the temperature division lose
     digits in FP16, and the abstain thresholds compare exactly these numbers.
+  * a title model's whole title branch (``fp32_tail`` again: every node that the ``title`` input reaches —
+    the embedding bag, the title-only heads, the conflict score): a mean over a few dozen embeddings and
+    a score compared with its threshold; they cost nothing next to the backbone.
   * ONNX Runtime's default block list (ops without FP16 kernels or numerically fragile ones).
 
 INT8 (``to_int8``: NNCF's post-training quantisation of the ONNX graph, Q/DQ nodes, the ``PERFORMANCE``
@@ -19,7 +23,8 @@ preset — symmetric weights and activations, per-channel weights — which Tens
     grid (``FashionNet.colour_features``). Quantising it cost most of the accuracy measured on the
     shipped model (baseColour agreement with FP32 78 % → 94 % on 600 real validation photos when kept).
   * **everything after the pooled features** (``fp32_tail``): the heads, their temperature and softmax,
-    the novelty gate (``/novelty/*``) and its mix into the probabilities. Tiny layers whose error lands
+    the novelty gate (``/novelty/*``) and its mix into the probabilities; and everything the ``title``
+    input reaches (the title branch, the title-only heads, the conflict score). Tiny layers whose error lands
     directly on what users receive: with Q/DQ pairs on the gate's ``MatMul``/``Mul`` outputs the squared
     distance cancelled to noise (the gate almost never fired), and quantised probabilities set every
     class but the first to exactly 0.0. Excluding only ``Gemm``/``MatMul``/``Softmax`` by type left the
@@ -53,7 +58,7 @@ import numpy as np
 import onnx
 
 from export.errors import ExportError
-from fashion.metadata import INPUT_NAME
+from fashion.metadata import INPUT_NAME, TITLE_INPUT
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +84,8 @@ def _stem_conv(model: onnx.ModelProto) -> onnx.NodeProto:
 
 def fp32_tail(model: onnx.ModelProto) -> list[str]:
     """The nodes after the backbone's pooled features, in graph order: every node that depends on a
-    tensor the backbone hands to the rest of the graph (the heads, softmax, the novelty gate, its mix)."""
+    tensor the backbone hands to the rest of the graph (the heads, softmax, the novelty gate, its mix), or
+    on a title model's ``title`` input (the title branch, the title-only heads, the conflict score)."""
     produced_by_backbone = {o for n in model.graph.node if n.name.startswith(BACKBONE) for o in n.output}
     pooled = {
         i
@@ -90,7 +96,8 @@ def fp32_tail(model: onnx.ModelProto) -> list[str]:
     }
     if not pooled:
         raise ExportError(f"no node outside {BACKBONE}* reads the backbone's features: unexpected graph")
-    tail, reached = [], set(pooled)
+    titles = {i.name for i in model.graph.input if i.name == TITLE_INPUT}
+    tail, reached = [], pooled | titles
     for node in model.graph.node:  # ONNX graphs are topologically sorted
         if any(i in reached for i in node.input) and not node.name.startswith(BACKBONE):
             tail.append(node.name)
@@ -148,9 +155,14 @@ def kept_nodes(model: onnx.ModelProto, keep: Sequence[str]) -> list[str]:
 
 
 def to_int8(
-    src: str | Path, dst: str | Path, calibration: np.ndarray, keep: Sequence[str] = ()
+    src: str | Path,
+    dst: str | Path,
+    calibration: np.ndarray,
+    keep: Sequence[str] = (),
+    titles: np.ndarray | None = None,
 ) -> tuple[Path, dict[str, list[str]]]:
-    """Static INT8 quantisation with Q/DQ nodes by NNCF, calibrated on ``calibration`` images.
+    """Static INT8 quantisation with Q/DQ nodes by NNCF, calibrated on ``calibration`` images (and, for a
+    model that reads titles, their ``titles`` ids: the graph's second input).
 
     Returns the file and the excluded nodes by reason.
     """
@@ -166,7 +178,13 @@ def to_int8(
     nncf.set_log_level(logging.WARNING)  # its per-node INFO lines would drown the export's own tables
     model = onnx.load(src)
     excluded = int8_exclusions(model, keep)
-    dataset = nncf.Dataset([{INPUT_NAME: calibration[i : i + 1]} for i in range(len(calibration))])
+    reads_titles = any(i.name == TITLE_INPUT for i in model.graph.input)
+    if reads_titles and (titles is None or len(titles) != len(calibration)):
+        raise ExportError("the model reads titles: INT8 calibration needs one title row per image")
+    rows = [{INPUT_NAME: calibration[i : i + 1]} for i in range(len(calibration))]
+    if reads_titles and titles is not None:
+        rows = [{**row, TITLE_INPUT: titles[i : i + 1]} for i, row in enumerate(rows)]
+    dataset = nncf.Dataset(rows)
     quantized = nncf.quantize(
         model,
         dataset,

@@ -16,6 +16,12 @@ Layout written for ``--name fashion`` (see ``model_repository/README.md``)::
         <version>/sessions.py     the one session factory it builds from (export/sessions.py)
         <version>/metadata.json   what the gateway reads (format fashion-tagger/metadata@1)
 
+A model that reads titles has, in every config, a second input ``title`` (``TYPE_INT64``, dims
+``[max_tokens]``) and a last output ``conflict`` (``TYPE_FP32``, dims ``[attributes]``), and its warm-up
+sends a zero title. The title is not optional: a request without a title sends all-zero ids (that is the
+contract: the model answers it from the photo alone), so that Triton's dynamic batcher batches requests
+with and without a title together — requests that differed in their set of inputs could not share a batch.
+
 A version folder is assembled next to its final place under a name Triton ignores (``.staging-*``,
 not a number) and renamed into place, so a polling Triton never sees half a version; versions are never
 overwritten. The model-level files describe the newest version and are each replaced atomically.
@@ -38,7 +44,7 @@ import numpy as np
 
 from export.errors import ExportError
 from export.sessions import FILES, SessionSpec
-from fashion.metadata import INPUT_NAME, version_folders, write_metadata
+from fashion.metadata import INPUT_NAME, TitleSpec, version_folders, write_metadata
 from fashion.schema import LabelSchema
 
 PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")
@@ -124,10 +130,12 @@ def model_config(
     model_filename: str = "model.onnx",
     warmup: bool = True,
     session: SessionSpec = ORT_FP32,
+    title: TitleSpec | None = None,
 ) -> str:
     """The text of a ``config.pbtxt``: ``backend`` ``onnxruntime_onnx`` (NGC, GPU), ``python`` (pip Triton,
     CPU, running ``session``: its parameters) or ``openvino`` (NGC, CPU, running ``model_filename`` with
-    ``session``'s threads, streams and hint)."""
+    ``session``'s threads, streams and hint); ``title``: the title input and conflict output of a model
+    that reads titles (the module docstring)."""
     lines = [f'name: "{name}"']
     if backend in ("python", "openvino"):
         lines.append(f'backend: "{backend}"')
@@ -144,10 +152,17 @@ def model_config(
         "    data_type: TYPE_UINT8",
         "    format: FORMAT_NHWC",
         f"    dims: [ {image_size}, {image_size}, 3 ]",
-        "  }",
-        "]",
-        "output [",
+        "  }" + ("," if title is not None else ""),
     ]
+    if title is not None:
+        lines += [
+            "  {",
+            f'    name: "{title.input}"',
+            "    data_type: TYPE_INT64",
+            f"    dims: [ {title.max_tokens} ]",
+            "  }",
+        ]
+    lines += ["]", "output ["]
     outputs = []
     for a in schema.attributes:
         outputs.append(
@@ -158,10 +173,18 @@ def model_config(
             f'    label_filename: "{label_filename(a.tensor)}"\n'
             "  }"
         )
+    if title is not None:
+        outputs.append(
+            "  {\n"
+            f'    name: "{title.conflict_output}"\n'
+            "    data_type: TYPE_FP32\n"
+            f"    dims: [ {len(schema.attributes)} ]\n"
+            "  }"
+        )
     lines += [",\n".join(outputs), "]"]
     lines += _instances(backend, serving, session) + _batching(serving)
     if warmup:
-        lines += _warmup(image_size)
+        lines += _warmup(image_size, title)
     return "\n".join(lines) + "\n"
 
 
@@ -196,7 +219,20 @@ def _batching(serving: ServingConfig) -> list[str]:
     ]
 
 
-def _warmup(image_size: int) -> list[str]:
+def _warmup(image_size: int, title: TitleSpec | None = None) -> list[str]:
+    """One real catalogue image (``warmup/image``) and, for a model that reads titles, a zero title."""
+    zero_title = []
+    if title is not None:
+        zero_title = [
+            "    inputs {",
+            f'      key: "{title.input}"',
+            "      value: {",
+            "        data_type: TYPE_INT64",
+            f"        dims: [ {title.max_tokens} ]",
+            "        zero_data: true",
+            "      }",
+            "    }",
+        ]
     return [
         "model_warmup [",
         "  {",
@@ -210,6 +246,7 @@ def _warmup(image_size: int) -> list[str]:
         '        input_data_file: "image"',
         "      }",
         "    }",
+        *zero_title,
         "  }",
         "]",
     ]
@@ -279,6 +316,7 @@ def write_model_version(
     serving: ServingConfig = ServingConfig(),
     version: int | None = None,
     cpu: CpuServing = CpuServing(),
+    title: TitleSpec | None = None,
 ) -> Path:
     """Publish a new version of model ``name`` in ``repository``; returns the version folder.
 
@@ -293,6 +331,7 @@ def write_model_version(
         warmup_image: one ``(size, size, 3)`` uint8 image for ``model_warmup``.
         serving: batching, queue and instance settings.
         cpu: the CPU candidate ``configs/cpu.pbtxt`` runs and those that get their own config.
+        title: the title input of a model that reads titles (in every config; the module docstring).
         version: the version number; ``None`` takes the next free one. An existing version is an error.
     """
     if not _NAME.match(name):
@@ -331,7 +370,9 @@ def write_model_version(
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        _write_model_level(model_dir, name, schema, image_size, serving, set(model_files), warmup_image, cpu)
+        _write_model_level(
+            model_dir, name, schema, image_size, serving, set(model_files), warmup_image, cpu, title
+        )
     return final
 
 
@@ -344,32 +385,29 @@ def _write_model_level(
     precisions: set[str],
     warmup_image: np.ndarray,
     cpu: CpuServing,
+    title: TitleSpec | None = None,
 ) -> None:
     for a in schema.attributes:
         _write_atomic(model_dir / label_filename(a.tensor), "\n".join(a.classes) + "\n")
     _write_atomic(model_dir / "warmup" / "image", np.ascontiguousarray(warmup_image).tobytes())
-    _write_atomic(model_dir / "config.pbtxt", model_config(name, schema, image_size, serving))
+
+    def config(**kwargs: Any) -> str:
+        return model_config(name, schema, image_size, serving, title=title, **kwargs)
+
+    _write_atomic(model_dir / "config.pbtxt", config())
     wanted: dict[str, str] = {}
     # A candidate gets a config when its file is in this version (bf16 runs model.onnx).
     configured = [c for c in cpu.configured if c.file in {FILES[p] for p in precisions}]
-    wanted["cpu"] = model_config(name, schema, image_size, serving, backend="python", session=cpu.chosen)
+    wanted["cpu"] = config(backend="python", session=cpu.chosen)
     for c in configured:
-        wanted[c.config_name] = model_config(name, schema, image_size, serving, backend="python", session=c)
+        wanted[c.config_name] = config(backend="python", session=c)
     if cpu.openvino is not None and cpu.openvino in configured:
-        wanted["openvino"] = model_config(
-            name,
-            schema,
-            image_size,
-            serving,
-            backend="openvino",
-            model_filename=cpu.openvino.file,
-            session=cpu.openvino,
+        wanted["openvino"] = config(
+            backend="openvino", model_filename=cpu.openvino.file, session=cpu.openvino
         )
     for config_name, (precision, backend) in GPU_VARIANTS.items():
         if precision in precisions:
-            wanted[config_name] = model_config(
-                name, schema, image_size, serving, backend=backend, model_filename=FILES[precision]
-            )
+            wanted[config_name] = config(backend=backend, model_filename=FILES[precision])
     folder = model_dir / "configs"
     for text_name, text in wanted.items():
         _write_atomic(folder / f"{text_name}.pbtxt", text)

@@ -89,9 +89,20 @@ def unavailable(spec: SessionSpec, cpu: HostRecord) -> str | None:
     return None
 
 
-def run_all(runner: Runner, images: np.ndarray, batch_size: int = 32) -> list[np.ndarray]:
-    """``runner`` over ``images`` in batches; outputs concatenated per tensor."""
-    chunks = [runner(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+def run_all(
+    runner: Callable[..., list[np.ndarray]],
+    images: np.ndarray,
+    batch_size: int = 32,
+    titles: np.ndarray | None = None,
+) -> list[np.ndarray]:
+    """``runner`` over ``images`` in batches (with the rows of ``titles``, a title model's ids, when given:
+    ``export.sessions.Session`` takes both); outputs concatenated per tensor."""
+    chunks = [
+        runner(images[i : i + batch_size])
+        if titles is None
+        else runner(images[i : i + batch_size], titles[i : i + batch_size])
+        for i in range(0, len(images), batch_size)
+    ]
     return [np.concatenate(c) for c in zip(*chunks, strict=True)]
 
 

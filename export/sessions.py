@@ -137,24 +137,42 @@ class SessionSpec:
 
 
 class Session:
-    """A compiled model: called with a uint8 NHWC batch, it returns every output in graph order."""
+    """A compiled model: called with a uint8 NHWC batch (and, for a model that reads titles, their
+    ``(N, max_tokens)`` int64 ids), it returns every output in graph order.
+
+    A graph's first input is the image; a second one is the title's ids (``fashion.text``). The session
+    feeds both: ``titles=None`` (or all-zero rows) is a request without a title, which the model answers
+    from the photo alone; titles given to a model without a title input are not used (``reads_titles``).
+    """
 
     def __init__(
         self,
         spec: SessionSpec,
         path: Path,
-        run: Callable[[np.ndarray], list[np.ndarray]],
+        run: Callable[[list[np.ndarray]], list[np.ndarray]],
         output_names: Sequence[str],
         reported: Callable[[], dict[str, str]],
+        title_tokens: int | None = None,
     ) -> None:
         self.spec = spec
         self.path = path
         self.output_names = tuple(output_names)
+        self.title_tokens = title_tokens  # the title input's max_tokens; None: the graph reads no title
         self._run = run
         self._reported = reported
 
-    def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
-        return self._run(batch)
+    @property
+    def reads_titles(self) -> bool:
+        return self.title_tokens is not None
+
+    def __call__(self, batch: np.ndarray, titles: np.ndarray | None = None) -> list[np.ndarray]:
+        if self.title_tokens is None:
+            return self._run([batch])
+        if titles is None:
+            titles = np.zeros((len(batch), self.title_tokens), np.int64)
+        elif titles.shape != (len(batch), self.title_tokens):
+            raise ValueError(f"title ids of shape {titles.shape} for {len(batch)} images of {self.path.name}")
+        return self._run([batch, np.ascontiguousarray(titles, dtype=np.int64)])
 
     def reported(self) -> dict[str, str]:
         """The settings as the runtime reports them from the built session (not as they were asked)."""
@@ -185,10 +203,11 @@ def _onnxruntime(spec: SessionSpec, path: Path) -> Session:
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spec.allow_spinning else "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
+    inputs = session.get_inputs()
+    names = [i.name for i in inputs]
 
-    def run(batch: np.ndarray) -> list[np.ndarray]:
-        return list(session.run(None, {input_name: batch}))
+    def run(arrays: list[np.ndarray]) -> list[np.ndarray]:
+        return list(session.run(None, dict(zip(names, arrays, strict=True))))
 
     def reported() -> dict[str, str]:
         built = session.get_session_options()
@@ -199,7 +218,8 @@ def _onnxruntime(spec: SessionSpec, path: Path) -> Session:
             "graph_optimization": next(k for k, v in levels.items() if v == built.graph_optimization_level),
         }
 
-    return Session(spec, path, run, [o.name for o in session.get_outputs()], reported)
+    tokens = _title_tokens([i.shape for i in inputs])
+    return Session(spec, path, run, [o.name for o in session.get_outputs()], reported, tokens)
 
 
 def _openvino(spec: SessionSpec, path: Path) -> Session:
@@ -208,15 +228,27 @@ def _openvino(spec: SessionSpec, path: Path) -> Session:
     compiled = ov.Core().compile_model(str(path), "CPU", spec.openvino_properties())
     request = compiled.create_infer_request()
     outputs = list(compiled.outputs)
+    shapes = [
+        [d.get_length() if d.is_static else None for d in i.get_partial_shape()] for i in compiled.inputs
+    ]
 
-    def run(batch: np.ndarray) -> list[np.ndarray]:
-        result = request.infer({0: batch})
+    def run(arrays: list[np.ndarray]) -> list[np.ndarray]:
+        result = request.infer(dict(enumerate(arrays)))
         return [np.asarray(result[o], dtype=np.float32) for o in outputs]
 
     def reported() -> dict[str, str]:
         return {key: _text(compiled.get_property(key)) for key in spec.openvino_properties()}
 
-    return Session(spec, path, run, [o.get_any_name() for o in outputs], reported)
+    return Session(spec, path, run, [o.get_any_name() for o in outputs], reported, _title_tokens(shapes))
+
+
+def _title_tokens(shapes: Sequence[Sequence[Any]]) -> int | None:
+    """The second input's ``max_tokens`` (a graph that reads titles: ``[batch, max_tokens]``), or None."""
+    if len(shapes) < 2:
+        return None
+    if len(shapes) > 2 or len(shapes[1]) != 2 or not isinstance(shapes[1][1], int):
+        raise SessionSpecError(f"unexpected model inputs {list(shapes)}: an image and title ids expected")
+    return int(shapes[1][1])
 
 
 def _text(value: Any) -> str:

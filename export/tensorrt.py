@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 from export.errors import ExportError, TensorRTUnavailable
-from fashion.metadata import INPUT_NAME
+from fashion.metadata import INPUT_NAME, TITLE_INPUT
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ def build_plan(
     opt_batch_size: int = 8,
     timing_cache: str | Path | None = None,
     workspace_bytes: int = 2 << 30,
+    title_tokens: int | None = None,
 ) -> Path:
     """Build a strongly typed engine with a batch profile 1 / ``opt_batch_size`` / ``max_batch_size``.
 
@@ -68,6 +69,8 @@ def build_plan(
         opt_batch_size: the batch TensorRT tunes kernels for (clamped to ``max_batch_size``).
         timing_cache: file reused across builds on the same GPU + TensorRT (created when missing).
         workspace_bytes: builder workspace memory limit.
+        title_tokens: a model that reads titles: its ``title`` input's ``max_tokens`` (the same batch
+            profile; an image-only request sends all-zero ids).
     """
     require_tensorrt()
     import tensorrt as trt
@@ -86,6 +89,8 @@ def build_plan(
     opt = min(opt_batch_size, max_batch_size)
     shape = (image_size, image_size, 3)
     profile.set_shape(INPUT_NAME, (1, *shape), (opt, *shape), (max_batch_size, *shape))
+    if title_tokens is not None:
+        profile.set_shape(TITLE_INPUT, (1, title_tokens), (opt, title_tokens), (max_batch_size, title_tokens))
     config.add_optimization_profile(profile)
     cache_file = Path(timing_cache) if timing_cache else None
     cache = config.create_timing_cache(

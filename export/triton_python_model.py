@@ -11,7 +11,10 @@ to ``export.sessions.open_session``. Triton's python stub cannot import the proj
 module is loaded from this file's own folder.
 
 Triton's dynamic batcher hands ``execute`` several requests at once; they are concatenated into one call
-and the outputs are split back per request. Needs NumPy and the runtime in the stub's Python.
+and the outputs are split back per request. A model that reads titles has a second input (the title's
+ids, all zeros for a request without a title): every request carries it, so requests with and without a
+title share a batch, and the session (``Session.__call__``) feeds both. Needs NumPy and the runtime in the
+stub's Python.
 """
 
 import importlib.util
@@ -53,7 +56,12 @@ class TritonPythonModel:
             why = f"{spec.runtime} is not installed in Triton's Python: {e}"
             raise pb_utils.TritonModelException(why) from e
         self.runtime = spec.runtime
-        self.input_name = config["input"][0]["name"]
+        self.inputs = [i["name"] for i in config["input"]]  # the image, then a title model's ids
+        if len(self.inputs) != (2 if self.session.reads_titles else 1):
+            reads = "an image and a title" if self.session.reads_titles else "an image"
+            raise pb_utils.TritonModelException(
+                f"the config's inputs are {self.inputs}; {spec.file} reads {reads}"
+            )
         self.outputs = [o["name"] for o in config["output"]]
         missing = set(self.outputs) - set(self.session.output_names)
         if missing:
@@ -61,14 +69,15 @@ class TritonPythonModel:
         self.order = [self.session.output_names.index(name) for name in self.outputs]
 
     def execute(self, requests):
-        arrays, sizes = [], []
+        arrays = [[] for _ in self.inputs]
+        sizes = []
         for request in requests:
-            array = pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy()
-            arrays.append(array)
-            sizes.append(len(array))
+            for name, chunks in zip(self.inputs, arrays, strict=True):
+                chunks.append(pb_utils.get_input_tensor_by_name(request, name).as_numpy())
+            sizes.append(len(arrays[0][-1]))
         try:
-            batch = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-            produced = self.session(batch)
+            batch = [chunks[0] if len(chunks) == 1 else np.concatenate(chunks) for chunks in arrays]
+            produced = self.session(*batch)
             results = [produced[i] for i in self.order]
         except Exception as e:  # one bad batch fails its requests, never the model
             error = pb_utils.TritonError(f"{self.runtime} failed: {e}")

@@ -17,7 +17,7 @@ import json
 import math
 import platform
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -27,10 +27,14 @@ from typing import Any
 from fashion.contract import Preprocessing
 from fashion.errors import UserError
 from fashion.schema import LabelSchema
+from fashion.text import INPUT_NAME as TITLE_INPUT
+from fashion.text import TitleError, TitleTokenizer
 
 FORMAT = "fashion-tagger/metadata@1"
 FILENAME = "metadata.json"
-INPUT_NAME = "image"  # the model's one input tensor (uint8 NHWC), in the graph, the configs and here
+INPUT_NAME = "image"  # the model's image input (uint8 NHWC), in the graph, the configs and here
+CONFLICT_OUTPUT = "conflict"  # a title model's (N, attributes) output: photo and title disagree
+TITLE_DATATYPE = "INT64"
 
 # --- reading ------------------------------------------------------------------------------------------
 
@@ -62,6 +66,100 @@ class OutputSpec:
 
 
 @dataclass(frozen=True)
+class TitleSpec:
+    """A model's second input, the listing's title (``fashion.text``), and what it answers with it.
+
+    In ``metadata.json`` the ``title`` section (absent, or null, for a model that reads photos only)::
+
+        "title": {"input": "title", "datatype": "INT64", "shape": [-1, <max_tokens>],
+                  "max_chars": 300, "tokenizer": {<TitleTokenizer.to_dict()>},
+                  "conflict": {"output": "conflict", "thresholds": {"<attribute>": 0.62, ...}}}
+
+    ``shape`` and ``max_chars`` are the tokenizer's ``max_tokens`` and ``max_chars``, written for readers
+    in other languages and checked on reading. The input holds ``(N, max_tokens)`` int64 ids, all zeros for
+    a request without a title (the model then answers exactly as from the photo alone). The ``conflict``
+    output is ``(N, attributes)`` in the order of ``outputs``; an attribute is flagged when its score is
+    above its threshold (an attribute without one is never flagged)."""
+
+    tokenizer: TitleTokenizer
+    input: str = TITLE_INPUT
+    conflict_output: str = CONFLICT_OUTPUT
+    conflict_thresholds: Mapping[str, float | None] = field(default_factory=lambda: MappingProxyType({}))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "conflict_thresholds", MappingProxyType(dict(self.conflict_thresholds)))
+
+    @property
+    def max_chars(self) -> int:
+        """The longest title accepted (the gateway answers ``title_too_long`` beyond it)."""
+        return self.tokenizer.max_chars
+
+    @property
+    def max_tokens(self) -> int:
+        return self.tokenizer.max_tokens
+
+    def conflicts(self, attribute: str, score: float) -> bool:
+        """Whether ``score`` (the conflict output for ``attribute``) flags photo and title as disagreeing."""
+        threshold = self.conflict_thresholds.get(attribute)
+        return threshold is not None and score > threshold
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "input": self.input,
+            "datatype": TITLE_DATATYPE,
+            "shape": [-1, self.max_tokens],
+            "max_chars": self.max_chars,
+            "tokenizer": self.tokenizer.to_dict(),
+            "conflict": {"output": self.conflict_output, "thresholds": dict(self.conflict_thresholds)},
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], attributes: Sequence[str] | None = None) -> TitleSpec:
+        """The section as ``to_dict`` writes it (``conflict`` may be missing: no attribute is flagged);
+        ``MetadataError`` when it contradicts itself or names attributes not in ``attributes``."""
+        try:
+            tokenizer = TitleTokenizer.from_dict(dict(d["tokenizer"]))
+        except (TitleError, TypeError, ValueError) as e:
+            raise MetadataError(f"title.tokenizer: {e}") from e
+        if d.get("datatype", TITLE_DATATYPE) != TITLE_DATATYPE:
+            raise MetadataError(f"title.datatype must be {TITLE_DATATYPE}, got {d.get('datatype')!r}")
+        shape = [int(v) for v in d.get("shape", [-1, tokenizer.max_tokens])]
+        if shape != [-1, tokenizer.max_tokens] or int(d.get("max_chars", tokenizer.max_chars)) != (
+            tokenizer.max_chars
+        ):
+            raise MetadataError(
+                f"title.shape {shape} / max_chars {d.get('max_chars')} contradict the tokenizer's "
+                f"max_tokens {tokenizer.max_tokens} / max_chars {tokenizer.max_chars}"
+            )
+        conflict = d.get("conflict") or {}
+        thresholds = {str(k): _opt_float(v) for k, v in (conflict.get("thresholds") or {}).items()}
+        unknown = sorted(set(thresholds) - set(attributes)) if attributes is not None else []
+        if unknown:
+            raise MetadataError(f"title.conflict.thresholds names attributes with no output: {unknown}")
+        for name, value in thresholds.items():
+            if value is not None and not (math.isfinite(value) and 0 <= value <= 1):
+                raise MetadataError(f"title.conflict.thresholds[{name!r}] must be in [0, 1] or null")
+        return cls(
+            tokenizer=tokenizer,
+            input=str(d.get("input") or TITLE_INPUT),
+            conflict_output=str(conflict.get("output") or CONFLICT_OUTPUT),
+            conflict_thresholds=thresholds,
+        )
+
+
+def title_spec(document: Any) -> TitleSpec | None:
+    """The ``title`` section of a metadata document or of ``ModelMetadata.describe()`` (the gateway's
+    ``GET /v1/models``), unchecked against the outputs; None when the model reads photos only."""
+    declared = document.get("title") if isinstance(document, Mapping) else None
+    if not isinstance(declared, Mapping):
+        return None
+    try:
+        return TitleSpec.from_dict(declared)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise MetadataError(f"malformed title section ({type(e).__name__}: {e})") from e
+
+
+@dataclass(frozen=True)
 class ModelMetadata:
     name: str
     version: int
@@ -73,10 +171,18 @@ class ModelMetadata:
     category_column: str | None = None
     categories: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
     path: str = ""
+    title: TitleSpec | None = None  # the title input, for a model that reads titles
 
     @property
     def output_names(self) -> list[str]:
-        return [o.tensor for o in self.outputs]
+        """The outputs to ask Triton for: every head's tensor, then a title model's conflict scores."""
+        heads = [o.tensor for o in self.outputs]
+        return heads if self.title is None else [*heads, self.title.conflict_output]
+
+    @property
+    def input_names(self) -> list[str]:
+        """The model's inputs: the image, then a title model's title ids."""
+        return [self.input.name] if self.title is None else [self.input.name, self.title.input]
 
     def outputs_for(self, category: str | None) -> tuple[OutputSpec, ...]:
         """The heads to answer with: all of them, or a category's heads plus the unconditional ones."""
@@ -99,6 +205,7 @@ class ModelMetadata:
                 "layout": self.input.layout,
             },
             "preprocessing": self.preprocessing.to_dict(),
+            "title": None if self.title is None else self.title.to_dict(),
             "category_column": self.category_column,
             "categories": {k: list(v) for k, v in self.categories.items()},
             "attributes": [
@@ -219,6 +326,16 @@ def _parse(data: Any, source: str) -> ModelMetadata:
         if unknown:
             raise fail(f"category {category!r} lists attributes with no output: {unknown}")
         categories[str(category)] = tuple(attributes)
+    title = None
+    if data.get("title") is not None:
+        try:
+            title = TitleSpec.from_dict(data["title"], [o.attribute for o in outputs])
+        except MetadataError as e:
+            raise fail(str(e)) from e
+        if title.input == inp.name or title.conflict_output in {o.tensor for o in outputs}:
+            raise fail(
+                f"the title's tensors {title.input!r}, {title.conflict_output!r} reuse other tensors' names"
+            )
 
     return ModelMetadata(
         name=str(model["name"]),
@@ -231,6 +348,7 @@ def _parse(data: Any, source: str) -> ModelMetadata:
         category_column=data.get("category_column"),
         categories=MappingProxyType(categories),
         path=source,
+        title=title,
     )
 
 
@@ -273,12 +391,14 @@ def build_metadata(
     export: Mapping[str, Any] | None = None,
     precision: str = "fp32",
     runtime: str = "onnxruntime",
+    title: TitleSpec | None = None,
 ) -> dict[str, Any]:
     """The metadata document; ``model.name`` and ``model.version`` are set by the repository writer.
 
     ``record`` (what the export measured and chose) fills the ``training`` and ``export`` sections and the
     served runtime and precision; without one (hand-made test models) ``training``, ``export``,
-    ``precision`` and ``runtime`` are written as given."""
+    ``precision`` and ``runtime`` are written as given. ``title``: the title input of a model that reads
+    titles (``TitleSpec``), written as the ``title`` section (null for a model that reads photos only)."""
     size = preprocessing.image_size
     if record is not None:
         precision, runtime = record.chosen.precision, record.chosen.runtime
@@ -302,6 +422,7 @@ def build_metadata(
             "backbone": backbone,
         },
         "input": {"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, size, size, 3], "layout": "NHWC"},
+        "title": None if title is None else title.to_dict(),
         "preprocessing": preprocessing.to_dict(),
         "category_column": schema.category_column,
         "categories": schema.categories,
@@ -366,23 +487,28 @@ class PhotoSet:
     source: str
     images: int
     origin: PhotoOrigin = PhotoOrigin.REAL
+    titles: int | None = None  # of a title model's photos, how many carry their listing's title
 
     @property
     def real_photos(self) -> bool:
         return self.origin is PhotoOrigin.REAL
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "source": self.source,
             "images": self.images,
             "origin": self.origin.value,
             "real_photos": self.real_photos,
         }
+        return out if self.titles is None else {**out, "titles": self.titles}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PhotoSet:
         origin = d.get("origin") or (PhotoOrigin.REAL if d.get("real_photos", True) else "synthetic_renders")
-        return cls(str(d["source"]), int(d["images"]), PhotoOrigin(origin))
+        titles = d.get("titles")
+        return cls(
+            str(d["source"]), int(d["images"]), PhotoOrigin(origin), None if titles is None else int(titles)
+        )
 
 
 @dataclass(frozen=True)
@@ -797,9 +923,19 @@ class ParityRecord:
     # Photos left out of max |Δp| because the novelty gate's distance sits at its threshold there (a step
     # that a float's last bit flips); counted, not hidden.
     at_gate_threshold: int = 0
+    # A title model: ``attributes`` are the photos sent with their titles; these the same photos without
+    # (all-zero title ids), and the largest |Δ| of the conflict scores (photos with titles).
+    without_title: tuple[ParityRow, ...] = ()
+    conflict_max_abs_diff: float | None = None
+
+    @property
+    def max_abs_diff(self) -> float:
+        """The largest |Δ| of any probability, with or without titles, or conflict score."""
+        rows = [*self.attributes, *self.without_title]
+        return max([r.max_abs_diff for r in rows] + [self.conflict_max_abs_diff or 0.0])
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "reference": self.reference,
             "candidate": self.candidate,
             "tolerance_abs": self.tolerance_abs,
@@ -808,9 +944,17 @@ class ParityRecord:
             "at_gate_threshold": self.at_gate_threshold,
             "attributes": [r.to_dict() for r in self.attributes],
         }
+        if self.conflict_max_abs_diff is not None:
+            out["title"] = {
+                "without_title": [r.to_dict() for r in self.without_title],
+                "conflict_max_abs_diff": self.conflict_max_abs_diff,
+            }
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ParityRecord:
+        title = d.get("title") or {}
+        conflict = title.get("conflict_max_abs_diff")
         return cls(
             tolerance_abs=float(d["tolerance_abs"]),
             images=int(d["images"]),
@@ -819,6 +963,8 @@ class ParityRecord:
             reference=str(d.get("reference", "pytorch")),
             candidate=str(d.get("candidate", "onnxruntime-fp32")),
             at_gate_threshold=int(d.get("at_gate_threshold", 0)),
+            without_title=tuple(ParityRow.from_dict(r) for r in title.get("without_title", ())),
+            conflict_max_abs_diff=None if conflict is None else float(conflict),
         )
 
 
@@ -1058,8 +1204,20 @@ def skew(meta: ModelMetadata, served: dict[str, Any]) -> list[str]:
             f"input {meta.input.name!r} has shape {given['shape']} in Triton, "
             f"{list(meta.input.shape)} in metadata.json"
         )
+    problems += _title_skew(meta, inputs)
     outputs = {t["name"]: t for t in served.get("outputs", [])}
     expected = {o.tensor: o for o in meta.outputs}
+    if meta.title is not None:
+        conflict = outputs.pop(meta.title.conflict_output, None)
+        if conflict is None:
+            problems.append(
+                f"Triton's model has no output {meta.title.conflict_output!r} (the title's conflicts)"
+            )
+        elif list(conflict["shape"][-1:]) != [len(meta.outputs)]:
+            problems.append(
+                f"output {meta.title.conflict_output!r} has shape {conflict['shape']} in Triton, "
+                f"[-1, {len(meta.outputs)}] (one score per attribute) in metadata.json"
+            )
     missing = sorted(set(expected) - set(outputs))
     extra = sorted(set(outputs) - set(expected))
     if missing:
@@ -1073,4 +1231,21 @@ def skew(meta: ModelMetadata, served: dict[str, Any]) -> list[str]:
                 f"output {name!r} has shape {shape} in Triton but "
                 f"{len(expected[name].classes)} classes in metadata.json"
             )
+    return problems
+
+
+def _title_skew(meta: ModelMetadata, inputs: Mapping[str, Any]) -> list[str]:
+    """The title input: declared by the metadata and served by Triton alike, or by neither."""
+    extra = sorted(set(inputs) - {meta.input.name} - ({meta.title.input} if meta.title else set()))
+    problems = [f"Triton's model has inputs that metadata.json lacks: {extra}"] if extra else []
+    if meta.title is None:
+        return problems
+    given = inputs.get(meta.title.input)
+    if given is None:
+        problems.append(f"Triton's model has no input {meta.title.input!r} (metadata.json declares a title)")
+    elif given["datatype"] != TITLE_DATATYPE or list(given["shape"][-1:]) != [meta.title.max_tokens]:
+        problems.append(
+            f"input {meta.title.input!r} is {given['datatype']} {given['shape']} in Triton, "
+            f"{TITLE_DATATYPE} [-1, {meta.title.max_tokens}] in metadata.json"
+        )
     return problems
