@@ -1,9 +1,16 @@
-"""The prediction API: ``POST /v1/predict``, ``POST /v1/predict/batch``, ``GET /v1/models``."""
+"""The prediction API: ``POST /v1/predict``, ``POST /v1/predict/batch``, ``GET /v1/models``.
+
+The listing's title, for a model that reads titles (docs/api.md): ``/v1/predict`` takes it as the multipart
+text field ``title`` or the query parameter ``title`` (percent-encoded UTF-8; the raw-image body form's way);
+``/v1/predict/batch`` takes one text field ``titles`` per file field ``images``, in the same order (an
+empty one for an image without a title), or none at all. An empty title means the photo alone.
+"""
 
 from __future__ import annotations
 
 import time
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from flask import Blueprint, Response, g, request
 
@@ -13,6 +20,7 @@ from gateway.errors import (
     BadRequest,
     ErrorCode,
     GatewayError,
+    InvalidTitle,
     PayloadTooLarge,
     UnsupportedMediaType,
 )
@@ -56,6 +64,52 @@ def _single_image() -> bytes:
     )
 
 
+def _form_titles(name: str) -> list[str]:
+    """The multipart text fields ``name``; a file sent under that name is refused (a title is text)."""
+    if request.files.getlist(name):
+        raise InvalidTitle(f"send {name!r} as a text field (curl -F '{name}=...'), not as a file")
+    return request.form.getlist(name)
+
+
+def _query_titles() -> list[str]:
+    """The query parameters ``title``, decoded as strict UTF-8 (Werkzeug's ``request.args`` would keep
+    undecodable bytes as ``%XX`` text, indistinguishable from a title that says ``%FF``)."""
+    titles = []
+    for pair in request.query_string.split(b"&"):
+        key, _, value = pair.partition(b"=")
+        if unquote_to_bytes(key.replace(b"+", b" ")) != b"title":
+            continue
+        try:
+            titles.append(unquote_to_bytes(value.replace(b"+", b" ")).decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise InvalidTitle(f"the title is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    return titles
+
+
+def _single_title() -> str | None:
+    """The title of ``/v1/predict``: the multipart field ``title``, else (and for a raw image body) the
+    query parameter ``title``; at most one."""
+    titles = _form_titles("title") if request.mimetype == "multipart/form-data" else []
+    titles = titles or _query_titles()
+    if len(titles) > 1:
+        raise InvalidTitle("send one 'title'; /v1/predict/batch takes one 'titles' field per image")
+    return titles[0] if titles else None
+
+
+def _batch_titles(count: int) -> list[str] | None:
+    """The ``titles`` fields of ``/v1/predict/batch``: none, or one per ``images`` field, in order."""
+    titles = _form_titles("titles")
+    if not titles:
+        return None
+    if len(titles) != count:
+        raise InvalidTitle(
+            f"{len(titles)} 'titles' fields for {count} 'images': send one per image, in the same order "
+            "(an empty one for an image without a title), or none",
+            code=ErrorCode.TITLE_COUNT_MISMATCH,
+        )
+    return titles
+
+
 def _batch_images() -> list[bytes]:
     if request.mimetype != "multipart/form-data":
         raise UnsupportedMediaType("send multipart/form-data with one file field 'images' per image")
@@ -70,9 +124,11 @@ def _batch_images() -> list[bytes]:
     return [f.read() for f in files]
 
 
-def _predict(client: FashionClient, images: list[bytes], top_k: Any, category: str | None) -> BatchResult:
+def _predict(
+    client: FashionClient, images: list[bytes], titles: list[str] | None, top_k: Any, category: str | None
+) -> BatchResult:
     try:
-        return client.predict_batch(images, top_k=top_k, category=category)
+        return client.predict_batch(images, top_k=top_k, category=category, titles=titles)
     except GatewayError as e:
         if e.code in TRITON_FAILURES:
             gateway().metrics.triton_error(e.code)
@@ -89,7 +145,7 @@ def _receive_body() -> None:
         request.get_data()  # cached: _single_image gets these bytes without reading again
 
 
-def _run(images_of: Any, endpoint: str) -> tuple[FashionClient, BatchResult]:
+def _run(images_of: Any, titles_of: Any, endpoint: str) -> tuple[FashionClient, BatchResult]:
     gw = gateway()
     _receive_body()
     with gw.inflight():
@@ -99,9 +155,10 @@ def _run(images_of: Any, endpoint: str) -> tuple[FashionClient, BatchResult]:
         client.check_top_k(top_k)
         client.outputs_for(category)
         images = images_of()
+        titles = titles_of(len(images))
         gw.metrics.images.labels(endpoint).observe(len(images))
         try:
-            result = _predict(client, images, top_k, category)
+            result = _predict(client, images, titles, top_k, category)
         except GatewayError as e:
             # Triton unloaded this version while the request was in flight (a deploy or a rollback):
             # answer once more with the version it serves now. Inference has no side effects, and the
@@ -111,13 +168,15 @@ def _run(images_of: Any, endpoint: str) -> tuple[FashionClient, BatchResult]:
             if replacement is None:
                 raise
             client = replacement
-            result = _predict(client, images, top_k, category)
+            result = _predict(client, images, titles, top_k, category)
     for stage, seconds in result.stage_s.items():
         if stage != "triton" or seconds > 0:
             gw.metrics.stages.labels(stage).observe(seconds)
-    for error in result.errors:
+    for error, answer in zip(result.errors, result.results, strict=True):
         if error is not None:
-            gw.metrics.image_error(error.code)
+            gw.metrics.input_error(error.code)
+        else:
+            gw.metrics.answer(answer["inputs"])
     return client, result
 
 
@@ -129,18 +188,24 @@ def _timing(result: BatchResult) -> dict[str, float]:
 
 @bp.post("/predict")
 def predict() -> Response:
-    client, result = _run(lambda: [_single_image()], "predict")
+    client, result = _run(lambda: [_single_image()], lambda count: [_single_title()], "predict")
     error = result.errors[0]
     if error is not None:
         raise error
+    answer = result.results[0]
     return json_response(
-        {"model": client.model, "predictions": result.results[0]["predictions"], "timing_ms": _timing(result)}
+        {
+            "model": client.model,
+            "inputs": answer["inputs"],
+            "predictions": answer["predictions"],
+            "timing_ms": _timing(result),
+        }
     )
 
 
 @bp.post("/predict/batch")
 def predict_batch() -> Response:
-    client, result = _run(_batch_images, "predict_batch")
+    client, result = _run(_batch_images, _batch_titles, "predict_batch")
     return json_response({"model": client.model, "results": result.results, "timing_ms": _timing(result)})
 
 

@@ -10,8 +10,18 @@ without Flask and without torch::
         answer = client.predict(f.read(), top_k=3)
     answer["predictions"]["baseColour"]["label"]      # e.g. "Blue"
 
+    # A model that reads titles (``metadata.json``'s ``title``) also takes the listing's title:
+    answer = client.predict(photo, title="Turtle Check Men Navy Blue Shirt")
+    answer["inputs"]                                   # ["image", "title"]
+    answer["predictions"]["baseColour"]["conflict"]    # True: the photo and the title disagree
+
+A title is tokenised here (``fashion.text``, with the tokenizer in ``metadata.json``) and sent as the
+model's second input; no title (``None`` or ``""``) sends all-zero ids, which the model answers from the
+photo alone. A model that reads photos only answers a title's request from the photo and says so in
+``inputs``.
+
 Errors are the gateway's typed errors (``gateway.errors``): ``InvalidImage``, ``PayloadTooLarge``,
-``UnsupportedMediaType``, ``InvalidOption``, ``ModelUnavailable``, ``UpstreamTimeout``, ...
+``UnsupportedMediaType``, ``InvalidOption``, ``InvalidTitle``, ``ModelUnavailable``, ``UpstreamTimeout``, ...
 
 When Triton says "busy" (its queue is full) or is briefly unreachable (a restart), a client made by
 ``connect`` tries again after a jittered exponential back-off (``gateway.retry.Backoff``, 4 tries) instead of
@@ -23,6 +33,7 @@ from __future__ import annotations
 
 import math
 import time
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,16 +42,43 @@ from typing import Any
 import numpy as np
 
 from fashion.contract import DecodeLimits, ImageError, open_image, resize
-from fashion.metadata import ModelMetadata, OutputSpec, load_metadata
+from fashion.metadata import INPUT_NAME, ModelMetadata, OutputSpec, load_metadata
 from fashion.schema import is_uncertain
-from gateway.errors import ErrorCode, GatewayError, InvalidOption, UpstreamError, from_image_error
+from fashion.text import INPUT_NAME as TITLE_INPUT
+from fashion.text import TitleError, TitleTokenizer, has_title
+from gateway.errors import (
+    ErrorCode,
+    GatewayError,
+    InvalidOption,
+    InvalidTitle,
+    UpstreamError,
+    from_image_error,
+    from_title_error,
+)
 from gateway.retry import Backoff
 from gateway.triton import TritonBackend, TritonTransport
 
 MAX_TOP_K = 100
+# The limits a title is checked against when the model reads none (its answer says it used the photo only).
+DEFAULT_TITLES = TitleTokenizer()
+WHITESPACE_CONTROLS = frozenset("\t\n\r")  # the only control characters a title may hold
 # Triton's answers that mean "come back shortly": its queue is full, or it is restarting.
 RETRIED = frozenset({ErrorCode.TRITON_OVERLOADED, ErrorCode.TRITON_UNREACHABLE})
 POLITE = Backoff()
+
+
+def refused_character(c: str) -> bool:
+    """A character ``FashionClient.check_title`` refuses in a title: a control character other than tab and
+    line breaks, or U+FFFD (what undecodable bytes become)."""
+    return c == "\ufffd" or (unicodedata.category(c) == "Cc" and c not in WHITESPACE_CONTROLS)
+
+
+def acceptable_title(title: str | None, tokenizer: TitleTokenizer) -> str:
+    """A catalogue's title as the gateway accepts it, with the very ids a trainer or a local run makes of
+    it (``fashion.text.tokenize_all``): cut to ``max_chars``, the refused characters blanked (the tokenizer
+    reads them as spaces anyway); ``""`` for no title."""
+    cut = (title or "")[: tokenizer.max_chars]
+    return "".join(" " if refused_character(c) else c for c in cut)
 
 
 @dataclass
@@ -126,6 +164,36 @@ class FashionClient:
             )
         return value
 
+    def check_title(self, title: str | None) -> str | None:
+        """``title`` as it will be used: None for no title (``None`` or ``""``), else the text checked
+        against the model's tokenizer (``fashion.text``: at most ``max_chars`` characters, else
+        ``title_too_long``) and refused as ``invalid_title`` when it holds control characters other than
+        tab and line breaks, U+FFFD (what undecodable bytes become), or text that is not Unicode. A model
+        that reads no titles checks them all the same, against ``fashion.text``'s limits."""
+        if title is None or title == "":
+            return None
+        tokenizer = self.metadata.title.tokenizer if self.metadata.title is not None else DEFAULT_TITLES
+        try:
+            tokenizer.check(title)
+        except TitleError as e:
+            raise from_title_error(e) from e
+        try:
+            title.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidTitle(f"the title is not valid Unicode text ({e.reason})") from e
+        bad = next((c for c in title if refused_character(c)), None)
+        if bad == "\ufffd":
+            raise InvalidTitle("the title is not UTF-8 text (it holds U+FFFD, what undecodable bytes become)")
+        if bad is not None:
+            raise InvalidTitle(f"the title holds the control character U+{ord(bad):04X}; send plain text")
+        return title
+
+    def title_ids(self, titles: Sequence[str | None]) -> np.ndarray | None:
+        """The model's title input for checked ``titles`` (``check_title``): ``(N, max_tokens)`` int64 ids,
+        all zeros where there is none; None for a model that reads no titles."""
+        spec = self.metadata.title
+        return None if spec is None else spec.tokenizer.batch(titles)
+
     # -- the three stages ----------------------------------------------------------------------
     def preprocess(self, data: bytes) -> tuple[np.ndarray, float, float]:
         """Bytes → the contract's uint8 HWC array, and the decode and resize seconds."""
@@ -139,14 +207,29 @@ class FashionClient:
         array = resize(image, pre)
         return array, t1 - t0, time.perf_counter() - t1
 
-    def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """Triton's outputs for ``batch``; "busy" answers are tried again as ``retry`` says."""
+    def infer(self, batch: np.ndarray, titles: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Triton's outputs for ``batch`` and, for a model that reads titles, their ``titles`` ids (``None``:
+        all zeros, no titles); "busy" answers are tried again as ``retry`` says."""
         meta = self.metadata
+        extra: dict[str, np.ndarray] = {}
+        if meta.title is not None:
+            zeros = np.zeros((len(batch), meta.title.max_tokens), np.int64)  # no titles: the photo alone
+            extra[meta.title.input] = titles if titles is not None else zeros
         attempt = 0
         while True:
             try:
+                if not extra:  # a model that reads photos only: its one input (what any TritonBackend takes)
+                    return self.triton.infer(
+                        meta.name, meta.version, meta.input.name, batch, meta.output_names, self.timeout_s
+                    )
                 return self.triton.infer(
-                    meta.name, meta.version, meta.input.name, batch, meta.output_names, self.timeout_s
+                    meta.name,
+                    meta.version,
+                    meta.input.name,
+                    batch,
+                    meta.output_names,
+                    self.timeout_s,
+                    extra_inputs=extra,
                 )
             except GatewayError as e:
                 attempt += 1
@@ -154,10 +237,22 @@ class FashionClient:
                     raise
                 time.sleep(self.retry.delay_s(attempt))
 
+    def inputs_used(self, titled: bool) -> list[str]:
+        """What the model read for an image: the photo and, when it reads titles and one was given, the
+        title (the response's ``inputs``)."""
+        return [INPUT_NAME, TITLE_INPUT] if titled and self.metadata.title is not None else [INPUT_NAME]
+
     def decode(
-        self, outputs: dict[str, np.ndarray], row: int, specs: Sequence[OutputSpec], top_k: int
+        self,
+        outputs: dict[str, np.ndarray],
+        row: int,
+        specs: Sequence[OutputSpec],
+        top_k: int,
+        titled: bool = False,
     ) -> dict[str, Any]:
-        """One image's probabilities → ``{attribute: {label, confidence, top_k, uncertain}}``."""
+        """One image's probabilities → ``{attribute: {label, confidence, top_k, uncertain}}``; with a title
+        the model read (``titled``), each attribute also has ``conflict`` (its score above the threshold)."""
+        conflicts = self._conflicts(outputs, row) if titled else None
         predictions = {}
         for spec in specs:
             array = outputs.get(spec.tensor)
@@ -183,25 +278,64 @@ class FashionClient:
                 "top_k": ranked,
                 "uncertain": bool(is_uncertain(probs[order[0]], spec.threshold)),
             }
+            if conflicts is not None:
+                predictions[spec.attribute]["conflict"] = conflicts[spec.attribute]
         return predictions
+
+    def _conflicts(self, outputs: dict[str, np.ndarray], row: int) -> dict[str, bool] | None:
+        """Per attribute, whether the title model's conflict score of ``row`` is above its threshold."""
+        spec = self.metadata.title
+        if spec is None:
+            return None
+        scores = outputs.get(spec.conflict_output)
+        if scores is None or scores.ndim != 2 or scores.shape[1] != len(self.metadata.outputs):
+            shape = None if scores is None else list(scores.shape)
+            raise UpstreamError(
+                f"output {spec.conflict_output!r} has shape {shape}, the metadata expects "
+                f"[N, {len(self.metadata.outputs)}]: the served model and its metadata.json disagree",
+                code=ErrorCode.OUTPUT_MISMATCH,
+            )
+        values = scores[row].astype(np.float64)
+        if not np.all(np.isfinite(values)):
+            raise UpstreamError(
+                f"output {spec.conflict_output!r} holds NaN or infinite values",
+                code=ErrorCode.OUTPUT_MISMATCH,
+            )
+        outputs_and_scores = zip(self.metadata.outputs, values, strict=True)
+        return {o.attribute: spec.conflicts(o.attribute, float(v)) for o, v in outputs_and_scores}
 
     # -- whole requests ------------------------------------------------------------------------
     def predict_batch(
-        self, images: Sequence[bytes], *, top_k: int = 3, category: str | None = None
+        self,
+        images: Sequence[bytes],
+        *,
+        top_k: int = 3,
+        category: str | None = None,
+        titles: Sequence[str | None] | None = None,
     ) -> BatchResult:
-        """Tag ``images`` with one Triton request; a bad image gets an error entry, not a failed batch.
+        """Tag ``images`` with one Triton request; a bad image (or a bad title) gets an error entry, not a
+        failed batch. ``titles``: one per image, in order (``None`` or ``""``: none), or ``None`` for none.
 
         Triton failures (``ModelUnavailable``, ``UpstreamTimeout``, ``UpstreamError``) raise: they concern
         every image alike.
         """
         top_k = self.check_top_k(top_k)
         specs = self.outputs_for(category)
+        given = [None] * len(images) if titles is None else list(titles)
+        if len(given) != len(images):
+            raise InvalidTitle(
+                f"{len(given)} titles for {len(images)} images: send one title per image, in order "
+                "(an empty one for an image without), or none",
+                code=ErrorCode.TITLE_COUNT_MISMATCH,
+            )
         stage = {"decode": 0.0, "resize": 0.0, "triton": 0.0, "postprocess": 0.0}
         arrays: list[np.ndarray] = []
+        kept: list[str | None] = []
         rows: list[int | None] = []
         errors: list[GatewayError | None] = []
-        for data in images:
+        for data, raw in zip(images, given, strict=True):
             try:
+                title = self.check_title(raw)  # before the decode: a refused title costs no decoding
                 array, decode_s, resize_s = self.preprocess(data)
             except GatewayError as e:
                 rows.append(None)
@@ -211,11 +345,14 @@ class FashionClient:
             stage["resize"] += resize_s
             rows.append(len(arrays))
             arrays.append(array)
+            kept.append(title)
             errors.append(None)
         outputs: dict[str, np.ndarray] = {}
+        ids = self.title_ids(kept)
+        titled = has_title(ids) if ids is not None else np.zeros(len(arrays), bool)
         if arrays:
             t0 = time.perf_counter()
-            outputs = self.infer(np.stack(arrays))
+            outputs = self.infer(np.stack(arrays), ids)
             stage["triton"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         results: list[dict[str, Any]] = []
@@ -224,17 +361,27 @@ class FashionClient:
                 assert error is not None
                 results.append({"error": {"code": error.code, "message": error.message}})
             else:
-                results.append({"predictions": self.decode(outputs, row, specs, top_k)})
+                used = bool(titled[row])
+                results.append(
+                    {
+                        "inputs": self.inputs_used(used),
+                        "predictions": self.decode(outputs, row, specs, top_k, titled=used),
+                    }
+                )
         stage["postprocess"] = time.perf_counter() - t0
         return BatchResult(results, errors, stage)
 
-    def predict(self, image: bytes, *, top_k: int = 3, category: str | None = None) -> dict[str, Any]:
-        """Tag one image: ``{"model", "predictions", "timing_ms"}``, the gateway's response body."""
-        batch = self.predict_batch([image], top_k=top_k, category=category)
+    def predict(
+        self, image: bytes, *, top_k: int = 3, category: str | None = None, title: str | None = None
+    ) -> dict[str, Any]:
+        """Tag one image, with the listing's ``title`` if given: ``{"model", "inputs", "predictions",
+        "timing_ms"}``, the gateway's response body."""
+        batch = self.predict_batch([image], top_k=top_k, category=category, titles=[title])
         if batch.errors[0] is not None:
             raise batch.errors[0]
         return {
             "model": self.model,
+            "inputs": batch.results[0]["inputs"],
             "predictions": batch.results[0]["predictions"],
             "timing_ms": batch.timing_ms,
         }

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from fashion.contract import ImageError
+    from fashion.text import TitleError
 
 
 class ErrorCode(StrEnum):
@@ -31,6 +32,10 @@ class ErrorCode(StrEnum):
     INVALID_TOP_K = "invalid_top_k"
     UNKNOWN_CATEGORY = "unknown_category"
     UNAUTHORIZED = "unauthorized"
+    # a title (fashion.text's codes: one per TitleError class), and a batch whose titles do not pair up
+    INVALID_TITLE = "invalid_title"
+    TITLE_TOO_LONG = "title_too_long"
+    TITLE_COUNT_MISMATCH = "title_count_mismatch"
     # an image (fashion.contract's codes: one per ImageError class)
     INVALID_IMAGE = "invalid_image"
     UNDECODABLE_IMAGE = "undecodable_image"
@@ -63,7 +68,7 @@ class ErrorCode(StrEnum):
 
 
 # Metric families (gateway.metrics): fashion_gateway_triton_errors_total{kind}, _rejected_total{reason},
-# _image_errors_total{code}.
+# _image_errors_total{code}, _title_errors_total{code}.
 TRITON_FAILURES = frozenset(
     {
         ErrorCode.MODEL_UNAVAILABLE,
@@ -76,6 +81,7 @@ TRITON_FAILURES = frozenset(
     }
 )
 REFUSALS = frozenset({ErrorCode.UNAUTHORIZED, ErrorCode.OVERLOADED, ErrorCode.SHUTTING_DOWN})
+TITLE_ERRORS = frozenset({ErrorCode.INVALID_TITLE, ErrorCode.TITLE_TOO_LONG})  # _title_errors_total{code}
 IMAGE_ERRORS = frozenset(
     {
         ErrorCode.INVALID_IMAGE,
@@ -111,6 +117,14 @@ class InvalidImage(GatewayError):
 
     status = 400
     code = ErrorCode.UNDECODABLE_IMAGE
+
+
+class InvalidTitle(GatewayError):
+    """A title the gateway cannot use: too long, not UTF-8, control characters (``invalid_title``,
+    ``title_too_long``), or a batch whose ``titles`` fields do not pair up with its images."""
+
+    status = 400
+    code = ErrorCode.INVALID_TITLE
 
 
 class Unauthorized(GatewayError):
@@ -190,3 +204,8 @@ def from_image_error(error: ImageError) -> GatewayError:
     else:
         cls = InvalidImage
     return cls(str(error), code=ErrorCode(error.code))
+
+
+def from_title_error(error: TitleError) -> GatewayError:
+    """Map a ``fashion.text`` title error to the gateway error a client should see (400, its code)."""
+    return InvalidTitle(str(error), code=ErrorCode(error.code))

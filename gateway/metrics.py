@@ -16,7 +16,7 @@ import os
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from gateway.errors import IMAGE_ERRORS, REFUSALS, TRITON_FAILURES, ErrorCode
+from gateway.errors import IMAGE_ERRORS, REFUSALS, TITLE_ERRORS, TRITON_FAILURES, ErrorCode
 
 LATENCY_BUCKETS_S = (
     0.001,
@@ -59,6 +59,7 @@ STAGE_BUCKETS_S = (
     10.0,
 )
 IMAGE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+INPUTS = ("image", "image+title")  # the label values of fashion_gateway_answers_total
 
 
 def multiprocess_dir() -> str | None:
@@ -98,6 +99,15 @@ class GatewayMetrics:
         self.image_errors = Counter(
             "fashion_gateway_image_errors_total", "Images refused, by error code.", ["code"], registry=r
         )
+        self.title_errors = Counter(
+            "fashion_gateway_title_errors_total", "Titles refused, by error code.", ["code"], registry=r
+        )
+        self.answered = Counter(
+            "fashion_gateway_answers_total",
+            "Images answered, by the inputs the model read: image, or image+title.",
+            ["inputs"],
+            registry=r,
+        )
         self.inflight = Gauge(
             "fashion_gateway_inflight_requests",
             "Prediction requests being served.",
@@ -129,9 +139,12 @@ class GatewayMetrics:
             (self.triton_errors, TRITON_FAILURES),
             (self.rejected, REFUSALS),
             (self.image_errors, IMAGE_ERRORS),
+            (self.title_errors, TITLE_ERRORS),
         ):
             for code in sorted(codes):
                 family.labels(code.value)
+        for inputs in INPUTS:
+            self.answered.labels(inputs)
 
     def triton_error(self, code: ErrorCode) -> None:
         """A failed Triton call (counted even when a retry then answers)."""
@@ -145,6 +158,17 @@ class GatewayMetrics:
         """An image refused inside a request."""
         self.image_errors.labels(_member(code, IMAGE_ERRORS).value).inc()
 
+    def input_error(self, code: ErrorCode) -> None:
+        """An image of a request refused for its image or for its title."""
+        if code in TITLE_ERRORS:
+            self.title_errors.labels(code.value).inc()
+        else:
+            self.image_error(code)
+
+    def answer(self, inputs: list[str]) -> None:
+        """An image answered, reading ``inputs`` (the answer's ``inputs``)."""
+        self.answered.labels(_member_of("+".join(inputs), INPUTS)).inc()
+
     def render(self) -> bytes:
         """The exposition text for ``/metrics``."""
         if self.registry is not None:
@@ -152,6 +176,12 @@ class GatewayMetrics:
         registry = CollectorRegistry()
         MultiProcessCollector(registry)
         return generate_latest(registry)
+
+
+def _member_of(value: str, family: tuple[str, ...]) -> str:
+    if value not in family:
+        raise ValueError(f"{value!r} is not a label value of this metric ({family})")
+    return value
 
 
 def _member(code: ErrorCode, family: frozenset[ErrorCode]) -> ErrorCode:

@@ -13,7 +13,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
@@ -28,7 +28,11 @@ RETRY_DELAY_S = 0.05
 
 
 class TritonBackend(Protocol):
-    """What the gateway needs from Triton. Every method raises a ``GatewayError`` on failure."""
+    """What the gateway needs from Triton. Every method raises a ``GatewayError`` on failure.
+
+    ``infer`` sends ``batch`` as ``input_name`` and, for a model with more inputs (the title ids of a model
+    that reads titles), ``extra_inputs`` by name, each with the batch's first dimension. The gateway passes
+    ``extra_inputs`` only to a model that has them."""
 
     def infer(
         self,
@@ -38,6 +42,8 @@ class TritonBackend(Protocol):
         batch: np.ndarray,
         outputs: Sequence[str],
         timeout_s: float,
+        *,
+        extra_inputs: Mapping[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]: ...
 
     def server_ready(self) -> bool: ...
@@ -137,25 +143,35 @@ class TritonTransport:
         batch: np.ndarray,
         outputs: Sequence[str],
         timeout_s: float | None = None,
+        *,
+        extra_inputs: Mapping[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        sent = {input_name: batch, **(extra_inputs or {})}
 
         def run(client: Any) -> dict[str, np.ndarray]:
+            from tritonclient.utils import np_to_triton_dtype
+
             if self.protocol == "grpc":
                 import tritonclient.grpc as tc
             else:
                 import tritonclient.http as tc  # type: ignore[no-redef]
-            inp = tc.InferInput(input_name, list(batch.shape), "UINT8")
+            inputs = []
+            for name, array in sent.items():
+                inp = tc.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+                if self.protocol == "grpc":
+                    inp.set_data_from_numpy(array)
+                else:
+                    inp.set_data_from_numpy(array, binary_data=True)
+                inputs.append(inp)
             if self.protocol == "grpc":
-                inp.set_data_from_numpy(batch)
                 requested = [tc.InferRequestedOutput(name) for name in outputs]
                 result = client.infer(
-                    model, [inp], model_version=str(version), outputs=requested, client_timeout=timeout_s
+                    model, inputs, model_version=str(version), outputs=requested, client_timeout=timeout_s
                 )
             else:
-                inp.set_data_from_numpy(batch, binary_data=True)
                 requested = [tc.InferRequestedOutput(name, binary_data=True) for name in outputs]
-                result = client.infer(model, [inp], model_version=str(version), outputs=requested)
+                result = client.infer(model, inputs, model_version=str(version), outputs=requested)
             arrays = {name: result.as_numpy(name) for name in outputs}
             missing = [name for name, value in arrays.items() if value is None]
             if missing:

@@ -2,7 +2,9 @@
 
 ``FakeTriton`` implements ``gateway.triton.TritonBackend`` for the unit tests only; the stack tests run the
 real Triton. Its "model" scores each image by its mean colour, so a test can check that answers come back
-for the right image in the right order.
+for the right image in the right order. With a ``title`` section in its metadata (``titled_metadata``) it
+reads titles too: its conflict score for ``colour`` is high when the title names a colour that is not the
+photo's (found by the title's ids, so a gateway that tokenised differently would get no conflict).
 """
 
 from __future__ import annotations
@@ -70,6 +72,19 @@ def metadata_dict(
     }
 
 
+def titled_metadata(buckets: int = 4096, max_tokens: int = 24, **kwargs: Any) -> dict[str, Any]:
+    """``metadata_dict`` of a model that reads titles (``fashion.metadata.TitleSpec``): conflict thresholds
+    0.5 for ``colour``, none for the other attributes."""
+    from fashion.metadata import TitleSpec
+    from fashion.text import TitleTokenizer
+
+    doc = metadata_dict(**kwargs)
+    spec = TitleSpec(
+        TitleTokenizer(buckets=buckets, max_tokens=max_tokens), conflict_thresholds={"colour": 0.5}
+    )
+    return {**doc, "title": spec.to_dict()}
+
+
 def write_metadata(repository: Path, name: str = "fashion", version: int = 1, **kwargs: Any) -> Path:
     folder = repository / name / str(version)
     folder.mkdir(parents=True, exist_ok=True)
@@ -135,7 +150,15 @@ class FakeTriton:
         self.entered = threading.Event()
 
     def infer(
-        self, model: str, version: int, input_name: str, batch: np.ndarray, outputs: Any, timeout_s: float
+        self,
+        model: str,
+        version: int,
+        input_name: str,
+        batch: np.ndarray,
+        outputs: Any,
+        timeout_s: float,
+        *,
+        extra_inputs: dict[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
         self.calls.append(
             {
@@ -145,6 +168,7 @@ class FakeTriton:
                 "shape": batch.shape,
                 "dtype": batch.dtype,
                 "outputs": list(outputs),
+                "extra_inputs": dict(extra_inputs or {}),
             }
         )
         self.entered.set()
@@ -164,7 +188,27 @@ class FakeTriton:
             else:
                 logits = np.tile(np.arange(n, 0, -1, dtype=np.float64), (batch.shape[0], 1))
             result[spec["tensor"]] = softmax(logits)
+        title = self.metadata.get("title")
+        if title is not None:
+            result[title["conflict"]["output"]] = self._conflict(means, (extra_inputs or {})[title["input"]])
         return {name: result[name] for name in outputs}
+
+    def _conflict(self, means: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """``(N, attributes)``: 0.95 for ``colour`` where the title names a colour that is not the photo's
+        (by the id of the colour's word), 0.05 where it names the photo's or none, 0 without a title."""
+        from fashion.text import TitleTokenizer, has_title
+
+        tokenizer = TitleTokenizer.from_dict(self.metadata["title"]["tokenizer"])
+        word = {c: tokenizer.ids(c)[0] for c in COLOURS}  # "w:<colour>", the first token of the word
+        scores = np.zeros((len(ids), len(self.metadata["outputs"])), np.float32)
+        column = [o["tensor"] for o in self.metadata["outputs"]].index("colour")
+        for row, (mean, title) in enumerate(zip(means, ids, strict=True)):
+            named = [c for c in COLOURS if word[c] in title]
+            photo = COLOURS[int(np.argmax(mean))]
+            scores[row, column] = (
+                0.95 if named and photo not in named else 0.05 if has_title(title[None])[0] else 0
+            )
+        return scores
 
     def _check(self) -> None:
         if self.error is not None:
@@ -181,15 +225,19 @@ class FakeTriton:
     def model_metadata(self, model: str, version: int) -> dict[str, Any]:
         self._check()
         outputs = self.served_outputs
+        inputs = [{"name": "image", "datatype": "UINT8", "shape": self.metadata["input"]["shape"]}]
+        title = self.metadata.get("title")
         if outputs is None:
             outputs = [
                 {"name": o["tensor"], "datatype": "FP32", "shape": [-1, len(o["classes"])]}
                 for o in self.metadata["outputs"]
             ]
-        return {
-            "inputs": [{"name": "image", "datatype": "UINT8", "shape": self.metadata["input"]["shape"]}],
-            "outputs": outputs,
-        }
+            if title is not None:
+                shape = [-1, len(self.metadata["outputs"])]
+                outputs.append({"name": title["conflict"]["output"], "datatype": "FP32", "shape": shape})
+        if title is not None:
+            inputs.append({"name": title["input"], "datatype": "INT64", "shape": title["shape"]})
+        return {"inputs": inputs, "outputs": outputs}
 
 
 @contextlib.contextmanager
