@@ -7,9 +7,11 @@ One row per input::
 
 ``<attr>`` is the most probable class, ``<attr>_probability`` its calibrated probability, and one boolean per
 flag the model answers with: ``uncertain`` (below the attribute's threshold in ``metadata.json``; false
-where it has none) and, for a model that reads titles, ``conflict``. ``error`` is null when the input was
-tagged; otherwise ``"<code>: <message>"`` and every attribute column is null. No attribute name is written
-here: they all come from the metadata (or the gateway's ``GET /v1/models``, which serves the same).
+where it has none) and, for a model that reads titles, ``conflict`` (the photo and the input's title
+disagree on the attribute; null for an input without a title, which the model answered from the photo
+alone). ``error`` is null when the input was tagged; otherwise ``"<code>: <message>"`` and every attribute
+column is null. No attribute name is written here: they all come from the metadata (or the gateway's
+``GET /v1/models``, which serves the same).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from fashion.metadata import ModelMetadata
+from fashion.metadata import ModelMetadata, title_spec
 from fashion.text import TitleTokenizer, tokenize_all
 
 UNCERTAIN = "uncertain"
@@ -52,15 +54,10 @@ class TitleInput:
 
 
 def title_input(document: Mapping[str, Any]) -> TitleInput | None:
-    """The title input a metadata document declares, ``None`` when it declares none (every model today).
-
-    The one place that knows how ``metadata.json`` declares it: ``"title": {"input": NAME, "tokenizer":
-    TitleTokenizer.to_dict()}`` (the format issue 24's export is to write; align it here if it differs)."""
-    declared = document.get("title")
-    if not isinstance(declared, Mapping):
-        return None
-    tokenizer = TitleTokenizer.from_dict(dict(declared["tokenizer"]))
-    return TitleInput(str(declared.get("input", "title")), tokenizer)
+    """The title input a metadata document (or the gateway's ``GET /v1/models``) declares, ``None`` for a
+    model that reads photos only; the format is ``fashion.metadata.TitleSpec``'s."""
+    spec = title_spec(document)
+    return None if spec is None else TitleInput(spec.input, spec.tokenizer)
 
 
 def flags_for(title: TitleInput | None) -> tuple[str, ...]:
@@ -105,14 +102,15 @@ class TagColumns:
         return pa.schema(fields)
 
     def row(self, id: str, predictions: Mapping[str, Mapping[str, Any]], model: ModelRef) -> dict[str, Any]:
-        """A tagged input's row from the gateway's answer for it (``{attr: {label, confidence, <flag>}}``)."""
+        """A tagged input's row from the gateway's answer for it (``{attr: {label, confidence, <flag>}}``);
+        a flag the answer lacks is null (``conflict`` without a title)."""
         row: dict[str, Any] = {"id": id}
         for a in self.attributes:
             p = predictions[a]
             row[a] = str(p["label"])
             row[f"{a}_probability"] = float(p["confidence"])
             for flag in self.flags:
-                row[f"{a}_{flag}"] = bool(p.get(flag, False))
+                row[f"{a}_{flag}"] = None if flag not in p else bool(p[flag])
         return {**row, "model": model.name, "model_version": model.version, "error": None}
 
     def error_row(self, id: str, error: str, model: ModelRef) -> dict[str, Any]:

@@ -13,6 +13,12 @@ every input (a server that stays down) raises.
 - ``triton``: ``FashionClient`` over gRPC to Triton; preprocessing here, in the client.
 - ``gateway``: ``POST /v1/predict/batch`` to the shop's deployed gateway, which decodes.
 
+A model that reads titles (its ``metadata.json``, or the gateway's ``GET /v1/models``, declares the title
+input) gets each input's title from the manifest: the local and Triton engines send its ids (``fashion.text``,
+titles longer than the tokenizer's ``max_chars`` cut, as the trainer cuts them), the gateway engine one
+``titles`` field per image (cut the same way, and with the characters the gateway refuses blanked: the same
+ids), and every row has ``<attr>_conflict`` (null for an input without a title).
+
 The servers' "come back shortly" answers (the gateway's 429/503 with ``Retry-After``, Triton's full queue or
 restart) are waited out with ``gateway.retry.Backoff`` (``Retry-After`` plus a jittered, doubling window)
 for at most ``give_up_s``; then ``EngineDown`` stops the job, whose completed parts stay on disk.
@@ -33,7 +39,8 @@ import numpy as np
 from export.repository import read_session_spec
 from export.sessions import Session, open_session
 from fashion.metadata import ModelMetadata, load_export_record, load_metadata, read_document, skew
-from gateway.client import POLITE, RETRIED, FashionClient
+from fashion.text import has_title
+from gateway.client import POLITE, RETRIED, FashionClient, acceptable_title
 from gateway.errors import ErrorCode, GatewayError
 from gateway.retry import RETRY_STATUSES, Backoff, retry_after_s
 from gateway.triton import TritonTransport
@@ -171,18 +178,10 @@ class Engine:
         except OSError as e:
             return Prepared(item, error=error_text("unreadable_file", f"{item.path}: {e.strerror or e}"))
 
-    def _titles(self, batch: Sequence[Prepared]) -> dict[str, np.ndarray]:
-        """The title tensor when the model declares a title input (zeros for inputs without a title)."""
+    def _titles(self, batch: Sequence[Prepared]) -> np.ndarray | None:
+        """The title ids when the model declares a title input (zeros for inputs without a title)."""
         title = self.view.title
-        return {} if title is None else {title.name: title.tensor([p.item.title for p in batch])}
-
-    def _cannot_send_titles(self, extra: Mapping[str, np.ndarray]) -> None:
-        if extra:
-            raise TagError(
-                f"{self.model} reads titles (its metadata declares the input {', '.join(extra)!r}), but the "
-                f"{type(self).__name__} cannot send a second input yet: it needs the session, Triton "
-                "client and batch endpoint to take titles (issue 24)"
-            )
+        return None if title is None else title.tensor([p.item.title for p in batch])
 
 
 class _ClientEngine(Engine):
@@ -206,20 +205,22 @@ class _ClientEngine(Engine):
     def infer(self, batch: Sequence[Prepared]) -> list[dict[str, Any]]:
         good = [p for p in batch if p.error is None]
         outputs: dict[str, np.ndarray] = {}
+        ids = self._titles(good)
+        titled = has_title(ids) if ids is not None else np.zeros(len(good), bool)
         if good:
-            outputs = self._infer(np.stack([p.array for p in good]), self._titles(good))  # type: ignore[misc]
+            outputs = self._infer(np.stack([p.array for p in good]), ids)  # type: ignore[misc]
         rows, k = [], 0
         specs = self.client.metadata.outputs
         for p in batch:
             if p.error is not None:
                 rows.append(self.columns.error_row(p.item.id, p.error, self.model))
                 continue
-            predictions = self.client.decode(outputs, k, specs, top_k=1)
+            predictions = self.client.decode(outputs, k, specs, top_k=1, titled=bool(titled[k]))
             rows.append(self.columns.row(p.item.id, predictions, self.model))
             k += 1
         return rows
 
-    def _infer(self, batch: np.ndarray, extra: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _infer(self, batch: np.ndarray, titles: np.ndarray | None) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
 
@@ -242,8 +243,11 @@ class SessionBackend:
         batch: np.ndarray,
         outputs: Sequence[str],
         timeout_s: float,
+        *,
+        extra_inputs: Mapping[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
-        arrays = dict(zip(self.session.output_names, self.session(batch), strict=True))
+        titles = next(iter((extra_inputs or {}).values()), None)  # a model that reads titles: their ids
+        arrays = dict(zip(self.session.output_names, self.session(batch, titles), strict=True))
         return {name: arrays[name] for name in outputs}
 
     def server_ready(self) -> bool:
@@ -276,9 +280,8 @@ class LocalEngine(_ClientEngine):
         self.batch_size = spec.batch_size or chosen.best_batch or 8
         self.concurrency = spec.concurrency or DEFAULT_CONCURRENCY["local"]
 
-    def _infer(self, batch: np.ndarray, extra: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self._cannot_send_titles(extra)
-        return self.client.infer(batch)
+    def _infer(self, batch: np.ndarray, titles: np.ndarray | None) -> dict[str, np.ndarray]:
+        return self.client.infer(batch, titles)
 
 
 def _triton_wait(error: Exception) -> float | None:
@@ -305,9 +308,8 @@ class TritonEngine(_ClientEngine):
     def _politely(self, call: Callable[[], T]) -> T:
         return politely(call, _triton_wait, what=f"Triton at {self.spec.url}", give_up_s=self.spec.give_up_s)
 
-    def _infer(self, batch: np.ndarray, extra: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self._cannot_send_titles(extra)
-        return self._politely(lambda: self.client.infer(batch))
+    def _infer(self, batch: np.ndarray, titles: np.ndarray | None) -> dict[str, np.ndarray]:
+        return self._politely(lambda: self.client.infer(batch, titles))
 
 
 class Refused(Exception):
@@ -378,10 +380,12 @@ class GatewayEngine(Engine):
         answered: list[dict[str, Any]] = []
         model = self.model
         if good:
-            self._cannot_send_titles(self._titles(good))
             fields: list[tuple[str, Any]] = [
                 ("images", (Path(p.item.path).name, p.data, "application/octet-stream")) for p in good
             ]
+            title = self.view.title
+            if title is not None:  # one `titles` field per image, in order ("" = none)
+                fields += [("titles", acceptable_title(p.item.title, title.tokenizer)) for p in good]
             body, content_type = encode_multipart_formdata([*fields, ("top_k", "1")])
             reply = self._politely(lambda: self._request("POST", "/v1/predict/batch", body, content_type))
             answered = reply["results"]

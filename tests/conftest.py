@@ -247,3 +247,7 @@ def exported(checkpoint, tmp_path_factory):
     )
     result = export_checkpoint(opts, report=lambda text: None)
     return repo, result
+
+
+# --- the tiny model that reads titles (issue 24) and its export: tests/fixtures_title.py ---------------
+from tests.fixtures_title import title_catalogue, title_checkpoint, title_export, title_int8  # noqa: E402, F401

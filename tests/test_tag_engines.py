@@ -1,12 +1,12 @@
-"""``fashion tag`` with a real export: the local engine, a SIGKILL and a rerun, the title hook; the Triton and
-gateway engines against the real pip Triton and gunicorn (the same rows whichever engine; a gateway that
-refuses with 429 or stays down); Ray Data on a real local Ray runtime (skipped where Ray is not installed)."""
+"""``fashion tag`` with a real export: the local engine, a SIGKILL and a rerun, titles sent to a model that
+reads them; the Triton and gateway engines against the real pip Triton and gunicorn (the same rows whichever
+engine; a gateway that refuses with 429 or stays down); Ray Data on a real local Ray runtime (skipped where
+Ray is not installed)."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +21,6 @@ import pytest
 from fashion.cli import main
 from fashion.metadata import load_export_record
 from tagging.engines import EngineSpec, LocalEngine
-from tagging.errors import TagError
 from tagging.run import TagJob, tag
 from tagging.store import read_rows
 from tests.conftest import COLOURS, draw_product
@@ -120,8 +119,8 @@ def test_local_engine_tags_with_the_exports_chosen_session_and_bad_files_become_
     assert engine.session_name == chosen.name and engine.batch_size == chosen.best_batch
 
 
-def test_titles_are_carried_but_not_sent_unless_the_metadata_declares_a_title_input(
-    repo, photos, local_rows, tmp_path
+def test_titles_are_sent_when_the_metadata_declares_a_title_input_and_conflicts_are_written(
+    repo, photos, local_rows, title_export, tmp_path
 ):
     good = [r["id"] for r in local_rows if r["error"] is None]
     manifest = tmp_path / "manifest.csv"
@@ -130,17 +129,27 @@ def test_titles_are_carried_but_not_sent_unless_the_metadata_declares_a_title_in
         *(f"{i},{photos}/{i}{'.png' if i == 'png' else '.jpg'},Red Shirt {i}" for i in good),
     ]
     manifest.write_text("\n".join(lines) + "\n")
+    # A model that reads photos only: the titles are carried, not sent, and change nothing.
     with_titles = run(manifest, tmp_path / "titled", EngineSpec("local", repository=str(repo)))
     assert_same_rows(with_titles, [r for r in local_rows if r["error"] is None])
+    assert not any(k.endswith("_conflict") for k in with_titles[0])
 
-    declared = tmp_path / "title-repo"
-    shutil.copytree(repo, declared)
-    path = declared / "fashion" / "1" / "metadata.json"
-    doc = json.loads(path.read_text())
-    doc["title"] = {"input": "title", "tokenizer": {"buckets": 64, "max_tokens": 8}}
-    path.write_text(json.dumps(doc))
-    with pytest.raises(TagError, match=r"reads titles \(its metadata declares the input 'title'\)"):
-        run(manifest, tmp_path / "declared", EngineSpec("local", repository=str(declared)))
+    # A model that reads titles (tests.fixtures_title: its photo and title colours are known) gets them.
+    title_repo, _ = title_export
+    red = tmp_path / "red.jpg"
+    draw_product(red, COLOURS["Red"], "square", seed=3)
+    titles = {"own": "Brand 1 Red Square Tee", "other": "Brand 1 Blue Square Tee", "none": ""}
+    manifest = tmp_path / "title-manifest.csv"
+    manifest.write_text("id,image,title\n" + "".join(f"{k},{red},{t}\n" for k, t in titles.items()))
+    rows = {
+        r["id"]: r
+        for r in run(manifest, tmp_path / "title-out", EngineSpec("local", repository=str(title_repo)))
+    }
+    assert [rows[k]["baseColour"] for k in titles] == ["Red"] * 3  # the photo's colour
+    assert [rows[k]["baseColour_conflict"] for k in titles] == [False, True, None]  # none: no title to judge
+    probabilities = [k for k in rows["own"] if k.endswith("_probability")]
+    assert any(rows["own"][k] != rows["none"][k] for k in probabilities)  # the title changed the answer
+    assert rows["own"]["gender_conflict"] is not None and rows["none"]["gender_conflict"] is None
 
 
 def test_a_run_killed_with_sigkill_resumes_and_ends_with_exactly_one_row_per_input(repo, tmp_path):
