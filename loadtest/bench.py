@@ -54,7 +54,7 @@ from export.runtimes import cpu_info
 from export.sessions import SessionSpec, open_session
 from fashion.console import emit, table
 from fashion.contract import preprocess
-from fashion.metadata import INPUT_NAME, CandidateRecord, ExportRecord, load_export_record
+from fashion.metadata import INPUT_NAME, CandidateRecord, ExportRecord, load_export_record, load_metadata
 from loadtest.errors import LoadtestError
 from loadtest.loadgen import Point, best, closed_loop, percentiles
 from loadtest.measure import MODEL_NAME, BenchModel, gateway_env, http_client_factory, sweep_points
@@ -377,6 +377,7 @@ def triton_client_factory(url: str, model: BenchModel) -> Callable[[], Callable[
     import tritonclient.grpc as grpcclient
 
     outputs = [a.tensor for a in model.schema.attributes]
+    title = load_metadata(model.repository, MODEL_NAME).title  # a model that reads titles: send zero ids
 
     def factory() -> Callable[[int], int]:
         client = grpcclient.InferenceServerClient(url)
@@ -386,7 +387,12 @@ def triton_client_factory(url: str, model: BenchModel) -> Callable[[], Callable[
             array = preprocess(model.jpegs[i % len(model.jpegs)], model.preprocessing)[None]
             tensor = grpcclient.InferInput(INPUT_NAME, list(array.shape), "UINT8")
             tensor.set_data_from_numpy(array)
-            client.infer(MODEL_NAME, [tensor], outputs=requested, client_timeout=30)
+            inputs = [tensor]
+            if title is not None:  # the photo alone: all-zero title ids (the title contract)
+                ids = np.zeros((1, title.max_tokens), np.int64)
+                inputs.append(grpcclient.InferInput(title.input, list(ids.shape), "INT64"))
+                inputs[-1].set_data_from_numpy(ids)
+            client.infer(MODEL_NAME, inputs, outputs=requested, client_timeout=30)
             return 1
 
         return send

@@ -319,6 +319,10 @@ class TritonGrpcUser(User):
         self.client = grpcclient.InferenceServerClient(url)
         meta = self.client.get_model_metadata(s.model_name, s.model_version, as_json=True)
         self.input_name = meta["inputs"][0]["name"]
+        # A model that reads titles has a second input: this user sends the photo alone, i.e. zero ids.
+        self.extra = [
+            (i["name"], i["datatype"], [int(d) for d in i["shape"][1:]]) for i in meta["inputs"][1:]
+        ]
         size = int(meta["inputs"][0]["shape"][1])
         self.outputs = [grpcclient.InferRequestedOutput(o["name"]) for o in meta["outputs"]]
         self.contract = _contract(s, Preprocessing, size)
@@ -339,8 +343,15 @@ class TritonGrpcUser(User):
             array = self.preprocess(data, self.contract)[None]
             tensor = self.grpcclient.InferInput(self.input_name, list(array.shape), "UINT8")
             tensor.set_data_from_numpy(array)
+            inputs = [tensor]
+            for name, datatype, dims in self.extra:
+                zeros = self.np.zeros(
+                    [1, *dims], dtype=self.np.int64 if datatype == "INT64" else self.np.float32
+                )
+                inputs.append(self.grpcclient.InferInput(name, [1, *dims], datatype))
+                inputs[-1].set_data_from_numpy(zeros)
             result = self.client.infer(
-                s.model_name, [tensor], model_version=s.model_version, outputs=self.outputs, client_timeout=30
+                s.model_name, inputs, model_version=s.model_version, outputs=self.outputs, client_timeout=30
             )
             length = sum(result.as_numpy(o.name()).nbytes for o in self.outputs)
         except Exception as e:  # reported as a failure, the user goes on

@@ -431,3 +431,26 @@ def test_every_tag_engine_sends_titles_and_writes_the_same_rows_with_conflict_co
                 np.testing.assert_allclose(
                     [got[k] for k in probabilities], [want[k] for k in probabilities], atol=1e-5
                 )
+
+
+@pytest.mark.server
+def test_the_load_tests_triton_clients_send_a_zero_title_to_a_model_that_reads_titles(
+    stack, gateway_url, title_export, net, photos, tmp_path, monkeypatch
+):
+    from types import SimpleNamespace
+
+    from fashion.cli import main
+    from loadtest.bench import triton_client_factory
+
+    repo, _ = title_export
+    model = SimpleNamespace(repository=repo, schema=net.schema, jpegs=photos, preprocessing=net.preprocessing)
+    send = triton_client_factory(stack.triton().grpc_url, model)()
+    assert [send(i) for i in range(3)] == [1, 1, 1]  # Triton refuses a request that lacks the title input
+
+    monkeypatch.setenv("FASHION_MODEL_REPOSITORY", str(repo))
+    out = tmp_path / "report"
+    command = ["loadtest", "--host", gateway_url, "--users", "2", "--spawn-rate", "2", "--duration", "4"]
+    command += ["--triton-grpc", stack.triton().grpc_url, "--slo-p95-ms", "5000", "--out", str(out)]
+    assert main(command) == 0, (out / "locust.log").read_text()[-3000:]
+    endpoints = {e["name"]: e for e in json.loads((out / "summary.json").read_text())["endpoints"]}
+    assert endpoints["triton infer"]["requests"] > 0 and endpoints["triton infer"]["failures"] == 0
