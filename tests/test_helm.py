@@ -1191,6 +1191,23 @@ def test_build_trt_plan_builds_a_strongly_typed_plan_then_reuses_the_cache(trt_e
 
 
 @needs_bash
+def test_build_trt_plan_profiles_the_title_input_of_a_model_that_reads_titles(trt_env):
+    from fashion.metadata import TitleSpec
+    from fashion.text import TitleTokenizer
+
+    env, log, _ = trt_env
+    title = TitleSpec(TitleTokenizer(max_tokens=48)).to_dict()  # as fashion export writes it
+    doc = {"preprocessing": {"image_size": 192}, "title": title}
+    (Path(env["REPO_DIR"]) / "fashion" / "10" / "metadata.json").write_text(json.dumps(doc, indent=2))
+    result = _run_script(env)
+    assert result.returncode == 0, result.stderr
+    args = log.read_text().splitlines()[-1].split()
+    assert "--minShapes=image:1x192x192x3,title:1x48" in args
+    assert "--optShapes=image:4x192x192x3,title:4x48" in args
+    assert "--maxShapes=image:16x192x192x3,title:16x48" in args
+
+
+@needs_bash
 def test_build_trt_plan_int8_uses_the_qdq_onnx_and_rejects_other_precisions(trt_env):
     env, log, _ = trt_env
     result = _run_script(env, PRECISION="int8", MODEL_VERSION="2")

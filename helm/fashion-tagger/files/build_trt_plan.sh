@@ -26,6 +26,8 @@
 #   MAX_BATCH       largest batch of the profile = max_batch_size (default: 32)
 #   OPT_BATCH       batch TensorRT tunes for                      (default: 8)
 #   INPUT_SIZE      image side; "" = image_size from metadata.json, else 224
+#                   (a model that reads titles — metadata.json's title section — also gets a profile for
+#                   its "title" input: [batch, max_tokens] from the title's tokenizer)
 #   OUTPUT_DIR      repository root the TRT model is written to   (default: REPO_DIR)
 #   CACHE_DIR       where plans are cached per GPU + TensorRT     (default: OUTPUT_DIR/TRT_MODEL_NAME/version)
 #   TRTEXEC         trtexec binary                                (default: /usr/src/tensorrt/bin/trtexec, else PATH)
@@ -121,6 +123,11 @@ if [[ -z "$INPUT_SIZE" ]]; then
   fi
 fi
 [[ "$INPUT_SIZE" =~ ^[1-9][0-9]*$ ]] || die "INPUT_SIZE must be a positive integer, got '$INPUT_SIZE'"
+# A model that reads titles (fashion.metadata.TitleSpec): only its tokenizer has a "max_tokens" key.
+TITLE_TOKENS=""
+if [[ -f "$SRC_DIR/metadata.json" ]]; then
+  TITLE_TOKENS="$(grep -o '"max_tokens"[[:space:]]*:[[:space:]]*[0-9]*' "$SRC_DIR/metadata.json" | grep -o '[0-9]*$' | head -n 1 || true)"
+fi
 
 # --- the cache key: GPU model + TensorRT version ---
 GPU_NAME="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)" ||
@@ -150,6 +157,11 @@ TIMING_CACHE="$CACHE_DIR/timing.$GPU_SLUG.$TRT_VERSION.cache"
 MIN_SHAPE="image:1x${INPUT_SIZE}x${INPUT_SIZE}x3"
 OPT_SHAPE="image:${OPT_BATCH}x${INPUT_SIZE}x${INPUT_SIZE}x3"
 MAX_SHAPE="image:${MAX_BATCH}x${INPUT_SIZE}x${INPUT_SIZE}x3"
+if [[ -n "$TITLE_TOKENS" ]]; then
+  MIN_SHAPE="$MIN_SHAPE,title:1x${TITLE_TOKENS}"
+  OPT_SHAPE="$OPT_SHAPE,title:${OPT_BATCH}x${TITLE_TOKENS}"
+  MAX_SHAPE="$MAX_SHAPE,title:${MAX_BATCH}x${TITLE_TOKENS}"
+fi
 ONNX_SHA="$(sha256sum "$ONNX" | cut -d ' ' -f 1)"
 EXPECTED_MARKER="onnx_sha256=$ONNX_SHA
 min=$MIN_SHAPE opt=$OPT_SHAPE max=$MAX_SHAPE
