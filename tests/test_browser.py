@@ -152,3 +152,51 @@ def test_page_shows_the_gateways_error_and_drops_the_previous_photos_answer(url,
     page.wait_for_selector("#preview", state="hidden")  # a file the browser cannot show either
     assert page.is_hidden("#table")
     assert page.is_enabled("#submit")  # the button comes back for the next try
+
+
+def test_page_says_that_a_photo_only_model_reads_no_title(url, page, tmp_path):
+    page.goto(url + "/")
+    page.wait_for_selector("#title-note:has-text('this model reads the photo only')")
+    page.fill("#title", "Brand 1 Blue Tee")
+    rows = tag(page, url, synth_photo(tmp_path / "red-product.jpg", "Red"))
+    assert rows["colour"]["label"] == "red"
+    assert " · read image · " in page.inner_text("#status")  # the title was not used
+    assert page.problems == []  # type: ignore[attr-defined]
+
+
+# --- the title box, against a model that reads titles (tests/fixtures_title.py) ---------------------------
+@pytest.fixture(scope="module")
+def title_url(stack_factory, title_export, tmp_path_factory) -> Iterator[str]:
+    repo, _ = title_export
+    stack = stack_factory(repo, tmp_path_factory.mktemp("browser-titles"))
+    try:
+        with stack.gateway("browser-titles", workers=1, timeout_s=30) as gateway:
+            yield gateway.url
+    finally:
+        stack.stop()
+
+
+def test_page_sends_the_title_box_and_marks_where_photo_and_title_disagree(title_url, page, tmp_path):
+    from tests.conftest import COLOURS, draw_product
+
+    photo = tmp_path / "red-square.jpg"
+    draw_product(photo, COLOURS["Red"], "square", seed=3)
+
+    def colour_cell(title: str) -> str:
+        page.goto(title_url + "/")
+        page.fill("#title", title)
+        page.set_input_files("#image", str(photo))
+        page.click("#submit")
+        page.wait_for_selector("#table:not([hidden]) #rows tr")
+        page.wait_for_selector("#status:has-text('Model ')")
+        return page.inner_text('#rows tr[data-attribute="baseColour"] td.label')
+
+    wrong = colour_cell("Brand 1 Blue Square Tee")
+    assert wrong.startswith("Red") and "photo and title disagree" in wrong
+    assert " · read image + title · " in page.inner_text("#status")
+    own = colour_cell("Brand 1 Red Square Tee")
+    assert own.startswith("Red") and "disagree" not in own
+    none = colour_cell("")
+    assert "disagree" not in none and " · read image · " in page.inner_text("#status")
+    assert page.get_attribute("#title", "maxlength") == "300"  # the model's limit, from GET /v1/models
+    assert page.problems == []  # type: ignore[attr-defined]
