@@ -176,6 +176,31 @@ def test_a_study_prunes_poor_trials_resumes_and_writes_a_recipe_that_fashion_tra
     assert {k: trained[k] for k in best.params} == best.params
 
 
+def test_a_worker_that_loses_the_race_to_create_the_storage_schema_connects_on_its_next_try(
+    tmp_path, monkeypatch
+):
+    """Two workers started at once on a new database: Optuna's schema version INSERT is won by one, the
+    other gets an IntegrityError (seen in CI). make_storage must try again, not end the worker."""
+    import optuna
+    import sqlalchemy.exc
+
+    from training.tune import TuneConfig, make_storage
+
+    real = optuna.storages.RDBStorage
+    calls = []
+
+    def racing(url, **kwargs):
+        calls.append(url)
+        if len(calls) == 1:  # the other worker's INSERT landed first
+            raise sqlalchemy.exc.IntegrityError("INSERT INTO alembic_version", {}, Exception("UNIQUE"))
+        return real(url, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    out = tmp_path / "study"
+    storage = make_storage(TuneConfig(data=str(tmp_path), out=str(out), trials=1))
+    assert len(calls) == 2 and storage.get_all_studies() == []
+
+
 @pytest.mark.slow
 def test_two_workers_share_one_study_and_split_its_trials(synth, tmp_path, study_files):
     from optuna.trial import TrialState

@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import socket
+import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy.exc
 import yaml
 from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
@@ -294,6 +296,9 @@ def load_space(path: str | None, base: TrainConfig) -> SearchSpace:
 # --- the study --------------------------------------------------------------------------------------
 
 
+_SCHEMA_TRIES = 5
+
+
 def make_storage(cfg: TuneConfig) -> optuna.storages.RDBStorage:
     """An RDB storage with a heartbeat: a trial whose worker stops beating for ``grace_s`` is failed and
     queued again up to ``max_retry`` times (Optuna's recipe for workers that may die)."""
@@ -301,11 +306,21 @@ def make_storage(cfg: TuneConfig) -> optuna.storages.RDBStorage:
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     # SQLite: wait for another worker's write instead of failing; a server: drop connections it closed.
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    with experimental():
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine, heartbeat_interval=cfg.heartbeat_s, grace_period=cfg.grace_s,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(cfg.max_retry),
-        )
+    # Workers started together on a new database race to create its schema (Optuna records its version
+    # with an INSERT that only one can win); the loser finds the schema made and connects on its next try.
+    for attempt in range(_SCHEMA_TRIES):
+        try:
+            with experimental():
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine, heartbeat_interval=cfg.heartbeat_s, grace_period=cfg.grace_s,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(cfg.max_retry),
+                )
+        except sqlalchemy.exc.DBAPIError as e:  # IntegrityError / OperationalError from the schema race
+            if attempt == _SCHEMA_TRIES - 1:
+                raise TuneError(f"cannot open the study's storage {url}: {e.orig}") from e
+            log.info("storage %s: another worker is creating the schema (%s); trying again", url, e.orig)
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def make_pruner(cfg: TuneConfig, epochs: int) -> optuna.pruners.BasePruner:
