@@ -7,7 +7,11 @@
 2. the dataset the checkpoint was trained on (its ``config["data"]``), when it is still on disk:
    calibration from the training split, the gate on the validation split — the photos the model card's
    numbers come from;
-3. otherwise freshly rendered synthetic products (``training.synth``): enough for the FP32 parity check,
+3. photos shipped beside the checkpoint (``<checkpoint folder>/photos/``, any layout
+   ``training.data.read_catalogue`` reads): validation photos the model never trained on, with their labels,
+   that the shipped default model carries (``models/default/photos``) so that a fresh clone without the
+   training data still gates INT8 and BF16 on real photos; split like ``--calibration-data``;
+4. otherwise freshly rendered synthetic products (``training.synth``): enough for the FP32 parity check,
    but never used to calibrate INT8 or to pass a reduced precision unless asked
    (``--synthetic-calibration``), and then the metadata says so.
 
@@ -144,21 +148,27 @@ def export_images(
     gate_count: int,
     calibration_count: int,
     data: str | Path | None = None,
+    shipped: str | Path | None = None,
     synthetic_calibration: bool = False,
     seed: int = 0,
 ) -> ExportImages:
-    """Gate and calibration photos for ``ckpt`` (a ``training.checkpoint.Checkpoint``); see the module doc."""
+    """Gate and calibration photos for ``ckpt`` (a ``training.checkpoint.Checkpoint``); ``shipped``: the
+    folder of photos shipped beside it, used when neither ``data`` nor its training data is on disk; see
+    the module doc."""
 
     pre, rng = ckpt.preprocessing, np.random.default_rng(seed)
+    trained_on = ckpt.config.get("data")
+    if data is None and not (trained_on and Path(trained_on).exists()) and shipped is not None:
+        data = shipped
     if data is not None:
         samples = _catalogue_samples(Path(data))
         order = rng.permutation(len(samples))
         calib = [samples[int(i)] for i in sorted(order[:calibration_count])]
         gate = [samples[int(i)] for i in sorted(order[calibration_count : calibration_count + gate_count])]
-        where = f"--calibration-data {data}"
+        where = f"photos shipped with the model ({data})" if data is shipped else f"--calibration-data {data}"
         gate_where, calib_where = where, where
         origin = catalogue_origin(data)
-    elif ckpt.config.get("data") and Path(ckpt.config["data"]).exists():
+    elif trained_on and Path(trained_on).exists():
         _, train, val = prepare_data(checkpoint_config(ckpt))
         gate = [val[int(i)] for i in sorted(rng.permutation(len(val))[:gate_count])]
         calib = [train[int(i)] for i in sorted(rng.permutation(len(train))[:calibration_count])]

@@ -185,6 +185,7 @@ class ExportOptions:
 
 
 EXPORT_SETTINGS = "export.yaml"  # next to a checkpoint: export settings that belong to that model
+SHIPPED_PHOTOS = "photos"  # beside a checkpoint: real validation photos shipped with it (export/images.py)
 
 
 def int8_keep(opts: ExportOptions) -> tuple[tuple[str, ...], str | None]:
@@ -310,6 +311,12 @@ def load(opts: ExportOptions) -> Loaded:
     return Loaded(load_checkpoint(opts.checkpoint), file_sha256(opts.checkpoint))
 
 
+def shipped_photos(checkpoint: Path) -> Path | None:
+    """``photos/`` beside the checkpoint when it holds a catalogue (the shipped model's validation photos)."""
+    folder = checkpoint.parent / SHIPPED_PHOTOS
+    return folder if (folder / "styles.csv").is_file() else None  # the Kaggle layout the script writes
+
+
 def pick_photos(opts: ExportOptions, loaded: Loaded, say: Say) -> PhotoPlan:
     """The gate and calibration photos; without real ones the reduced CPU precisions are refused (or
     left out under ``LEAVE_OUT``) unless synthetic calibration was asked for."""
@@ -320,6 +327,7 @@ def pick_photos(opts: ExportOptions, loaded: Loaded, say: Say) -> PhotoPlan:
         gate_count=max(opts.gate_images, opts.eval_images),
         calibration_count=opts.calibration_images if "int8" in opts.precisions else 0,
         data=opts.calibration_data,
+        shipped=shipped_photos(opts.checkpoint),
         synthetic_calibration=opts.synthetic_calibration,
         seed=ckpt.config.get("seed", 0),
     )

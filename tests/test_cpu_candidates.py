@@ -180,6 +180,39 @@ def test_int8_without_real_photos_is_refused_unless_synthetic_calibration_is_ask
     assert calibration.real_photos is False and "--synthetic-calibration" in calibration.source
 
 
+def test_photos_shipped_beside_a_checkpoint_gate_and_calibrate_int8_where_its_training_data_is_gone(
+    orphan_checkpoint, checkpoint, tmp_path
+):
+    """The shipped default model carries validation photos in ``photos/`` beside ``model.pt``: a fresh clone
+    without the training data gates and calibrates INT8 on them instead of refusing it."""
+    import shutil
+
+    import torch
+
+    from training.synth import MARKER
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    shutil.copyfile(orphan_checkpoint, model_dir / "model.pt")
+    data = Path(torch.load(checkpoint, map_location="cpu", weights_only=False)["config"]["data"])
+    # The tiny model's own catalogue stands in for shipped real photos (without fashion synth's marker).
+    shutil.copytree(data, model_dir / "photos", ignore=shutil.ignore_patterns(MARKER))
+    quick = dict(gate_images=16, eval_images=8, calibration_images=16, time_s=0.1)
+    result = export_checkpoint(
+        ExportOptions(checkpoint=model_dir / "model.pt", repository=tmp_path / "repo", precisions="int8",
+                      force=True, **quick),
+        report=lambda text: None,
+    )
+    record = load_export_record(tmp_path / "repo", "fashion", result.version)
+    shipped = f"photos shipped with the model ({model_dir / 'photos'})"
+    assert record.photos.real_photos and record.photos.gate.source.startswith(shipped)
+    assert record.photos.gate.images == 16 and record.photos.labelled
+    int8 = record.variant("int8")
+    assert int8 is not None and int8.quantisation is not None
+    calibration = int8.quantisation.calibration
+    assert calibration.real_photos and calibration.source.startswith(shipped) and calibration.images == 16
+
+
 def test_a_reduced_precision_that_fails_the_gate_stops_the_export_and_writes_nothing(checkpoint, tmp_path):
     # A gate that allows no change of confidence at all: INT8 (not bit-identical to FP32) fails it.
     options = dict(gate_images=24, eval_images=8, calibration_images=16, time_s=0.1, max_confidence_delta=0.0)
