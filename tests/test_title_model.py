@@ -186,5 +186,21 @@ def test_a_head_served_as_always_uncertain_gets_a_threshold_no_answer_reaches(ka
     assert is_uncertain(confidence, ckpt.thresholds["season"]).all()  # every season answer is flagged
     assert (confidence > 0.99).all()  # however sure the model is (one season in this catalogue)
     assert not is_uncertain(confidence, 0.5).any() and not is_uncertain(confidence, None).any()
+    # Calibrated again (fashion calibrate, e.g. after a prior correction): the head stays always uncertain.
+    from training.calibrate import calibrate
+
+    calibrate(tmp_path / "run" / "best.pt", tmp_path / "again.pt", device="cpu")
+    assert load_checkpoint(tmp_path / "again.pt").thresholds["season"] == 1.0
+    from fashion.cli import main
+
+    # ... and fashion calibrate can make a head always uncertain after training, with a prior correction.
+    again = str(tmp_path / "again.pt")
+    assert main(["calibrate", "--checkpoint", again, "--out", str(tmp_path / "gender.pt"),
+                 "--always-uncertain", "gender", "--prior-correction", "1"]) == 0
+    later = load_checkpoint(tmp_path / "gender.pt")
+    assert later.thresholds["gender"] == 1.0 and later.thresholds["season"] == 1.0
+    assert later.config["always_uncertain"] == ["gender", "season"] and later.config["prior_correction"] == 1
+    assert main(["calibrate", "--checkpoint", str(tmp_path / "again.pt"), "--out", str(tmp_path / "x.pt"),
+                 "--always-uncertain", "sleeve"]) == 2  # a head the model does not have: a clear error
     with pytest.raises(ConfigError, match="not trained"):
         TrainConfig(data="d", out="o", attributes=("gender",), always_uncertain=("season",))

@@ -41,6 +41,7 @@ from training.metrics import expected_calibration_error
 from training.model import FashionNet, calibrated_softmax
 from training.novelty import floor_thresholds
 from training.predict import iter_batches
+from training.priors import correct_priors
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +253,9 @@ def _nll_np(probs: np.ndarray, y: np.ndarray) -> float:
     return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None))))
 
 
+ALWAYS_UNCERTAIN = 1.0  # the abstain threshold of a head served as always uncertain
+
+
 def calibrate_logits(
     ckpt: Checkpoint, logits: Mapping[str, np.ndarray], labels: np.ndarray, target_precision: float = 0.9
 ) -> list[HeadCalibration]:
@@ -292,6 +296,8 @@ def calibrate_logits(
     ckpt.thresholds = {h.attribute: h.threshold for h in report if h.support > 0}
     if ckpt.model.novelty is not None:  # a photo the novelty gate flags must stay below its heads' thresholds
         floor_thresholds(schema, ckpt.thresholds, ckpt.model.novelty.gated)
+    for name in ckpt.config.get("always_uncertain") or ():  # fashion train --always-uncertain, kept by
+        ckpt.thresholds[name] = ALWAYS_UNCERTAIN  # every re-calibration: no confidence reaches it
     return report
 
 
@@ -351,11 +357,22 @@ def calibrate(
     target_precision: float = 0.9,
     batch_size: int = 64,
     device: str = "auto",
+    prior_correction: float = 0.0,
+    always_uncertain: Sequence[str] = (),
 ) -> list[HeadCalibration]:
     """``fashion calibrate``: on all of ``data``, or (default) on the checkpoint's validation split
-    re-created as ``fashion train`` made it."""
+    re-created as ``fashion train`` made it. ``prior_correction`` first folds that much of the training
+    class mix out of the heads (``training.priors``); ``always_uncertain`` heads join those the checkpoint
+    already serves as always uncertain. Both are recorded in the checkpoint's config."""
 
     ckpt = load_checkpoint(checkpoint)
+    unknown = set(always_uncertain) - {a.name for a in ckpt.schema.attributes}
+    if unknown:
+        raise ValueError(f"--always-uncertain names heads the model does not have: {sorted(unknown)}")
+    if always_uncertain:
+        kept = set(ckpt.config.get("always_uncertain") or ())
+        ckpt.config = {**ckpt.config, "always_uncertain": sorted(kept | set(always_uncertain))}
+    correct_priors(ckpt, prior_correction)
     samples = evaluation_samples(ckpt, data, format, split, "all" if data else "val")
     if not samples:
         raise ValueError("no labelled images to calibrate on")

@@ -250,6 +250,11 @@ def register_analysis(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--split", default="train", help="Meesho table to read: train (default) or test")
     c.add_argument("--target-precision", type=float, default=0.9,
                    help="precision the confident predictions must reach on the data (default 0.9)")
+    c.add_argument("--prior-correction", type=float, default=0.0,
+                   help="first divide this much of the training class mix out of every head (0..1, "
+                   "training.priors; chosen with `fashion evaluate --subset drift --prior-correction T`)")
+    c.add_argument("--always-uncertain", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+                   default=[], help="heads to serve as always uncertain from now on (e.g. season)")
     c.set_defaults(func=_calibrate)
 
     n = sub.add_parser(
@@ -331,6 +336,12 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     if not 0.0 < args.target_precision <= 1.0:
         raise UserError("--target-precision must be in (0, 1]")
-    calibrate(args.checkpoint, args.out, args.data, format=args.format, split=args.split,
-              target_precision=args.target_precision, batch_size=args.batch_size, device=args.device)
+    if args.prior_correction < 0:
+        raise UserError("--prior-correction must not be negative")
+    try:
+        calibrate(args.checkpoint, args.out, args.data, format=args.format, split=args.split,
+                  target_precision=args.target_precision, batch_size=args.batch_size, device=args.device,
+                  prior_correction=args.prior_correction, always_uncertain=args.always_uncertain)
+    except ValueError as e:
+        raise UserError(str(e)) from e
     return 0

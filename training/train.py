@@ -183,13 +183,8 @@ def calibrate_best(
     """Per-head temperatures and abstain thresholds for ``best.pt``, fitted on the validation split (and,
     with titles, the temperatures of image + title requests on the same photos with their titles)."""
     titles = data.titles.val if data.titles is not None else None
-    report = calibrate_in_memory(best, val_images, data.y_val, device=run.device, titles=titles)
-    if cfg.always_uncertain:
-        ckpt = load_checkpoint(best)
-        for name in cfg.always_uncertain:
-            ckpt.thresholds[name] = 1.0  # no confidence reaches it: every answer is flagged uncertain
-        save_checkpoint(best, ckpt)
-    return report
+    # cfg.always_uncertain (recorded in the checkpoint's config) is applied by the calibration itself
+    return calibrate_in_memory(best, val_images, data.y_val, device=run.device, titles=titles)
 
 
 def fit_gate(
