@@ -91,20 +91,23 @@ class ParityReport:
 
 
 # ------------------------------------------------------------------------------------------ served side
-def _multipart(path: Path) -> tuple[bytes, str]:
-    return multipart_image(path.read_bytes(), path.name, top_k="1")
+def _multipart(path: Path, title: str | None = None) -> tuple[bytes, str]:
+    fields = {"top_k": "1"} if title is None else {"top_k": "1", "title": title}
+    return multipart_image(path.read_bytes(), path.name, **fields)
 
 
 def predict_one(
-    url: str, path: Path, *, api_key: str = "", timeout_s: float = 60.0, retry_for_s: float = 120.0
+    url: str, path: Path, *, title: str | None = None, api_key: str = "", timeout_s: float = 60.0,
+    retry_for_s: float = 120.0,
 ) -> dict[str, str] | None:
-    """``POST url/v1/predict`` with ``path`` as field ``image`` (what the page and curl send) →
-    ``{attribute: label}``; ``None`` when the gateway refuses the image (logged).
+    """``POST url/v1/predict`` with ``path`` as field ``image`` (what the page and curl send) and, when
+    given, the listing's ``title`` → ``{attribute: label}``; ``None`` when the gateway refuses the image
+    (logged).
 
     429 and 503 mean "busy, come back" (the gateway sheds load instead of queueing): the request is sent
     again after ``Retry-After`` seconds, for up to ``retry_for_s``.
     """
-    body, content_type = _multipart(path)
+    body, content_type = _multipart(path, title)
     headers = {"Content-Type": content_type}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
@@ -137,11 +140,21 @@ def _retry_after_s(value: str | None) -> float:
 
 
 def served_labels(
-    url: str, paths: Sequence[str | Path], *, concurrency: int = 4, api_key: str = ""
+    url: str,
+    paths: Sequence[str | Path],
+    *,
+    titles: Sequence[str | None] | None = None,
+    concurrency: int = 4,
+    api_key: str = "",
 ) -> list[dict[str, str] | None]:
-    """One request per image, ``concurrency`` at a time; answers in the order of ``paths``."""
+    """One request per image (with its title from ``titles``, if given), ``concurrency`` at a time; answers
+    in the order of ``paths``."""
+    with_titles = list(titles) if titles is not None else [None] * len(paths)
+    if len(with_titles) != len(paths):
+        raise LoadtestError(f"{len(paths)} images but {len(with_titles)} titles")
     with ThreadPoolExecutor(max(1, concurrency)) as pool:
-        return list(pool.map(lambda p: predict_one(url, Path(p), api_key=api_key), paths))
+        return list(pool.map(lambda pt: predict_one(url, Path(pt[0]), title=pt[1], api_key=api_key),
+                             zip(paths, with_titles, strict=True)))
 
 
 def served_classes(url: str, api_key: str = "") -> dict[str, list[str]]:
