@@ -463,6 +463,8 @@ def test_evaluate_drift_scores_only_the_later_period_and_only_classes_the_model_
         rows = list(csv.DictReader(f))
     for i, row in enumerate(rows):  # 40 photos of an earlier period, then 20 of a later one
         row["year"] = "2011" if i < 40 else "2013"
+        if i >= 50:  # 10 of the later ones are of a product type the earlier period never had
+            row["articleType"] = "Sarees"
     with (data / "styles.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -470,7 +472,7 @@ def test_evaluate_drift_scores_only_the_later_period_and_only_classes_the_model_
     run = tmp_path / "run"
     assert main(["train", "--data", str(data), "--out", str(run), "--backbone", "test_efficientnet",
                  "--image-size", "32", "--epochs", "1", "--split-by", "year", "--val-from", "2012",
-                 "--novelty-quantile", "0", "--workers", "0"]) == 0
+                 "--novelty-quantile", "0", "--workers", "0", "--always-uncertain", "articleType"]) == 0
     out = tmp_path / "eval"
     checkpoint = str(run / "best.pt")
     assert main(["evaluate", "--checkpoint", checkpoint, "--subset", "drift", "--out", str(out)]) == 0
@@ -478,3 +480,14 @@ def test_evaluate_drift_scores_only_the_later_period_and_only_classes_the_model_
     # The 20 photos of the later period (never trained or validated on), each scored only on known classes.
     assert "on 20 images" in capsys.readouterr().out
     assert max(v["support"] for v in doc["attributes"].values()) <= 20
+    # The unseen type's photos: counted apart, and flagged (articleType is served always uncertain here).
+    from training.data import read_catalogue
+
+    schema = load_checkpoint(checkpoint).schema
+    later = [s for s in read_catalogue(data).samples if s.extra.get("year") == "2013"]
+    for a in schema.attributes:
+        unseen = sum(s.labels.get(a.name) not in (None, *a.classes) for s in later)
+        assert doc["attributes"][a.name]["unseen_support"] == unseen, a.name
+    article = doc["attributes"]["articleType"]
+    assert article["unseen_support"] >= 10 and article["unseen_uncertain_rate"] == 1.0
+    assert article["support"] + article["unseen_support"] == 20

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 METRIC_KEYS = (
     "accuracy", "top3_accuracy", "macro_f1", "micro_f1", "harmonic_f1", "ece", "uncertain_rate",
-    "conflict_rate", "support",
+    "conflict_rate", "support", "unseen_uncertain_rate", "unseen_support",
 )
 SUBSETS = ("all", "val", "drift")
 
@@ -242,6 +242,23 @@ def flag_rates(
             per[a.name]["conflict_rate"] = float(np.mean(flagged[rows])) if rows.any() else float("nan")
 
 
+def unseen_flag_rates(
+    ckpt: Checkpoint, samples: Sequence[Sample], preds: Predictions, per: dict[str, dict[str, float]]
+) -> None:
+    """Per attribute, how many photos carry a class the model does not know (``unseen_support``) and the
+    share of them flagged ``uncertain`` (``unseen_uncertain_rate``): what the novelty gate is for."""
+    for a in ckpt.schema.attributes:
+        known = set(a.classes)
+        unseen = np.array([s.labels.get(a.name) is not None and s.labels[a.name] not in known
+                           for s in samples], dtype=bool) & preds.ok
+        confidence = preds.probs[a.name].max(axis=1)[unseen]
+        per[a.name]["unseen_support"] = float(unseen.sum())
+        per[a.name]["unseen_uncertain_rate"] = (
+            float(np.mean(is_uncertain(confidence, ckpt.thresholds.get(a.name, 0.0))))
+            if unseen.any() else float("nan")
+        )
+
+
 def evaluate(
     checkpoint: str | Path,
     out_dir: str | Path,
@@ -274,6 +291,8 @@ def evaluate(
     labels[~preds.ok] = MISSING  # an undecodable image has no prediction to score
     score, per = evaluate_arrays(schema, labels, preds.probs)
     flag_rates(ckpt, labels, preds, per)
+    if subset == "drift":  # the later period's photos of classes the model never saw: are they flagged?
+        unseen_flag_rates(ckpt, samples, preds, per)
     out = Path(out_dir)
     write_reports(out, ckpt, labels, preds, score, per, top_n,
                   checkpoint=str(checkpoint), data=str(data or ckpt.config.get("data")), images=len(samples))
