@@ -14,6 +14,7 @@ EPILOG = """examples:
   fashion export --checkpoint runs/kaggle/best.pt --precision fp32,fp16,int8 \\
       --calibration-data ~/kaggle/fashion-product-images --max-batch-size 32
   fashion export --checkpoint best.pt --precision trt-fp16    # on a GPU machine with TensorRT
+  fashion export --ensemble runs/lite0/best.pt runs/lite2/best.pt   # two backbones, one served model
 
 Writes <repository>/<name>/<next version>/ (model.onnx, model.fp16.onnx, model.int8.onnx, model.py,
 metadata.json) and the model's config.pbtxt (onnxruntime_onnx, for the NGC Triton image),
@@ -35,7 +36,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     a = p.add_argument
-    a("--checkpoint", required=True, help="best.pt or last.pt written by `fashion train`")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="best.pt or last.pt written by `fashion train`")
+    which.add_argument(
+        "--ensemble",
+        nargs=2,
+        metavar=("A.pt", "B.pt"),
+        help="two checkpoints with the same label schema, served as one model: each member its own Triton "
+        "model (B resizes A's input inside its graph), per-attribute weights fitted on validation photos, "
+        "a Triton ensemble and one composed ONNX graph (docs/ensemble.md). FP32 only",
+    )
+    a(
+        "--ensemble-serve",
+        choices=("composed", "ensemble"),
+        default="composed",
+        help="with --ensemble: the form configs/cpu.pbtxt serves: one composed ONNX graph (default) or "
+        "Triton's ensemble scheduler; scripts/bench_ensemble.py times both and switches to the faster",
+    )
     a("--repository", default="model_repository", help="Triton model repository (default model_repository)")
     a("--name", default="fashion", help="model name = folder in the repository (default fashion)")
     a("--version", type=int, help="version number (default: the next free one; existing ones are kept)")
@@ -162,6 +179,8 @@ def _deploy(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    if args.ensemble:
+        return _export_ensemble(args)
     # lazy: the command's modules import torch/ONNX; `fashion --help` imports this file and must not
     from export.pipeline import ExportOptions, export_checkpoint
 
@@ -186,4 +205,27 @@ def _export(args: argparse.Namespace) -> int:
         cpu_threads=args.threads,
     )
     export_checkpoint(opts)
+    return 0
+
+
+def _export_ensemble(args: argparse.Namespace) -> int:
+    # lazy: the command's modules import torch/ONNX; `fashion --help` imports this file and must not
+    from export.ensemble import EnsembleOptions, export_ensemble
+    from export.errors import ExportError
+
+    if args.precision != "fp32" or args.version is not None:
+        raise ExportError("--ensemble exports FP32 at the next free versions: drop --precision and --version")
+    opts = EnsembleOptions(
+        members=(Path(args.ensemble[0]), Path(args.ensemble[1])),
+        repository=args.repository,
+        name=args.name,
+        calibration_data=args.calibration_data,
+        gate_images=args.gate_images,
+        eval_images=args.eval_images,
+        max_batch_size=args.max_batch_size,
+        cpu_threads=args.threads,
+        parity_atol=args.parity_tolerance,
+        serve=args.ensemble_serve,
+    )
+    export_ensemble(opts)
     return 0

@@ -146,6 +146,19 @@ def model_config(
     lines += [
         f"max_batch_size: {serving.max_batch_size}",
         "version_policy: { latest: { num_versions: 1 } }",
+        *io_lines(schema, image_size, title),
+    ]
+    lines += _instances(backend, serving, session) + _batching(serving)
+    if warmup:
+        lines += _warmup(image_size, title)
+    return "\n".join(lines) + "\n"
+
+
+def io_lines(schema: LabelSchema, image_size: int, title: TitleSpec | None = None) -> list[str]:
+    """The ``input`` and ``output`` blocks of a config: the uint8 NHWC image (and a title model's ids), one
+    FP32 probability output per attribute with its label file (and a title model's conflict scores). Shared
+    by every config of the model, the ensemble's included (``export.ensemble``)."""
+    lines = [
         "input [",
         "  {",
         f'    name: "{INPUT_NAME}"',
@@ -182,10 +195,7 @@ def model_config(
             "  }"
         )
     lines += [",\n".join(outputs), "]"]
-    lines += _instances(backend, serving, session) + _batching(serving)
-    if warmup:
-        lines += _warmup(image_size, title)
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _instances(backend: str, serving: ServingConfig, session: SessionSpec) -> list[str]:
