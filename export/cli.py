@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=("composed", "ensemble"),
         default="composed",
         help="with --ensemble: the form configs/cpu.pbtxt serves: one composed ONNX graph (default) or "
-        "Triton's ensemble scheduler; scripts/bench_ensemble.py times both and switches to the faster",
+        "Triton's ensemble scheduler; `fashion bench-ensemble --apply` times both and serves the faster",
     )
     a("--repository", default="model_repository", help="Triton model repository (default model_repository)")
     a("--name", default="fashion", help="model name = folder in the repository (default fashion)")

@@ -27,8 +27,8 @@ asks Triton for ``fashion``, as for any model; it needs no change)::
         configs/cpu.pbtxt, config.pbtxt   the form served (``--ensemble-serve``; composed by default)
 
 Both forms answer the same (tests/test_ensemble.py serves both with the pip Triton);
-``scripts/bench_ensemble.py`` times them against each other through Triton and switches ``cpu.pbtxt`` to
-the faster one.
+``fashion bench-ensemble`` (``loadtest.ensemble``) times them against each other through Triton and
+``--apply`` switches ``cpu.pbtxt`` to the faster one.
 """
 
 from __future__ import annotations

@@ -93,6 +93,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--skip", default="", help="comma-separated systems not to measure (naive, ...)")
     b.set_defaults(func=bench_command)
     register_overload(sub)
+    register_bench_ensemble(sub)
+
+
+def register_bench_ensemble(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser(
+        "bench-ensemble",
+        help="time an exported ensemble's two forms (Triton ensemble vs one composed graph); --apply serves "
+        "the faster",
+        description="Loads both forms of a `fashion export --ensemble` model into one pip Triton and times "
+        "them over gRPC taking turns (batch 1 and 8, one caller); --apply makes the faster form the "
+        "model's configs/cpu.pbtxt (docs/ensemble.md).",
+    )
+    e.add_argument("--repository", type=Path, default=Path("model_repository"), help="model repository")
+    e.add_argument("--name", default="fashion", help="the ensemble's served name (default fashion)")
+    e.add_argument("--seconds", type=float, default=2.0, help="per form, batch and round (default 2)")
+    e.add_argument("--rounds", type=int, default=3, help="rounds taking turns (default 3)")
+    e.add_argument("--apply", action="store_true", help="serve the faster form (configs/cpu.pbtxt)")
+    e.set_defaults(func=bench_ensemble_command)
 
 
 def register_overload(sub: argparse._SubParsersAction) -> None:
@@ -184,6 +202,17 @@ def overload_cli(args: argparse.Namespace) -> int:
         knee_clients=args.knee,
     )
     return overload_command(opts)
+
+
+def bench_ensemble_command(args: argparse.Namespace) -> int:
+    # lazy: the command's modules import ONNX and tritonclient; `fashion --help` imports this file
+    from loadtest.ensemble import FormBenchOptions, bench_forms
+
+    opts = FormBenchOptions(
+        args.repository, args.name, rounds=args.rounds, seconds=args.seconds, apply=args.apply
+    )
+    emit(bench_forms(opts).table())
+    return 0
 
 
 def bench_command(args: argparse.Namespace) -> int:

@@ -249,3 +249,21 @@ def test_the_composed_form_served_by_triton_answers_as_the_ensemble_did(stack, e
         serve_form(repo / "fashion", "ensemble")
     for name, expected in before.items():
         np.testing.assert_allclose(after[name], expected, rtol=0, atol=1e-4, err_msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_bench_ensemble_times_both_forms_through_triton_and_serves_the_faster(exported, tmp_path):
+    import shutil
+
+    from loadtest.ensemble import FormBenchOptions, bench_forms
+
+    repo, _, _ = exported
+    copy = tmp_path / "repo"
+    shutil.copytree(repo, copy)  # --apply rewrites configs/cpu.pbtxt: not the module's repository
+    timing = bench_forms(FormBenchOptions(copy, rounds=1, seconds=0.3, apply=True))
+    assert set(timing.rates) == {"composed", "ensemble", "member A alone"}
+    assert all(rate > 0 for rates in timing.rates.values() for rate in rates.values())
+    served = (copy / "fashion" / "configs" / "cpu.pbtxt").read_text()
+    assert served == (copy / "fashion" / "configs" / f"cpu_{timing.faster}.pbtxt").read_text()
+    assert f"faster: {timing.faster} (now configs/cpu.pbtxt)" in timing.table()
