@@ -24,6 +24,7 @@ asks Triton for ``fashion``, as for any model; it needs no change)::
         configs/cpu_ensemble.pbtxt   platform "ensemble": ensemble_scheduling sends the image to both
                                      members and their probabilities to the combiner
         configs/cpu_composed.pbtxt   the python backend running the composed graph
+        configs/ngc_composed.pbtxt   the composed graph on onnxruntime_onnx (the NGC image)
         configs/cpu.pbtxt, config.pbtxt   the form served (``--ensemble-serve``; composed by default)
 
 Both forms answer the same (tests/test_ensemble.py serves both with the pip Triton);
@@ -771,20 +772,22 @@ def write_forms(opts: EnsembleOptions, schema: LabelSchema, size: int, versions:
     composed = (folder / "configs" / "cpu.pbtxt").read_text()  # written by write_model_version
     _write_atomic(folder / "configs" / "cpu_ensemble.pbtxt", ensemble)
     _write_atomic(folder / "configs" / "cpu_composed.pbtxt", composed)
+    _write_atomic(folder / "configs" / "ngc_composed.pbtxt", (folder / "config.pbtxt").read_text())
     serve_form(folder, opts.serve)
 
 
 def serve_form(model_dir: Path, form: str) -> None:
     """Make ``configs/cpu.pbtxt`` the ``form`` (``composed`` or ``ensemble``) of an ensemble's served model;
-    the NGC image's ``config.pbtxt`` follows for the ensemble (its members have GPU configs)."""
+    the NGC image's ``config.pbtxt`` follows: the ensemble (its members have GPU configs), or the composed
+    graph on ``onnxruntime_onnx`` (kept as ``configs/ngc_composed.pbtxt``)."""
     if form not in FORMS:
         raise ExportError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
     source = model_dir / "configs" / f"cpu_{form}.pbtxt"
     if not source.is_file():
         raise ExportError(f"{source} is missing: {model_dir} is not an ensemble's served model")
     _write_atomic(model_dir / "configs" / "cpu.pbtxt", source.read_text())
-    if form == "ensemble":
-        _write_atomic(model_dir / "config.pbtxt", source.read_text())
+    ngc = source if form == "ensemble" else model_dir / "configs" / "ngc_composed.pbtxt"
+    _write_atomic(model_dir / "config.pbtxt", ngc.read_text())
 
 
 # ---------------------------------------------------------------------------------------- the sequence

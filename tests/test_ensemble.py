@@ -186,6 +186,8 @@ def test_the_served_name_has_both_forms_and_the_ensemble_routes_through_members_
         assert f'model_name: "{name}"' in ensemble
         assert "dynamic_batching" in (repo / name / "configs" / "cpu.pbtxt").read_text()
     assert 'backend: "python"' in (configs / "cpu_composed.pbtxt").read_text()
+    assert (repo / "fashion" / "config.pbtxt").read_text() == ensemble
+    assert 'platform: "onnxruntime_onnx"' in (configs / "ngc_composed.pbtxt").read_text()
 
 
 # --- served by the real Triton and the unchanged gateway --------------------------------------------------
@@ -243,6 +245,7 @@ def test_the_composed_form_served_by_triton_answers_as_the_ensemble_did(stack, e
         server = stack.triton()
         client = FashionClient.connect(server.grpc_url, repository=repo, protocol="grpc")
         assert 'backend: "python"' in (repo / "fashion" / "configs" / "cpu.pbtxt").read_text()
+        assert 'platform: "onnxruntime_onnx"' in (repo / "fashion" / "config.pbtxt").read_text()
         after = client.infer(photos)
     finally:
         stack.stop()
