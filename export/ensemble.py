@@ -154,7 +154,7 @@ class Members:
 class MemberGraph:
     member: Member
     path: Path  # takes uint8 NHWC at the ensemble's size
-    resized_from: int | None  # member B's own size when its graph resizes the ensemble's input to it
+    resizes_to: int | None  # the member's own size when its graph resizes the ensemble's input to it
     outputs: tuple[np.ndarray, ...]  # ONNX Runtime's probabilities on the gate photos, schema order
     parity_max_abs_diff: float  # PyTorch vs ONNX Runtime
 
@@ -305,24 +305,24 @@ def export_members(
     graphs = []
     for m in members:
         native = export_onnx(m.checkpoint.model, work / f"{m.key}.native.onnx")
-        resized_from = None if m.image_size == size else m.image_size
-        path = native if resized_from is None else resize_in_graph(native, size, work / f"{m.key}.onnx")
+        resizes_to = None if m.image_size == size else m.image_size
+        path = native if resizes_to is None else resize_in_graph(native, size, work / f"{m.key}.onnx")
         session = open_session(_reference(opts), path)
         outputs = run_all(session, images)
         # PyTorch sees what the native graph sees: the photos at the member's own size
-        seen = images if resized_from is None else resize_batch(work, size, m.image_size, images)
+        seen = images if resizes_to is None else resize_batch(work, size, m.image_size, images)
         head = opts.eval_images
         rows = compare(
             m.checkpoint.schema, run_torch(m.checkpoint.model, seen[:head]), [o[:head] for o in outputs]
         )
         diff = max(r.max_abs_diff for r in rows)
-        how = "" if resized_from is None else f", resized {size}→{m.image_size} px inside its graph"
+        how = "" if resizes_to is None else f", resized {size}→{m.image_size} px inside its graph"
         say(agreement_table(rows, f"member {m.key} ({m.checkpoint.backbone}{how}): PyTorch vs ONNX Runtime"))
         if diff > opts.parity_atol:
             raise ParityError(
                 f"member {m.key}: ONNX Runtime differs from PyTorch by {diff:.3g}; nothing was written"
             )
-        graphs.append(MemberGraph(m, path, resized_from, tuple(outputs), diff))
+        graphs.append(MemberGraph(m, path, resizes_to, tuple(outputs), diff))
     return graphs[0], graphs[1]
 
 
@@ -666,7 +666,7 @@ def write_combiner(
     return model_dir / str(version)
 
 
-def member_metadata(member: Member, size: int, resized_from: int | None) -> dict[str, Any]:
+def member_metadata(member: Member, size: int, resizes_to: int | None) -> dict[str, Any]:
     """A member's ``metadata.json``: its own contract at the ensemble's input size."""
     ckpt = member.checkpoint
     return build_metadata(
@@ -676,7 +676,7 @@ def member_metadata(member: Member, size: int, resized_from: int | None) -> dict
         temperatures=ckpt.temperatures(),
         thresholds=ckpt.thresholds,
         training=_training(member),
-        export={"ensemble_member": member.key, "resizes_inside_graph_to": resized_from},
+        export={"ensemble_member": member.key, "resizes_inside_graph_to": resizes_to},
     )
 
 
@@ -714,7 +714,7 @@ def publish(
                 schema=schema,
                 image_size=size,
                 model_files={"fp32": g.path},
-                metadata=member_metadata(g.member, size, g.resized_from),
+                metadata=member_metadata(g.member, size, g.resizes_to),
                 warmup_image=warmup,
                 serving=serving,
             )
@@ -726,7 +726,8 @@ def publish(
                 **_training(g.member),
                 "model": opts.member_name(g.member.key),
                 "version": int(d.name),
-                "resized_inside_graph_from": size if g.resized_from else None,
+                "resized_inside_graph_from": size if g.resizes_to else None,
+                "parity_vs_pytorch_max_abs_diff": g.parity_max_abs_diff,
             }
             for g, d in zip(graphs, member_dirs, strict=True)
         ),
