@@ -27,7 +27,14 @@ import numpy as np
 from export.ensemble import FORMS, serve_form
 from export.runtimes import time_taking_turns
 from fashion.console import table
-from fashion.metadata import INPUT_NAME, load_metadata
+from fashion.metadata import (
+    FILENAME,
+    INPUT_NAME,
+    load_metadata,
+    read_document,
+    version_folders,
+    write_metadata,
+)
 from loadtest.errors import LoadtestError
 from orchestration.triton import TritonServer
 
@@ -68,7 +75,8 @@ class FormTiming:
 
 def side_by_side(repository: Path, name: str, scratch: Path) -> Path:
     """A scratch repository serving the ensemble form as ``name`` and the composed form as
-    ``name + COMPOSED_SUFFIX`` (from the exported folders; the original repository is not touched)."""
+    ``name + COMPOSED_SUFFIX`` (its metadata renamed to match, so that a gateway can serve it too), from the
+    exported folders; the original repository is not touched."""
     folder = repository / name
     if not (folder / "configs" / "cpu_ensemble.pbtxt").is_file():
         raise LoadtestError(f"{folder} is not an ensemble's served model (run `fashion export --ensemble`)")
@@ -81,6 +89,10 @@ def side_by_side(repository: Path, name: str, scratch: Path) -> Path:
     (composed / "configs" / "cpu.pbtxt").write_text(
         text.replace(f'name: "{name}"', f'name: "{name}{COMPOSED_SUFFIX}"', 1)
     )
+    for version in version_folders(composed, with_metadata=True):  # a gateway may serve the copy too
+        doc = read_document(composed / str(version) / FILENAME)
+        doc["model"]["name"] = composed.name
+        write_metadata(composed / str(version), doc)
     return scratch
 
 

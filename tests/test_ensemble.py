@@ -270,3 +270,15 @@ def test_bench_ensemble_times_both_forms_through_triton_and_serves_the_faster(ex
     served = (copy / "fashion" / "configs" / "cpu.pbtxt").read_text()
     assert served == (copy / "fashion" / "configs" / f"cpu_{timing.faster}.pbtxt").read_text()
     assert f"faster: {timing.faster} (now configs/cpu.pbtxt)" in timing.table()
+
+
+@pytest.mark.slow
+def test_side_by_side_serves_the_composed_form_under_a_name_its_metadata_matches(exported, tmp_path):
+    from loadtest.ensemble import side_by_side
+
+    repo, _, _ = exported
+    scratch = side_by_side(repo, "fashion", tmp_path)
+    assert load_metadata(scratch, "fashion_composed").name == "fashion_composed"  # a gateway can serve it
+    assert 'name: "fashion_composed"' in (scratch / "fashion_composed" / "configs" / "cpu.pbtxt").read_text()
+    assert 'platform: "ensemble"' in (scratch / "fashion" / "configs" / "cpu.pbtxt").read_text()
+    assert load_metadata(repo, "fashion").name == "fashion"  # the original is untouched
