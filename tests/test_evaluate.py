@@ -37,7 +37,8 @@ from training.metrics import (
 from training.model import FashionNet, build_model
 
 METRIC_KEYS = {"accuracy", "top3_accuracy", "macro_f1", "micro_f1", "harmonic_f1", "ece", "support"}
-DOC_KEYS = METRIC_KEYS | {"uncertain_rate", "conflict_rate"}  # what a client sees flagged
+DOC_KEYS = METRIC_KEYS | {"uncertain_rate", "conflict_rate",  # what a client sees flagged
+                          "unseen_support", "unseen_uncertain_rate"}  # null unless --subset drift
 
 
 def tiny_checkpoint(data, path, *, image_size=32, thresholds=None, split="train"):
