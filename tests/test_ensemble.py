@@ -190,6 +190,16 @@ def test_the_served_name_has_both_forms_and_the_ensemble_routes_through_members_
     assert 'platform: "onnxruntime_onnx"' in (configs / "ngc_composed.pbtxt").read_text()
 
 
+def test_the_combiner_is_served_by_the_members_python_model_running_its_own_graph(exported):
+    """One python-backend model file serves both: a version folder with ``sessions.py`` (a member) builds its
+    configured session, one without (the combiner) runs its ``model.onnx``."""
+    repo, _, _ = exported
+    member, combiner = repo / "fashion_a" / "1", repo / "fashion_combine" / "1"
+    assert (combiner / "model.py").read_bytes() == (member / "model.py").read_bytes()
+    assert (member / "sessions.py").is_file() and not (combiner / "sessions.py").exists()
+    assert (combiner / "model.onnx").is_file()
+
+
 # --- served by the real Triton and the unchanged gateway --------------------------------------------------
 @pytest.fixture(scope="module")
 def stack(stack_factory, exported, tmp_path_factory):

@@ -3,6 +3,7 @@ synthetic catalogue with timm's tiny ``test_efficientnet``, real Optuna storages
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -199,6 +200,32 @@ def test_a_worker_that_loses_the_race_to_create_the_storage_schema_connects_on_i
     out = tmp_path / "study"
     storage = make_storage(TuneConfig(data=str(tmp_path), out=str(out), trials=1))
     assert len(calls) == 2 and storage.get_all_studies() == []
+
+
+def test_a_storage_that_keeps_refusing_ends_the_worker_with_a_tune_error_after_its_last_try(
+    tmp_path, monkeypatch
+):
+    """Not a schema race but a database that cannot be opened: make_storage gives up after its tries with
+    the typed error naming the storage, and waits longer before each new try."""
+    import optuna
+    import sqlalchemy.exc
+
+    from training import tune
+
+    calls, waits = [], []
+
+    def refusing(url, **kwargs):
+        calls.append(url)
+        raise sqlalchemy.exc.OperationalError("CONNECT", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", refusing)
+    monkeypatch.setattr(tune.time, "sleep", waits.append)
+    cfg = tune.TuneConfig(data=str(tmp_path), out=str(tmp_path / "study"), trials=1)
+    with pytest.raises(tune.TuneError, match=r"cannot open the study's storage sqlite:.*database is locked"):
+        tune.make_storage(cfg)
+    assert len(calls) == tune._SCHEMA_TRIES
+    assert len(waits) == tune._SCHEMA_TRIES - 1 and 0 < waits[0]
+    assert all(a < b for a, b in itertools.pairwise(waits))
 
 
 @pytest.mark.slow

@@ -306,21 +306,26 @@ def make_storage(cfg: TuneConfig) -> optuna.storages.RDBStorage:
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     # SQLite: wait for another worker's write instead of failing; a server: drop connections it closed.
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+
+    def attempt() -> optuna.storages.RDBStorage:
+        with experimental():
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine, heartbeat_interval=cfg.heartbeat_s, grace_period=cfg.grace_s,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(cfg.max_retry),
+            )
+
     # Workers started together on a new database race to create its schema (Optuna records its version
     # with an INSERT that only one can win); the loser finds the schema made and connects on its next try.
-    for attempt in range(_SCHEMA_TRIES):
+    for retry in range(1, _SCHEMA_TRIES):
         try:
-            with experimental():
-                return optuna.storages.RDBStorage(
-                    url, engine_kwargs=engine, heartbeat_interval=cfg.heartbeat_s, grace_period=cfg.grace_s,
-                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(cfg.max_retry),
-                )
+            return attempt()
         except sqlalchemy.exc.DBAPIError as e:  # IntegrityError / OperationalError from the schema race
-            if attempt == _SCHEMA_TRIES - 1:
-                raise TuneError(f"cannot open the study's storage {url}: {e.orig}") from e
             log.info("storage %s: another worker is creating the schema (%s); trying again", url, e.orig)
-            time.sleep(0.5 * (attempt + 1))
-    raise AssertionError("unreachable")
+            time.sleep(0.5 * retry)
+    try:  # the last try
+        return attempt()
+    except sqlalchemy.exc.DBAPIError as e:
+        raise TuneError(f"cannot open the study's storage {url}: {e.orig}") from e
 
 
 def make_pruner(cfg: TuneConfig, epochs: int) -> optuna.pruners.BasePruner:
