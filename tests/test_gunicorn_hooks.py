@@ -24,8 +24,11 @@ WORKER_METHODS = (
     "handle_exit",
     "set_accept_enabled",
     "accept",
+    # a connection parked while the worker stops
+    "finish_request",
+    "on_pending_socket_readable",
 )
-WORKER_ATTRIBUTES = ("method_queue", "nr_conns", "alive")
+WORKER_ATTRIBUTES = ("method_queue", "nr_conns", "alive", "pending_conns", "poller", "sockets")
 CONNECTION_METHODS = ("wait_for_data",)
 CONNECTION_ATTRIBUTES = ("initialized", "data_ready", "sock", "client")
 
