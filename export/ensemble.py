@@ -604,7 +604,7 @@ def _step(model: str, version: int, maps: Sequence[str]) -> str:
 
 
 def combiner_config(name: str, schema: LabelSchema, serving: ServingConfig, backend: str) -> str:
-    """The combiner's config: ``python`` (pip Triton, ``export/triton_combiner_model.py``) or
+    """The combiner's config: ``python`` (pip Triton, ``export/triton_python_model.py``) or
     ``onnxruntime_onnx`` (NGC image), both running its ``model.onnx``, with dynamic batching."""
     head = (
         ['backend: "python"']
@@ -638,7 +638,7 @@ def combiner_config(name: str, schema: LabelSchema, serving: ServingConfig, back
     return "\n".join(lines) + "\n"
 
 
-COMBINER_MODEL = Path(__file__).with_name("triton_combiner_model.py")
+COMBINER_MODEL = Path(__file__).with_name("triton_python_model.py")  # one model.py for members and combiner
 
 
 def write_combiner(

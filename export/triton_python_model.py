@@ -11,7 +11,7 @@ to ``export.sessions.open_session``. Triton's python stub cannot import the proj
 module is loaded from this file's own folder.
 
 An ensemble's combiner (``export.ensemble``) is served by this same file: ``fashion export --ensemble``
-copies it (as ``export/triton_combiner_model.py``, a link to this file) to
+copies it (``export.ensemble.COMBINER_MODEL``) to
 ``<repository>/<name>_combine/<version>/model.py`` next to ``model.onnx``, the combiner graph
 (``w·pA + (1−w)·pB`` per attribute, the weights fitted on the validation photos), and no ``sessions.py``:
 a version folder without one runs its ``model.onnx`` with ONNX Runtime, feeding the config's inputs by name,

@@ -1,1 +1,0 @@
-triton_python_model.py
