@@ -333,3 +333,11 @@ def test_the_search_space_refuses_what_a_trial_could_not_honour(tmp_path):
     assert "image_size" not in {p.name for p in narrowed.params}
     with pytest.raises(TuneError, match=r"recipe lies outside the search space: lr=0.01"):
         narrowed.baseline(base)
+
+
+def test_a_storage_url_in_logs_and_errors_never_shows_its_password():
+    from training.tune import _redacted
+
+    assert _redacted("postgresql://tuner:s3cret@db:5432/studies") == "postgresql://tuner:***@db:5432/studies"
+    assert "s3cret" not in _redacted("not a url://tuner:s3cret@db")
+    assert _redacted("sqlite:///runs/tune/study.db") == "sqlite:///runs/tune/study.db"

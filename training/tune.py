@@ -306,6 +306,7 @@ def make_storage(cfg: TuneConfig) -> optuna.storages.RDBStorage:
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     # SQLite: wait for another worker's write instead of failing; a server: drop connections it closed.
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    shown = _redacted(url)  # logs and errors never carry a database password
 
     def attempt() -> optuna.storages.RDBStorage:
         with experimental():
@@ -320,12 +321,20 @@ def make_storage(cfg: TuneConfig) -> optuna.storages.RDBStorage:
         try:
             return attempt()
         except sqlalchemy.exc.DBAPIError as e:  # IntegrityError / OperationalError from the schema race
-            log.info("storage %s: another worker is creating the schema (%s); trying again", url, e.orig)
+            log.info("storage %s: another worker is creating the schema (%s); trying again", shown, e.orig)
             time.sleep(0.5 * retry)
     try:  # the last try
         return attempt()
     except sqlalchemy.exc.DBAPIError as e:
-        raise TuneError(f"cannot open the study's storage {url}: {e.orig}") from e
+        raise TuneError(f"cannot open the study's storage {shown}: {e.orig}") from e
+
+
+def _redacted(url: str) -> str:
+    """``url`` with its password, if any, as ``***`` (SQLAlchemy's own rendering)."""
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        return url.split("@")[-1]  # not a URL SQLAlchemy reads: at least drop any credentials
 
 
 def make_pruner(cfg: TuneConfig, epochs: int) -> optuna.pruners.BasePruner:
