@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import functools
 import importlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -271,6 +272,18 @@ def _stage(name: str) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ the photo
+def sample_title(image: Path) -> str | None:
+    """The listing title of a shipped example photo (``labels.json`` beside it, ``{"<file>": {"title": …}}``),
+    or None where it has none."""
+    try:
+        labels = json.loads((image.parent / "labels.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    entry = labels.get(image.name) if isinstance(labels, dict) else None
+    title = entry.get("title") if isinstance(entry, dict) else None
+    return title if isinstance(title, str) and title else None
+
+
 def sample_image(config: ServeConfig) -> Path:
     """The photo of the first request: a real catalogue photo shipped with the default model; with
     ``--demo`` a demo catalogue photo; else (``--checkpoint``) one synthetic photo, drawn once."""

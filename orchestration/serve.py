@@ -55,6 +55,7 @@ from orchestration.provision import (
     provision,
     read_metadata,
     sample_image,
+    sample_title,
     servable_version,
     shown,
 )
@@ -88,6 +89,7 @@ __all__ = [
     "provision",
     "read_metadata",
     "sample_image",
+    "sample_title",
     "servable_version",
     "serve",
     "served",
@@ -188,9 +190,11 @@ def serve(
 
 
 # ------------------------------------------------------------------------------------------ the request
-def predict_file(url: str, image: Path, timeout_s: float = 30.0) -> dict[str, Any]:
-    """``POST url/v1/predict`` with ``image`` as multipart field ``image`` (what the curl line sends)."""
-    body, content_type = multipart_image(image.read_bytes(), image.name)
+def predict_file(url: str, image: Path, timeout_s: float = 30.0, title: str | None = None) -> dict[str, Any]:
+    """``POST url/v1/predict`` with ``image`` as multipart field ``image`` (what the curl line sends), and the
+    listing's ``title`` as field ``title`` when given."""
+    fields = {} if title is None else {"title": title}
+    body, content_type = multipart_image(image.read_bytes(), image.name, **fields)
     reply = http_request(
         url + "/v1/predict",
         method="POST",
@@ -212,18 +216,36 @@ def predict_file(url: str, image: Path, timeout_s: float = 30.0) -> dict[str, An
 
 
 def prove(stack: ServedStack, image: Path, say: Say) -> None:
-    """One real request through the stack, its answer said."""
+    """One real request through the stack, its answer said; for a model that reads titles, a second one with
+    the photo's listing title (from ``labels.json`` beside it), so that both ways of asking are seen."""
     answer = predict_file(stack.endpoints.gateway, image)
     total_ms = answer.get("timing_ms", {}).get("total", float("nan"))
     say(f"prediction for {shown(image)} ({total_ms:.1f} ms in the gateway):")
     for line in describe_prediction(answer):
         say(line)
+    title = sample_title(image)
+    if title is None or not _reads_titles(stack):
+        return
+    answer = predict_file(stack.endpoints.gateway, image, title=title)
+    total_ms = answer.get("timing_ms", {}).get("total", float("nan"))
+    say(f"with its title {title!r} ({total_ms:.1f} ms):")
+    for line in describe_prediction(answer):
+        say(line)
+
+
+def _reads_titles(stack: ServedStack) -> bool:
+    model = stack.model
+    try:
+        return load_metadata(model.repository, model.name, model.version).title is not None
+    except MetadataError:
+        return False
 
 
 def describe_prediction(answer: dict[str, Any]) -> list[str]:
     rows = []
     for attribute, p in answer.get("predictions", {}).items():
-        flag = "  (uncertain)" if p.get("uncertain") else ""
+        flags = [name for name in ("uncertain", "conflict") if p.get(name)]
+        flag = f"  ({', '.join(flags)})" if flags else ""
         rows.append(f"  {attribute:<16} {p['label']:<16} {p['confidence']:.2f}{flag}")
     return rows
 
