@@ -97,6 +97,19 @@ class Stack:
         self.server.stop()
 
 
+@pytest.fixture(autouse=True)
+def _metrics_folder_left_as_found() -> Iterator[None]:
+    """Importing ``gateway.gunicorn_conf`` sets ``PROMETHEUS_MULTIPROC_DIR`` for gunicorn's sake; a test
+    that imports it in this process must not turn every later in-process gateway test of the same pytest
+    worker into a reader of that folder (13 metrics tests failed that way in CI)."""
+    before = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    yield
+    if before is None:
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    else:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = before
+
+
 @pytest.fixture(scope="session")
 def stack_factory(tmp_path_factory) -> Iterator:
     """``stack_factory(repository, work, models=..., **triton_args)``: a ``Stack`` stopped at the end of

@@ -27,21 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway.listener import HANDSHAKE_SETTLE_S, held_elsewhere, refuse_new_connections
 from orchestration.process import free_ports
-
-
-def _gunicorn_conf():
-    """``gateway.gunicorn_conf``, imported without leaving its ``PROMETHEUS_MULTIPROC_DIR`` in this test
-    process (importing it sets one for gunicorn; left set, every later in-process gateway test of this
-    worker would read its metrics from that folder)."""
-    before = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    import gateway.gunicorn_conf as conf
-
-    if before is None:
-        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    else:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = before
-    return conf
 
 ROOT = Path(__file__).resolve().parents[1]
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="socket filters, /proc: Linux")
@@ -179,11 +166,11 @@ def test_once_new_connections_are_refused_a_queued_one_is_served_and_a_late_one_
     with closing(_listener()) as listener:
         port = listener.getsockname()[1]
         queued = socket.create_connection(("127.0.0.1", port), timeout=5)
-        assert _gunicorn_conf().refuse_new_connections(listener)
+        assert refuse_new_connections(listener)
         late = socket.socket()
         late.setblocking(False)
         assert late.connect_ex(("127.0.0.1", port)) == errno.EINPROGRESS
-        time.sleep(_gunicorn_conf().HANDSHAKE_SETTLE_S)
+        time.sleep(HANDSHAKE_SETTLE_S)
         with closing(queued), closing(late):
             accepted = _accept_all(listener)
             assert len(accepted) == 1  # the queued one only: the late SYN was dropped, not queued
@@ -201,16 +188,16 @@ def test_once_new_connections_are_refused_a_queued_one_is_served_and_a_late_one_
 @linux_only
 def test_the_last_holder_of_a_listening_socket_is_told_apart_from_one_another_process_shares(tmp_path):
     with closing(_listener()) as listener:
-        assert _gunicorn_conf().held_elsewhere(listener) is False
+        assert held_elsewhere(listener) is False
         holder = subprocess.Popen(
             [sys.executable, "-c", "import sys, time; sys.stdin.read()"],
             stdin=subprocess.PIPE,
             pass_fds=(listener.fileno(),),
         )
         try:
-            assert _gunicorn_conf().held_elsewhere(listener) is True  # closing ours now would reset nothing
+            assert held_elsewhere(listener) is True  # closing ours now would reset nothing
         finally:
             assert holder.stdin is not None
             holder.stdin.close()
             holder.wait(10)
-        assert _gunicorn_conf().held_elsewhere(listener) is False
+        assert held_elsewhere(listener) is False
