@@ -62,7 +62,8 @@ def create_app(config: GatewayConfig | None = None, triton: TritonBackend | None
         # Bounds the non-file fields (top_k, category). Werkzeug also applies it to its parse buffer, which
         # takes 64 KiB chunks: a value near 64 KiB would refuse ordinary photos.
         MAX_FORM_MEMORY_SIZE=1024 * 1024,
-        MAX_FORM_PARTS=config.max_batch_images + 16,
+        # A full batch is one `images` and one `titles` part per image, plus the options (top_k, category).
+        MAX_FORM_PARTS=form_parts(config),
     )
     init_app(app, config, triton)
     return app
@@ -148,14 +149,31 @@ def _http_error(e: HTTPException) -> Response:
     code = HTTP_CODES.get(status, ErrorCode.HTTP_ERROR)
     message = e.description or e.name
     if status == 413:
-        message = (
-            f"the request body is larger than this endpoint accepts ({request.max_content_length} bytes)"
-        )
+        message = _too_large_message()
     headers: dict[str, str] = {}
     valid_methods = getattr(e, "valid_methods", None)
     if status == 405 and valid_methods:
         headers["Allow"] = ", ".join(valid_methods)
     return error_response(status, code, message, headers)
+
+
+def form_parts(config: GatewayConfig) -> int:
+    """The most parts a multipart body may have: an ``images`` and a ``titles`` part per image of a full
+    batch, and room for the options."""
+    return 2 * config.max_batch_images + 16
+
+
+def _too_large_message() -> str:
+    # Werkzeug raises the same 413 for a body over MAX_CONTENT_LENGTH, too many multipart parts and an
+    # oversized text field; say which limit the client met.
+    limit, length = request.max_content_length, request.content_length
+    if limit is not None and (length is None or length > limit):
+        return f"the request body is larger than this endpoint accepts ({limit} bytes)"
+    return (
+        f"the multipart body has too many parts or a text field over {request.max_form_memory_size} bytes "
+        f"(at most {request.max_form_parts} parts: one 'images' and one 'titles' field per image, and the "
+        "options)"
+    )
 
 
 def _unexpected_error(e: Exception) -> Response:

@@ -121,6 +121,36 @@ def test_a_batch_takes_one_titles_field_per_image_in_order(titled):
     np.testing.assert_array_equal(sent, tokenizer().batch(["Blue Shirt", "", "Red Shirt"]))
 
 
+def test_a_full_batch_with_a_title_per_image_and_its_options_is_accepted(tmp_path):
+    # Every image with its title plus top_k and category: twice max_batch_images parts and more. Werkzeug
+    # counts multipart parts against MAX_FORM_PARTS; a bound of images + 16 refused full titled batches
+    # with a 413 that blamed the body's size (seen with `fashion tag --gateway` on the shipped model).
+    doc = titled_metadata()
+    folder = tmp_path / "fashion" / "1"
+    folder.mkdir(parents=True)
+    (folder / "metadata.json").write_text(json.dumps(doc))
+    config = GatewayConfig(model_repository=str(tmp_path), max_batch_images=16)
+    client = create_app(config, triton=FakeTriton(doc)).test_client()
+    data = {
+        "images": [(io.BytesIO(solid(RED)), f"{i}.jpg") for i in range(16)],
+        "titles": ["Red Shirt"] * 16,
+        "top_k": "1",
+        "category": "",
+    }
+    response = client.post("/v1/predict/batch", data=data, content_type="multipart/form-data")
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert [r["inputs"] for r in response.get_json()["results"]] == [["image", "title"]] * 16
+
+
+def test_a_body_with_too_many_parts_is_a_413_that_says_so_not_that_it_is_too_large(titled):
+    client, fake = titled
+    data = {"images": [(io.BytesIO(solid(RED)), "a.jpg")], "junk": [str(i) for i in range(200)]}
+    response = client.post("/v1/predict/batch", data=data, content_type="multipart/form-data")
+    assert_error(response, 413, "too_large")
+    assert "parts" in response.get_json()["error"]["message"]
+    assert not fake.calls
+
+
 def test_a_batch_without_titles_sends_zero_titles(titled):
     client, fake = titled
     data = {"images": [(io.BytesIO(solid(c)), f"{i}.jpg") for i, c in enumerate((RED, BLUE))]}
