@@ -492,3 +492,18 @@ def test_evaluate_drift_scores_only_the_later_period_and_only_classes_the_model_
     article = doc["attributes"]["articleType"]
     assert article["unseen_support"] >= 10 and article["unseen_uncertain_rate"] == 1.0
     assert article["support"] + article["unseen_support"] == 20
+
+    # `fashion novelty` on the same run puts the later period's photos into its candidate table, known types
+    # and the type the run never saw apart, so that the quantile is chosen against the drift too.
+    gated = tmp_path / "gated" / "best.pt"
+    gated.parent.mkdir()
+    assert main(["novelty", "--checkpoint", checkpoint, "--out", str(gated), "--quantile", "0.9"]) == 0
+    report = json.loads((gated.parent / "novelty.json").read_text())
+    assert report["parts"]["drift unseen"] == article["unseen_support"]
+    assert report["parts"]["drift known"] == article["support"]
+    for row in report["candidates"]:
+        for part in ("seen", "drift known", "drift unseen"):
+            share = row[f"articleType {part}"]
+            assert 0.0 <= share <= 1.0 and share * report["parts"][part] == pytest.approx(
+                round(share * report["parts"][part])
+            )

@@ -164,3 +164,34 @@ def test_a_declared_product_type_is_gated_even_when_another_head_has_more_classe
     assert [a.role for a in schema.attributes] == [Role.OTHER, Role.PRODUCT_TYPE, Role.COLOUR]
     with pytest.raises(ValueError, match="role must be one of"):
         Attribute("x", ("a",), role="size")  # type: ignore[arg-type]
+
+
+# --- unit-length features -------------------------------------------------------------------------------
+
+
+def test_a_gate_on_unit_features_ignores_the_overall_scale_of_the_activations_and_a_raw_one_does_not():
+    """The later period of a catalogue moves every photo's activations (exposure, background): the
+    normalised distance measures only their direction."""
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(60, 16)) + np.repeat(np.eye(3, 16) * 4, 20, axis=0)
+    labels = np.stack([np.repeat(np.arange(3), 20), np.zeros(60, int)], axis=1)
+    photo = rng.normal(size=(5, 16))
+    unit = fit_novelty(SCHEMA, train, labels)
+    raw = fit_novelty(SCHEMA, train, labels, normalise=False)
+    np.testing.assert_allclose(unit.distances(photo), unit.distances(3.0 * photo), rtol=1e-9)
+    assert not np.allclose(raw.distances(photo), raw.distances(3.0 * photo))
+    # The gate module of the model computes what the fit measured.
+    gate = unit.gate(threshold=1.0, scale=0.5)
+    with torch.no_grad():
+        got = gate.distance(torch.from_numpy(photo.astype(np.float32))).numpy()
+    np.testing.assert_allclose(got, unit.distances(photo), rtol=1e-4)
+
+
+def test_a_gate_saved_before_unit_features_rebuilds_as_a_gate_on_raw_features():
+    labels = np.stack([np.arange(12) % 3, np.zeros(12, int)], axis=1)
+    gate = fit_novelty(SCHEMA, np.random.default_rng(1).normal(size=(12, 8)), labels).gate(1.0)
+    described = gate.describe()
+    assert described["normalise"] is True
+    assert NoveltyGate.from_description(described).normalise is True
+    old = {k: v for k, v in described.items() if k != "normalise"}  # a checkpoint of 2026-12-02
+    assert NoveltyGate.from_description(old).normalise is False

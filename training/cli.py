@@ -88,7 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
       help="semicolon-separated attribute=class pairs left out of training (to measure how unseen "
       "product types are flagged), e.g. 'articleType=Watches;articleType=Heels'")
     a("--novelty-quantile", type=float, help="flag photos farther from every known type than this quantile "
-      "of the validation photos (default 0.85; 0 = no novelty gate)")
+      "of the validation photos (default 0.97; 0 = no novelty gate)")
     a("--novelty-heads", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
       help="comma-separated heads the novelty gate flags (default: the product-type head, e.g. articleType)")
     a("--title", action=argparse.BooleanOptionalAction, default=None,
@@ -262,13 +262,13 @@ def register_analysis(sub: argparse._SubParsersAction) -> None:
         description="Fit the novelty gate (training.novelty) on the checkpoint's training split, set its "
         "threshold on the validation split, and report the share of validation photos and of held-out "
         "photos (when trained with --hold-out) flagged uncertain. `fashion train` does this itself.",
-        epilog="example:\n  fashion novelty --checkpoint runs/sample/best.pt --quantile 0.85",
+        epilog="example:\n  fashion novelty --checkpoint runs/sample/best.pt --quantile 0.97",
         formatter_class=fmt)
     n.add_argument("--checkpoint", required=True, help="best.pt written by `fashion train`")
     n.add_argument("--out", help="checkpoint to write (default: --checkpoint, in place); "
                    "novelty.json beside it")
-    n.add_argument("--quantile", type=float, default=0.85,
-                   help="gate photos farther than this quantile of the validation photos (default 0.85)")
+    n.add_argument("--quantile", type=float, default=0.97,
+                   help="gate photos farther than this quantile of the validation photos (default 0.97)")
     n.add_argument("--heads", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
                    help="comma-separated heads to gate (default: the product-type head, e.g. articleType)")
     n.add_argument("--device", default="auto", help="auto (default), cpu, cuda")

@@ -75,7 +75,7 @@ class TrainConfig:
     # The novelty gate (training.novelty): photos farther from every known product type than this quantile
     # of the validation photos are flagged uncertain on ``novelty_heads`` (empty: the schema's product-type
     # head, ``fashion.schema.Role``: articleType in the Kaggle layout). 0 turns the gate off.
-    novelty_quantile: float = 0.85
+    novelty_quantile: float = 0.97
     novelty_heads: tuple[str, ...] = ()
     # The listing's title as a second input (training.title, fashion.text): hashed word and character
     # n-grams in ``title_buckets`` ids, an embedding bag of ``title_dim``. Every batch trains the heads

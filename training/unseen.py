@@ -22,12 +22,12 @@ import torch
 from fashion.console import emit, table
 from fashion.schema import is_uncertain
 from training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from training.context import checkpoint_config, prepare_data, resolve_device
+from training.context import checkpoint_config, drift_samples, prepare_data, resolve_device
 from training.data import encode, split_held_out
 from training.dataset import ImageCache
 from training.inference import collect, head_widths, image_batches
 from training.model import FashionNet
-from training.novelty import NoveltyFit, fit_novelty, floor_thresholds, ramp_scale
+from training.novelty import NoveltyFit, fit_novelty, floor_thresholds, ramp_scale, reference_head
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ class NoveltyReport:
     flagged_unseen: dict[str, float]  # head → share of held-out photos flagged uncertain
     candidates: list[dict[str, float]] = field(default_factory=list)
     scale: float = 0.0  # the gate's ramp: from ``threshold - scale`` up to ``threshold`` (training.novelty)
+    parts: dict[str, int] = field(default_factory=dict)  # photos per part of the candidate table
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -136,11 +137,14 @@ def fit_and_measure(
     quantile: float,
     heads: Sequence[str] | None = None,
     device: torch.device | str = "cpu",
+    more: Mapping[str, np.ndarray] | None = None,
 ) -> NoveltyReport:
     """Fit the gate into ``ckpt`` (model and thresholds) and measure it on the validation and held-out photos.
 
-    The candidate table says what the gate would flag at each quantile; the chosen quantile's gate then goes
-    into the model, its heads' thresholds are floored, and its shares are measured as the model serves them.
+    The candidate table says what the gate would flag at each quantile — on ``more`` photos too, by name
+    (the later period of a run split by period: ``drift known``, ``drift unseen``); the chosen quantile's
+    gate then goes into the model, its heads' thresholds are floored, and its shares are measured as the
+    model serves them.
     """
     if not 0 < quantile < 1:
         raise ValueError(f"the novelty quantile must be in (0, 1), got {quantile}")
@@ -151,6 +155,7 @@ def fit_and_measure(
     d_val = fit.distances(val.pooled)
     scale = ramp_scale(d_val)
     parts = {"seen": val, "unseen": held}
+    parts.update({name: model_outputs(model, x, device) for name, x in (more or {}).items()})
     candidates = candidate_table(model, fit, parts, d_val, ckpt.thresholds, scale, device)
 
     gate = fit.gate(float(np.quantile(d_val, quantile)), scale)
@@ -162,7 +167,7 @@ def fit_and_measure(
     unseen = flagged(model, held, ckpt.thresholds, device) if len(held) else {}
     model.cpu()
     return NoveltyReport(list(fit.gated), fit.reference, quantile, float(gate.threshold), len(val), len(held),
-                         seen, unseen, candidates, scale)
+                         seen, unseen, candidates, scale, {name: len(out) for name, out in parts.items()})
 
 
 def report_table(report: NoveltyReport) -> str:
@@ -203,6 +208,7 @@ def fit_checkpoint(
     quantile: float,
     heads: Sequence[str] | None = None,
     device: torch.device | str = "cpu",
+    more: Mapping[str, np.ndarray] | None = None,
 ) -> NoveltyReport:
     """Fit the gate into the checkpoint file, save it to ``out`` with ``novelty.json`` beside it, print the
     report. What ``fashion novelty`` and the end of ``fashion train`` do, on photos already decoded."""
@@ -216,6 +222,7 @@ def fit_checkpoint(
         quantile=quantile,
         heads=heads,
         device=device,
+        more=more,
     )
     save_checkpoint(out, ckpt)
     write_report(Path(out).parent, report)
@@ -227,34 +234,40 @@ def novelty_command(
     checkpoint: str | Path,
     out: str | Path | None = None,
     *,
-    quantile: float = 0.85,
+    quantile: float = 0.97,
     heads: Sequence[str] | None = None,
     device: str = "cpu",
 ) -> NoveltyReport:
     """``fashion novelty``: re-create the checkpoint's split (and its held-out photos, if it was trained with
-    ``--hold-out``), fit the gate, save the checkpoint (default: in place) and ``novelty.json`` beside it."""
+    ``--hold-out``), fit the gate, save the checkpoint (default: in place) and ``novelty.json`` beside it.
+    A run split by period (``--split-by``) also has its later photos in the candidate table, as ``drift
+    known`` and ``drift unseen`` (of a product type the run never trained on)."""
 
     ckpt = load_checkpoint(checkpoint)
     cfg = checkpoint_config(ckpt)
     cat, train_samples, val_samples = prepare_data(cfg)
     held = split_held_out(cat.samples, cfg.hold_out)[1]
-    images = [
-        ImageCache.build([s.image_path for s in part], ckpt.preprocessing, desc=name).images
-        for name, part in (
-            ("decode train", train_samples),
-            ("decode val", val_samples),
-            ("decode held-out", held),
-        )
-    ]
+    parts = {"train": train_samples, "val": val_samples, "held-out": held}
+    if cfg.split_by is not None and cfg.val_from is not None:
+        reference = reference_head(ckpt.schema, heads)[1]
+        known = set(ckpt.schema[reference].classes)
+        later = [s for s in drift_samples(cfg) if s.labels.get(reference) is not None]
+        parts["drift known"] = [s for s in later if s.labels[reference] in known]
+        parts["drift unseen"] = [s for s in later if s.labels[reference] not in known]
+    images = {
+        name: ImageCache.build([s.image_path for s in part], ckpt.preprocessing, desc=f"decode {name}").images
+        for name, part in parts.items()
+    }
     labels = encode(ckpt.schema, train_samples)
     return fit_checkpoint(
         checkpoint,
         out or checkpoint,
-        images[0],
+        images.pop("train"),
         labels,
-        images[1],
-        images[2],
+        images.pop("val"),
+        images.pop("held-out"),
         quantile=quantile,
         heads=heads,
         device=resolve_device(device),
+        more=images,
     )
