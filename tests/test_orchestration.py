@@ -110,3 +110,49 @@ time.sleep(120)
     finally:
         parent.kill()
         parent.wait()
+
+
+FAKE_TRITON = r"""
+import http.server, os, sys
+marker, port = sys.argv[1], int(sys.argv[2])
+if not os.path.exists(marker):  # the first start: the python backend's known abort, before ready
+    open(marker, "w").close()
+    print("terminate called after throwing an instance of 'boost::interprocess::lock_exception'", flush=True)
+    os.abort()
+
+class Ready(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+http.server.HTTPServer(("127.0.0.1", port), Ready).serve_forever()
+"""
+
+
+@pytest.mark.parametrize("message", ["boost::interprocess::lock_exception", "some other error"])
+def test_triton_that_aborts_with_the_python_backends_known_startup_crash_is_started_once_more(
+    tmp_path, monkeypatch, caplog, message
+):
+    """Upstream issue triton-inference-server/server#8882: the python backend sometimes aborts while it
+    sets up a stub's shared memory. One more start, with a warning; any other exit is the caller's error."""
+    from orchestration.triton import TritonServer, TritonStartError
+
+    script = tmp_path / "fake_triton.py"
+    script.write_text(FAKE_TRITON.replace("boost::interprocess::lock_exception", message))
+    server = TritonServer(tmp_path, models=[])
+    marker = tmp_path / "started-once"
+    monkeypatch.setattr(
+        TritonServer, "command", lambda self, backends: [sys.executable, str(script), str(marker),
+                                                          str(self.http_port)]
+    )
+    if message != "boost::interprocess::lock_exception":
+        with pytest.raises(TritonStartError, match=message):
+            server.start()
+        assert not server.is_running()
+        return
+    with caplog.at_level("WARNING", logger="orchestration.triton"), server:
+        assert server.is_running() and server.ready()
+    assert "starting it once more" in caplog.text and "8882" in caplog.text

@@ -260,7 +260,10 @@ def test_a_killed_worker_s_trial_is_failed_and_retried_when_the_same_command_run
     from fashion.cli import main
 
     out = tmp_path / "study"
-    files = (write_yaml(tmp_path / "long.yaml", {**RECIPE, "epochs": 3}), study_files[1])
+    # Long enough to be interrupted mid-trial: a tiny epoch takes ~80 ms on a quiet machine, and 3 of them
+    # ended the trial before the test saw the first (CI, 2026-12-03); 30 without early stopping leave ~2 s.
+    long = {**RECIPE, "epochs": 30, "patience": 30}
+    files = (write_yaml(tmp_path / "long.yaml", long), study_files[1])
     args = tune_args(synth, out, files, 1, "--pruner", "none", "--heartbeat-s", "1", "--grace-s", "3")
     process = worker(args)
     victim = wait_for_an_epoch(out, process)
@@ -293,7 +296,10 @@ def test_ctrl_c_fails_the_running_trial_visibly_and_the_same_command_finishes_th
     from fashion.cli import main
 
     out = tmp_path / "study"
-    files = (write_yaml(tmp_path / "long.yaml", {**RECIPE, "epochs": 3}), study_files[1])
+    # Long enough to be interrupted mid-trial: a tiny epoch takes ~80 ms on a quiet machine, and 3 of them
+    # ended the trial before the test saw the first (CI, 2026-12-03); 30 without early stopping leave ~2 s.
+    long = {**RECIPE, "epochs": 30, "patience": 30}
+    files = (write_yaml(tmp_path / "long.yaml", long), study_files[1])
     args = tune_args(synth, out, files, 1, "--pruner", "none")
     process = worker(args)
     interrupted = wait_for_an_epoch(out, process)
