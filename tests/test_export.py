@@ -321,7 +321,9 @@ def test_real_triton_serves_the_export_over_http_and_grpc_and_batches_concurrent
     batch = images(6, seed=7)
     want = ort_probs(result.files["fp32"], batch)
     tensors = [o.name for o in onnx.load(result.files["fp32"]).graph.output]
-    server = TritonServer(repo, ["fashion"], model_config_name="cpu", startup_timeout_s=90)
+    # The FP32 reference candidate's config: "cpu" serves whichever candidate the export timed fastest
+    # (with this fixture's loosened gate, BF16 or INT8 at times: 3.7e-4 from FP32, over ATOL).
+    server = TritonServer(repo, ["fashion"], model_config_name="cpu_onnxruntime_fp32", startup_timeout_s=90)
     with server:
         http = httpclient.InferenceServerClient(server.http_url)
         inp = httpclient.InferInput("image", list(batch.shape), "UINT8")
@@ -340,7 +342,16 @@ def test_real_triton_serves_the_export_over_http_and_grpc_and_batches_concurrent
         def counts() -> tuple[float, float]:
             return triton_counts(server.metrics_url)  # the bench's reading of Triton's metrics
 
-        images_before, executions_before = counts()
+        # Metrics are published with a lag (Triton's metrics interval, 2 s): wait until the images above (6
+        # over HTTP, 2 over gRPC, and the model's warm-up) show and the count holds still for longer than
+        # an interval, or a late count of them lands inside the 64 below (seen in CI, 2026-12-03: 66).
+        deadline, images_before, executions_before = time.monotonic() + 15, -1.0, -1.0
+        while time.monotonic() < deadline:
+            total, execs = counts()
+            if total >= 8 and (total, execs) == (images_before, executions_before):
+                break
+            images_before, executions_before = total, execs
+            time.sleep(2.5)
         start = threading.Barrier(8)
         errors: list[BaseException] = []
 
