@@ -10,6 +10,7 @@ by hand, as ``tests/test_title_model.py`` does, so that a test can rely on it:
 * the title alone: the embedding of each colour word has a dimension of its own, and the title-only head
   reads it; its tokenizer counts words only (``word_ngrams=1``, no character n-grams), so that no other
   word of the catalogue shares a colour word's bucket (checked here);
+* the answer with a title adds the two (``title_weight`` 1), so a title that names a colour wins;
 * ``baseColour``'s conflict threshold is 0.8: a title naming another colour scores ~1, the photo's colour
   ~0, a title without a colour word 2/3.
 
@@ -123,6 +124,7 @@ def set_colour_by_hand(ckpt) -> None:
             title_head.weight[k, channel] = 100.0
         net.temperature[j] = 1.0
         net.title_temperature[j] = 1.0
+        net.title_weight[j] = 1.0  # with a title: photo logit + title-only logit (FashionNet.served_logits)
     ckpt.conflict_thresholds = {**ckpt.conflict_thresholds, "baseColour": CONFLICT_THRESHOLD}
 
 

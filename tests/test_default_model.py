@@ -151,7 +151,9 @@ def test_serve_gates_every_cpu_candidate_on_500_real_photos_and_serves_the_faste
 @pytest.mark.slow
 def test_the_shipped_example_photos_get_the_answers_the_card_shows_through_the_stack(served_default):
     """``examples/labels.json`` holds each photo's catalogue labels, its listing title, and the model's
-    answers when it shipped, from the photo alone and with the title; the served stack must give the same."""
+    answers when it shipped, from the photo alone and with the title; the served stack must give the same.
+    A list is a near tie in PyTorch (10005's colour with its title: Blue 0.44, Black 0.42), where a
+    runtime's rounding may pick either — but nothing else."""
     from loadtest.parity import served_labels
 
     expected = json.loads((DEFAULT_MODEL_DIR / "examples" / "labels.json").read_text())
@@ -161,8 +163,13 @@ def test_the_shipped_example_photos_get_the_answers_the_card_shows_through_the_s
     for name, photo, both in zip(expected, alone, titled, strict=True):
         assert photo is not None and both is not None, name
         for attribute in ("articleType", "masterCategory", "baseColour"):
-            assert photo[attribute] == expected[name]["photo"][attribute], (name, attribute, photo)
-            assert both[attribute] == expected[name]["photo_and_title"][attribute], (name, attribute, both)
+            want = expected[name]
+            assert photo[attribute] in _answers(want["photo"][attribute]), (name, attribute, photo)
+            assert both[attribute] in _answers(want["photo_and_title"][attribute]), (name, attribute, both)
+
+
+def _answers(expected: str | list[str]) -> list[str]:
+    return [expected] if isinstance(expected, str) else expected
 
 
 def _accuracy(answers, photos, names) -> dict[str, float]:
@@ -180,9 +187,10 @@ def test_the_shipped_model_tags_its_860_validation_photos_through_the_stack_bett
     served_default,
 ):
     """The shipped validation photos (every machine has them), posted alone and with their listing titles.
-    Measured when it shipped (OpenVINO BF16 on a Zen 5 EPYC, 2026-12-03): articleType 0.917 alone, 0.949 with
-    titles; baseColour 0.688 / 0.867; gender 0.933 / 0.971. The bars leave room for another runtime's
-    rounding, not for a title path that reads nothing."""
+    Measured when it shipped (OpenVINO BF16 on a Zen 5 EPYC, 2026-12-03, the title-only heads voting in
+    image + title answers): articleType 0.917 alone, 0.970 with titles; baseColour 0.688 / 0.940; gender
+    0.933 / 0.992. The bars leave room for another runtime's rounding, not for a title path that reads
+    nothing or a served answer that leaves the title-only heads out (0.949 / 0.867 / 0.971 without them)."""
     from loadtest.parity import served_labels
     from training.data import read_catalogue
 
@@ -195,10 +203,10 @@ def test_the_shipped_model_tags_its_860_validation_photos_through_the_stack_bett
     names = ("articleType", "masterCategory", "subCategory", "gender", "baseColour")
     photo, both = _accuracy(alone, photos, names), _accuracy(titled, photos, names)
     assert photo["articleType"] >= 0.88 and photo["masterCategory"] >= 0.98, photo
-    assert both["articleType"] >= 0.93 and both["masterCategory"] >= 0.98, both
-    assert both["articleType"] >= photo["articleType"] + 0.015, (photo, both)
-    assert both["baseColour"] >= photo["baseColour"] + 0.10, (photo, both)
-    assert both["gender"] >= photo["gender"] + 0.02, (photo, both)
+    assert both["articleType"] >= 0.96 and both["masterCategory"] >= 0.98, both  # issue 24: >= 0.95
+    assert both["articleType"] >= photo["articleType"] + 0.035, (photo, both)
+    assert both["baseColour"] >= photo["baseColour"] + 0.20, (photo, both)
+    assert both["gender"] >= photo["gender"] + 0.045, (photo, both)
 
 
 @pytest.mark.server

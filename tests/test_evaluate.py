@@ -24,7 +24,7 @@ from training.calibrate import (
 )
 from training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from training.data import build_schema, read_catalogue
-from training.evaluate import metrics_document, plot_confusion
+from training.evaluate import flag_rates, metrics_document, plot_confusion
 from training.explain import GradCAM, heatmap_on_photo, heatmap_peak, peak_on_product, product_mask
 from training.metrics import (
     attribute_metrics,
@@ -37,7 +37,7 @@ from training.metrics import (
 from training.model import FashionNet, build_model
 
 METRIC_KEYS = {"accuracy", "top3_accuracy", "macro_f1", "micro_f1", "harmonic_f1", "ece", "support"}
-DOC_KEYS = METRIC_KEYS | {"uncertain_rate", "conflict_rate",  # what a client sees flagged
+DOC_KEYS = METRIC_KEYS | {"uncertain_rate", "conflict_rate", "silent_error_rate",  # what a client sees
                           "unseen_support", "unseen_uncertain_rate"}  # null unless --subset drift
 
 
@@ -507,3 +507,25 @@ def test_evaluate_drift_scores_only_the_later_period_and_only_classes_the_model_
             assert 0.0 <= share <= 1.0 and share * report["parts"][part] == pytest.approx(
                 round(share * report["parts"][part])
             )
+
+
+def test_a_silent_error_is_a_wrong_answer_flagged_neither_uncertain_nor_conflict():
+    from types import SimpleNamespace
+
+    from training.predict import Predictions
+
+    schema = LabelSchema((Attribute("colour", ("red", "blue")),))
+    # Six photos, all truly red. Answers: right; wrong but unsure; wrong with a conflict; wrong and silent;
+    # wrong and silent; unscored (missing label).
+    probs = np.array([[0.9, 0.1], [0.4, 0.6], [0.05, 0.95], [0.1, 0.9], [0.2, 0.8], [0.1, 0.9]])
+    conflict = np.array([[0.1], [0.1], [0.9], [0.2], [0.1], [0.9]])
+    labels = np.array([[0], [0], [0], [0], [0], [MISSING]])
+    ckpt = SimpleNamespace(schema=schema, thresholds={"colour": 0.7}, conflict_thresholds={"colour": 0.5})
+    per: dict[str, dict[str, float]] = {"colour": {}}
+    flag_rates(ckpt, labels, Predictions({"colour": probs}, np.ones(6, dtype=bool), conflict), per)
+    assert per["colour"]["silent_error_rate"] == pytest.approx(2 / 5)
+    assert per["colour"]["uncertain_rate"] == pytest.approx(1 / 5)
+    assert per["colour"]["conflict_rate"] == pytest.approx(1 / 5)
+    per = {"colour": {}}  # without titles nothing is flagged conflict: the wrong, confident answer is silent
+    flag_rates(ckpt, labels, Predictions({"colour": probs}, np.ones(6, dtype=bool)), per)
+    assert per["colour"]["silent_error_rate"] == pytest.approx(3 / 5) and "conflict_rate" not in per["colour"]

@@ -39,13 +39,18 @@ def test_an_image_only_request_is_exactly_a_request_with_an_empty_title():
     assert not torch.allclose(a["kind"], titled["kind"])  # a title does change the answer
 
 
+def colour_from_biases(model, photo: list[float], title: list[float]) -> None:
+    """The colour head answers ``photo``'s logits whatever the photo, the title-only head ``title``'s."""
+    with torch.no_grad():
+        model.heads["colour"][1].weight.zero_()
+        model.heads["colour"][1].bias.copy_(torch.tensor(photo))
+        model.title_heads["colour"].weight.zero_()
+        model.title_heads["colour"].bias.copy_(torch.tensor(title))
+
+
 def test_the_conflict_score_is_high_when_photo_and_title_disagree_and_zero_without_a_title():
     model = title_model()
-    with torch.no_grad():  # the photo says "red", the title alone says "blue" / then "red"
-        model.heads["colour"][1].weight.zero_()
-        model.heads["colour"][1].bias.copy_(torch.tensor([8.0, -8.0]))
-        model.title_heads["colour"].weight.zero_()
-        model.title_heads["colour"].bias.copy_(torch.tensor([-8.0, 8.0]))
+    colour_from_biases(model, [8.0, -8.0], [-8.0, 8.0])  # the photo says "red", the title "blue" / then "red"
     x = images()
     ids = torch.from_numpy(model.title.tokenizer.batch(["navy shirt", ""]))
     _, features = model.embed(x, ids)
@@ -57,6 +62,69 @@ def test_the_conflict_score_is_high_when_photo_and_title_disagree_and_zero_witho
     assert model.conflict(features)[0, 0] < 0.01
     outputs = ProbabilityModel(model)(x, ids)
     assert len(outputs) == 3 and torch.equal(outputs[-1], model.conflict(features))
+
+
+def test_the_title_only_heads_vote_in_a_titled_answer_by_their_weight_and_never_without_a_title():
+    model = title_model()
+    colour_from_biases(model, [2.0, -2.0], [-3.0, 3.0])  # the photo leans "red", the title is sure of "blue"
+    x = images()
+    titled = torch.from_numpy(model.title.tokenizer.batch(["navy shirt", "navy cap"]))
+    assert model.probabilities(x, titled)["colour"].argmax(1).tolist() == [0, 0]  # weight 0: the fused heads
+    photo_only = model.probabilities(x)
+    with torch.no_grad():
+        model.title_weight.copy_(torch.tensor([1.0, 0.5]))
+    _, features = model.embed(x, titled)
+    served, fused = model.served_logits(features), model.head_logits(features)
+    text = model.title_logits(features)
+    torch.testing.assert_close(served["colour"], fused["colour"] + text["colour"])
+    torch.testing.assert_close(served["kind"], fused["kind"] + 0.5 * text["kind"])
+    assert model.probabilities(x, titled)["colour"].argmax(1).tolist() == [1, 1]  # 2 - 3 < -2 + 3
+    for name, p in model.probabilities(x).items():  # a request without a title: the weight plays no part
+        assert torch.equal(p, photo_only[name])
+    outputs = ProbabilityModel(model)(x, titled)  # the exported module answers the same
+    torch.testing.assert_close(outputs[0], model.probabilities(x, titled)["colour"])
+
+
+def test_calibration_weighs_the_title_heads_by_the_blend_times_the_fused_temperature(kaggle_dir, tmp_path):
+    from fashion.text import tokenize_all
+    from training.calibrate import fit_temperatures_from_logits, fit_title_temperatures, model_logits
+    from training.checkpoint import save_checkpoint
+    from training.context import validation_samples
+    from training.dataset import ImageCache
+    from training.evaluate import encode_known
+
+    cfg = TrainConfig(data=str(kaggle_dir), out=str(tmp_path / "run"), backbone="test_efficientnet",
+                      image_size=32, epochs=1, batch_size=8, workers=0, title=True, title_buckets=256,
+                      title_dim=8, min_class_count=0, novelty_quantile=0.0)
+    ckpt = load_checkpoint(train(cfg).run_dir / "best.pt")
+    assert ckpt.config["title_blend"] == 1.0 and ckpt.model.title_weight.abs().min() > 0  # set by training
+    samples = validation_samples(ckpt)
+    photos = ImageCache.build([s.image_path for s in samples], ckpt.preprocessing, desc="decode").images
+    ids = tokenize_all(ckpt.model.title.tokenizer, [s.title for s in samples])
+    labels = encode_known(ckpt.schema, samples)
+    model = ckpt.model
+    fit_title_temperatures(ckpt, photos, ids, labels, "cpu", blend=0.0)
+    assert not model.title_weight.any()
+    fused_t = model.title_temperature.clone()
+    fused = model_logits(model, photos, titles=ids)
+    want = fit_temperatures_from_logits(ckpt.schema, fused, labels)
+    assert fused_t.tolist() == pytest.approx([want[a.name] for a in ckpt.schema.attributes])
+    fit_title_temperatures(ckpt, photos, ids, labels, "cpu", blend=2.0)
+    torch.testing.assert_close(model.title_weight, 2.0 * fused_t)
+    with torch.no_grad():
+        _, features = model.embed(torch.from_numpy(photos), torch.from_numpy(ids))
+        text = model.title_logits(features)
+    probs = model.probabilities(torch.from_numpy(photos), torch.from_numpy(ids))
+    for i, a in enumerate(ckpt.schema.attributes):  # the answer: fused calibrated logits + 2 x the title's
+        expected = torch.from_numpy(fused[a.name]) / fused_t[i] + 2.0 * text[a.name]
+        assert torch.equal(probs[a.name].argmax(1), expected.argmax(1)), a.name
+    # A checkpoint saved before the blend existed has no title_weight: it loads with the fused heads alone.
+    old = tmp_path / "old.pt"
+    save_checkpoint(old, ckpt)
+    payload = torch.load(old, weights_only=True)
+    del payload["state_dict"]["title_weight"]
+    torch.save(payload, old)
+    assert not load_checkpoint(old).model.title_weight.any()
 
 
 def test_logit_adjustment_adds_tau_times_the_log_prior_to_the_loss_logits_only():

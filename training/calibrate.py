@@ -167,14 +167,25 @@ def fit_conflict_thresholds(
 
 
 def fit_title_temperatures(
-    ckpt: Checkpoint, images: np.ndarray, titles: np.ndarray, labels: np.ndarray, device: torch.device | str
+    ckpt: Checkpoint, images: np.ndarray, titles: np.ndarray, labels: np.ndarray, device: torch.device | str,
+    blend: float = 0.0,
 ) -> dict[str, float]:
-    """The temperatures of a title model's image + title requests (``FashionNet.title_temperature``), fitted
-    on the rows that have a title; applied to the model."""
+    """A title model's image + title answer, fitted on the rows that have a title and applied to the
+    model: per head, the fused heads' temperature T, then with ``blend`` > 0 the title-only heads' weight
+    (``FashionNet.title_weight`` = blend × T, so that the answer's argmax is that of the fused heads'
+    calibrated logits plus blend × the title-only logits) and the temperature of that sum
+    (``FashionNet.title_temperature``). Returns the temperatures set."""
     model = ckpt.model
     has = (titles != 0).any(axis=1)
+    weight = cast(torch.Tensor, model.title_weight)
+    weight.zero_()
     logits = model_logits(model, images[has], device, titles=titles[has])
     temps = fit_temperatures_from_logits(ckpt.schema, logits, labels[has])
+    if blend > 0:
+        fused = [float(temps[a.name]) for a in model.schema.attributes]
+        weight.copy_(blend * torch.tensor(fused, dtype=weight.dtype))
+        logits = model_logits(model, images[has], device, titles=titles[has])
+        temps = fit_temperatures_from_logits(ckpt.schema, logits, labels[has])
     values = [float(temps[a.name]) for a in model.schema.attributes]
     cast(torch.Tensor, model.title_temperature).copy_(torch.tensor(values, dtype=model.temperature.dtype))
     return temps
@@ -338,7 +349,8 @@ def calibrate_in_memory(
     logits = model_logits(ckpt.model, images, device)
     report = calibrate_logits(ckpt, logits, labels, target_precision)
     if titles is not None and ckpt.model.title is not None:
-        temps = fit_title_temperatures(ckpt, images, titles, labels, device)
+        temps = fit_title_temperatures(ckpt, images, titles, labels, device,
+                                       float(ckpt.config.get("title_blend", 0.0)))
         emit("temperatures with titles: " + ", ".join(f"{k} {v:.3f}" for k, v in temps.items()))
         fit_conflict_thresholds(ckpt, images, titles, device)
     ckpt.model.cpu()
@@ -359,11 +371,13 @@ def calibrate(
     device: str = "auto",
     prior_correction: float = 0.0,
     always_uncertain: Sequence[str] = (),
+    title_blend: float | None = None,
 ) -> list[HeadCalibration]:
     """``fashion calibrate``: on all of ``data``, or (default) on the checkpoint's validation split
     re-created as ``fashion train`` made it. ``prior_correction`` first folds that much of the training
     class mix out of the heads (``training.priors``); ``always_uncertain`` heads join those the checkpoint
-    already serves as always uncertain. Both are recorded in the checkpoint's config."""
+    already serves as always uncertain; ``title_blend`` replaces a title model's weight of its title-only
+    heads (``fit_title_temperatures``). All three are recorded in the checkpoint's config."""
 
     ckpt = load_checkpoint(checkpoint)
     unknown = set(always_uncertain) - {a.name for a in ckpt.schema.attributes}
@@ -372,6 +386,8 @@ def calibrate(
     if always_uncertain:
         kept = set(ckpt.config.get("always_uncertain") or ())
         ckpt.config = {**ckpt.config, "always_uncertain": sorted(kept | set(always_uncertain))}
+    if title_blend is not None:
+        ckpt.config = {**ckpt.config, "title_blend": title_blend}
     correct_priors(ckpt, prior_correction)
     samples = evaluation_samples(ckpt, data, format, split, "all" if data else "val")
     if not samples:
@@ -394,7 +410,7 @@ def calibrate(
     if ckpt.model.title is not None:  # the image + title temperatures and the conflict thresholds
         photos = ImageCache.build([s.image_path for s in samples], ckpt.preprocessing, desc="decode").images
         titles = tokenize_all(ckpt.model.title.tokenizer, [s.title for s in samples])
-        fit_title_temperatures(ckpt, photos, titles, labels, dev)
+        fit_title_temperatures(ckpt, photos, titles, labels, dev, float(ckpt.config.get("title_blend", 0.0)))
         fit_conflict_thresholds(ckpt, photos, titles, dev)
     ckpt.model.cpu()
     source = f"{data} (all)" if data else f"validation split of {ckpt.config.get('data')}"

@@ -109,7 +109,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     )
     if payload.get("novelty"):
         model.novelty = NoveltyGate.from_description(payload["novelty"])
-    model.load_state_dict(payload["state_dict"])
+    state = dict(payload["state_dict"])
+    if title is not None and "title_weight" not in state:  # saved before the blend existed: fused heads only
+        state["title_weight"] = torch.zeros(len(schema.attributes))
+    model.load_state_dict(state)
     model.to(device).eval()
     return Checkpoint(
         model=model,

@@ -97,6 +97,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("--title-buckets", type=int, help="hashed title token ids (default 8192)")
     a("--title-dim", type=int, help="width of the title's embedding (default 64)")
     a("--title-loss", type=float, help="weight of the title-only heads' loss (default 0.5)")
+    a("--title-blend", type=float, help="weight of the title-only heads in an image + title answer, a "
+      "product of experts (default 1; 0 = the fused heads alone, which follow the photo more)")
     a("--logit-adjust", type=float, help="logit adjustment tau against the training class mix (default 0)")
     a("--trunk-cache", help="folder that keeps the frozen trunk's activations between runs")
     a("--always-uncertain", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
@@ -136,7 +138,7 @@ def _train(args: argparse.Namespace) -> int:
         "mixup_alpha", "cutmix_alpha", "min_class_count", "val_fraction", "patience", "seed", "workers",
         "device", "resume", "time_budget_min", "max_samples", "freeze_blocks", "aspect_views", "hold_out",
         "novelty_quantile", "novelty_heads", "title", "title_buckets", "title_dim", "title_loss",
-        "logit_adjust", "prior_correction", "trunk_cache", "always_uncertain",
+        "title_blend", "logit_adjust", "prior_correction", "trunk_cache", "always_uncertain",
     ]
     overrides: dict[str, Any] = {n: getattr(args, n) for n in names}
     cfg = TrainConfig.from_sources(args.config, overrides)
@@ -255,6 +257,9 @@ def register_analysis(sub: argparse._SubParsersAction) -> None:
                    "training.priors; chosen with `fashion evaluate --subset drift --prior-correction T`)")
     c.add_argument("--always-uncertain", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
                    default=[], help="heads to serve as always uncertain from now on (e.g. season)")
+    c.add_argument("--title-blend", type=float, default=None,
+                   help="a title model's weight of its title-only heads in image + title answers (default: "
+                   "the checkpoint's own, 0 for one trained before the option existed)")
     c.set_defaults(func=_calibrate)
 
     n = sub.add_parser(
@@ -338,10 +343,13 @@ def _calibrate(args: argparse.Namespace) -> int:
         raise UserError("--target-precision must be in (0, 1]")
     if args.prior_correction < 0:
         raise UserError("--prior-correction must not be negative")
+    if args.title_blend is not None and args.title_blend < 0:
+        raise UserError("--title-blend must not be negative")
     try:
         calibrate(args.checkpoint, args.out, args.data, format=args.format, split=args.split,
                   target_precision=args.target_precision, batch_size=args.batch_size, device=args.device,
-                  prior_correction=args.prior_correction, always_uncertain=args.always_uncertain)
+                  prior_correction=args.prior_correction, always_uncertain=args.always_uncertain,
+                  title_blend=args.title_blend)
     except ValueError as e:
         raise UserError(str(e)) from e
     return 0

@@ -85,6 +85,10 @@ class TrainConfig:
     title_buckets: int = 8192
     title_dim: int = 64
     title_loss: float = 0.5
+    # An image + title answer is the fused heads' calibrated logits plus this many times the title-only
+    # heads' (a product of experts, set at calibration): 1 = the two weigh equally, 0 = the fused heads
+    # alone, which follow the photo when a title is wrong (the model card measures both).
+    title_blend: float = 1.0
     # Logit adjustment (Menon et al., ICLR 2021): the loss sees logits + tau * log(training prior), so the
     # served logits estimate the class from the photo with the training catalogue's class mix divided out
     # — what holds when a later catalogue has another mix of genders and categories. 0: off.
@@ -130,8 +134,9 @@ class TrainConfig:
         object.__setattr__(self, "always_uncertain", tuple(self.always_uncertain))
         if not 0 <= self.novelty_quantile < 1:
             raise ConfigError(f"novelty_quantile must be in [0, 1), got {self.novelty_quantile}")
-        if self.title_buckets < 2 or self.title_dim < 1 or self.title_loss < 0:
-            raise ConfigError("title_buckets must be at least 2, title_dim positive, title_loss not negative")
+        if self.title_buckets < 2 or self.title_dim < 1 or self.title_loss < 0 or self.title_blend < 0:
+            raise ConfigError("title_buckets must be at least 2, title_dim positive, title_loss and "
+                              "title_blend not negative")
         if self.logit_adjust < 0 or self.prior_correction < 0:
             raise ConfigError("logit_adjust and prior_correction must not be negative")
         if self.attributes is not None and not set(self.always_uncertain) <= set(self.attributes):

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 METRIC_KEYS = (
     "accuracy", "top3_accuracy", "macro_f1", "micro_f1", "harmonic_f1", "ece", "uncertain_rate",
-    "conflict_rate", "support", "unseen_uncertain_rate", "unseen_support",
+    "conflict_rate", "silent_error_rate", "support", "unseen_uncertain_rate", "unseen_support",
 )
 SUBSETS = ("all", "val", "drift")
 
@@ -163,11 +163,14 @@ def _fmt(value: object) -> str:
 
 
 def summary_rows(per: Mapping[str, Mapping[str, float]]) -> list[list[str]]:
-    return [[name, *(_fmt(m[k]) for k in ("support", "accuracy", "top3_accuracy", "macro_f1", "micro_f1",
-                                           "harmonic_f1", "ece"))] for name, m in per.items()]
+    keys = ("support", "accuracy", "top3_accuracy", "macro_f1", "micro_f1", "harmonic_f1", "ece",
+            "silent_error_rate")
+    return [[name, *(_fmt(m.get(k, math.nan)) for k in keys)] for name, m in per.items()]
 
 
-SUMMARY_HEADERS = ["attribute", "n", "accuracy", "top-3", "macro F1", "micro F1", "harmonic F1", "ECE"]
+# "silent errors": wrong answers flagged neither uncertain nor conflict (``flag_rates``)
+SUMMARY_HEADERS = ["attribute", "n", "accuracy", "top-3", "macro F1", "micro F1", "harmonic F1", "ECE",
+                   "silent errors"]
 
 
 def write_report_md(
@@ -224,22 +227,26 @@ def request_titles(
 def flag_rates(
     ckpt: Checkpoint, labels: np.ndarray, preds: Predictions, per: dict[str, dict[str, float]]
 ) -> None:
-    """Add, per attribute, the share of scored photos a client sees flagged ``uncertain`` and, with titles,
-    the share flagged ``conflict`` (photos with a title only)."""
+    """Add, per attribute, the share of scored photos a client sees flagged ``uncertain``; with titles, the
+    share flagged ``conflict`` (photos with a title only); and the share answered wrong with neither flag
+    (``silent_error_rate``: the mistakes nothing warns a shop about)."""
     titled = None
     for j, a in enumerate(ckpt.schema.attributes):
         scored = labels[:, j] != MISSING
-        confidence = preds.probs[a.name].max(axis=1)[scored]
-        per[a.name]["uncertain_rate"] = (
-            float(np.mean(is_uncertain(confidence, ckpt.thresholds.get(a.name, 0.0))))
-            if scored.any()
-            else float("nan")
-        )
+        probs = preds.probs[a.name]
+        uncertain = is_uncertain(probs.max(axis=1), ckpt.thresholds.get(a.name, 0.0))
+        flagged = np.zeros(len(labels), dtype=bool)
         if preds.conflict is not None:
             titled = preds.conflict.any(axis=1) if titled is None else titled
             flagged = preds.conflict[:, j] > ckpt.conflict_thresholds.get(a.name, 1.0)
             rows = scored & titled
             per[a.name]["conflict_rate"] = float(np.mean(flagged[rows])) if rows.any() else float("nan")
+        if not scored.any():
+            per[a.name]["uncertain_rate"] = per[a.name]["silent_error_rate"] = float("nan")
+            continue
+        per[a.name]["uncertain_rate"] = float(np.mean(uncertain[scored]))
+        wrong = probs.argmax(axis=1) != labels[:, j]
+        per[a.name]["silent_error_rate"] = float(np.mean((wrong & ~uncertain & ~flagged)[scored]))
 
 
 def unseen_flag_rates(

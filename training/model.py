@@ -165,6 +165,9 @@ class FashionNet(nn.Module):
         self.register_buffer("temperature", torch.ones(len(schema.attributes)))
         if title is not None:  # with a title the heads are sharper: their own temperatures
             self.register_buffer("title_temperature", torch.ones(len(schema.attributes)))
+            # The title-only heads' vote in an image + title answer (``served_logits``), per head: zero
+            # until calibration sets it (``training.calibrate.fit_title_temperatures``).
+            self.register_buffer("title_weight", torch.zeros(len(schema.attributes)))
         # Flags unseen product types on the product-type heads (training.novelty); fitted after training.
         self.novelty: NoveltyGate | None = None
 
@@ -260,6 +263,20 @@ class FashionNet(nn.Module):
         """Logits per attribute (schema order) of the heads' input."""
         return {a.name: self.heads[a.tensor](features) for a in self.schema.attributes}
 
+    def served_logits(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The logits a request is answered from: the heads' and, where the row has a title, plus the
+        title-only heads' logits times ``title_weight`` — a product of the two experts. The fused heads
+        alone lean on the photo (they must also answer without a title) and under-use a title that names
+        the colour or the gender; the product corrects that (the model card has the numbers)."""
+        logits = self.head_logits(features)
+        has = self.has_title(features)
+        if has is None:  # no title branch
+            return logits
+        weight = cast(torch.Tensor, self.title_weight)
+        text = self.title_logits(features)
+        return {a.name: logits[a.name] + (weight[i] * has) * text[a.name]
+                for i, a in enumerate(self.schema.attributes)}
+
     def title_logits(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits per attribute of the title-only heads, from the heads' input (its title share)."""
         if self.title is None or self.title_heads is None:
@@ -312,12 +329,12 @@ class FashionNet(nn.Module):
         self, h: torch.Tensor, grid: torch.Tensor, blocks: int, title_ids: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         """Logits per attribute from ``trunk``'s output."""
-        return self.head_logits(self.embed_from_trunk(h, grid, blocks, title_ids)[1])
+        return self.served_logits(self.embed_from_trunk(h, grid, blocks, title_ids)[1])
 
     # --- what is served ----------------------------------------------------------------------------
 
     def forward(self, images: torch.Tensor, title_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        return self.head_logits(self.embed(images, title_ids)[1])
+        return self.served_logits(self.embed(images, title_ids)[1])
 
     def temperatures(self, has_title: torch.Tensor | None) -> list[torch.Tensor]:
         """Each head's temperature, per row where the model has a title branch (its own with a title)."""
@@ -362,14 +379,14 @@ class FashionNet(nn.Module):
         self, pooled: torch.Tensor, features: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """``served_probabilities`` of the heads' input (and the pooled features the gate measures)."""
-        return self.served_probabilities(self.head_logits(features), pooled, self.has_title(features))
+        return self.served_probabilities(self.served_logits(features), pooled, self.has_title(features))
 
     def pooled_and_logits(
         self, images: torch.Tensor, title_ids: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(the backbone's pooled features, which the novelty gate measures; the heads' logits)."""
+        """(the backbone's pooled features, which the novelty gate measures; ``served_logits``)."""
         pooled, features = self.embed(images, title_ids)
-        return pooled, self.head_logits(features)
+        return pooled, self.served_logits(features)
 
     def pooled_and_probabilities(
         self, images: torch.Tensor, title_ids: torch.Tensor | None = None
