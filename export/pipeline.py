@@ -212,6 +212,7 @@ def int8_keep(opts: ExportOptions) -> tuple[tuple[str, ...], str | None]:
 class Loaded:
     checkpoint: Checkpoint
     sha256: str  # of the checkpoint file: which checkpoint a version was exported from
+    path: Path  # the file, resolved
 
 
 @dataclass(frozen=True)
@@ -308,7 +309,8 @@ class ExportResult:
 
 # ------------------------------------------------------------------------------------------ the steps
 def load(opts: ExportOptions) -> Loaded:
-    return Loaded(load_checkpoint(opts.checkpoint), file_sha256(opts.checkpoint))
+    path = Path(opts.checkpoint)
+    return Loaded(load_checkpoint(path), file_sha256(path), path.resolve())
 
 
 def shipped_photos(checkpoint: Path) -> Path | None:
@@ -537,6 +539,7 @@ def build_record(
     return ExportRecord(
         training=TrainingRecord(
             checkpoint_sha256=loaded.sha256,
+            checkpoint_path=str(loaded.path),
             weights_sha256=weights_digest(ckpt.model),
             run_config=ckpt.config,
             epoch=ckpt.epoch,

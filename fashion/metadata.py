@@ -1065,9 +1065,11 @@ class TrainingRecord:
     val_score: float | None = None
     val_metrics: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     novelty: Mapping[str, Any] | None = None  # the gate inside the graph (training.novelty), or None
+    checkpoint_path: str | None = None  # the file exported, resolved (None in records written before)
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "checkpoint_path": self.checkpoint_path,
             "run_config": dict(self.run_config),
             "epoch": self.epoch,
             "val_score": self.val_score,
@@ -1087,6 +1089,7 @@ class TrainingRecord:
             val_score=_opt_float(d.get("val_score")),
             val_metrics=MappingProxyType(dict(d.get("val_metrics") or {})),
             novelty=d.get("novelty"),
+            checkpoint_path=d.get("checkpoint_path"),
         )
 
 

@@ -116,10 +116,13 @@ def provision(config: ServeConfig, say: Say) -> ServedModel:
             say(f"model: exporting {config.checkpoint}: {_where(config, version)} {reason}")
         work = functools.partial(export_for_cpu, config, config.checkpoint)
         return served(_timed(say, f"export {config.checkpoint}", work), "exported", config.checkpoint)
-    if version is not None and not config.rebuild:
+    stale = None if version is None or config.demo else _older_default(config, version)
+    if version is not None and not config.rebuild and stale is None:
         again = "retrains the demo model" if config.demo else "exports the default model again"
         say(f"model: {_where(config, version)} (existing; --rebuild {again})")
         return served(version, "existing")
+    if stale is not None and version is not None:
+        say(f"model: {_where(config, version)} {stale}: exporting the shipped one as a new version")
     if config.demo:
         return served(build_demo(config, say), "demo")
     if not DEFAULT_CHECKPOINT.is_file():
@@ -151,6 +154,26 @@ def _not_from(config: ServeConfig, version: int, checkpoint: Path) -> str | None
     if record.checkpoint_sha256 != file_sha256(checkpoint):
         return "was exported from another checkpoint"
     return None
+
+
+def _older_default(config: ServeConfig, version: int) -> str | None:
+    """Why ``version`` is an export of an earlier shipped default model (a checkout updated since
+    ``make serve`` last exported it), or ``None``: it is the current one, or not the default model at all
+    (a model of the user's own, which is served as it is). Records written before they named the
+    checkpoint say so through the INT8 settings read from the default model's folder."""
+    try:
+        record = load_export_record(config.repository, config.model_name, version)
+    except MetadataError:
+        return None
+    default_settings = str(DEFAULT_MODEL_DIR / "export.yaml")
+    legacy = record.training.checkpoint_path is None and any(
+        v.quantisation is not None and v.quantisation.keep_from == default_settings for v in record.variants
+    )
+    if record.training.checkpoint_path != str(DEFAULT_CHECKPOINT) and not legacy:
+        return None
+    if not DEFAULT_CHECKPOINT.is_file() or record.checkpoint_sha256 == file_sha256(DEFAULT_CHECKPOINT):
+        return None
+    return f"was exported from an earlier {shown(DEFAULT_CHECKPOINT)}"
 
 
 def _where(config: ServeConfig, version: int) -> str:

@@ -221,6 +221,72 @@ def test_an_existing_repository_is_served_without_importing_torch(tmp_path):
     assert out.stdout.splitlines()[-1] == "1 existing False"
 
 
+def write_export_record(
+    repository: Path, sha256: str, *, path: str | None, keep_from: str | None = None
+) -> None:
+    """Version 1 of ``fake_servable_version`` with a real export record naming a checkpoint."""
+    import dataclasses
+
+    from tests.test_metadata_record import record
+
+    rec = record()
+    rec = dataclasses.replace(
+        rec,
+        training=dataclasses.replace(rec.training, checkpoint_sha256=sha256, checkpoint_path=path),
+        variants=tuple(
+            dataclasses.replace(v, quantisation=dataclasses.replace(v.quantisation, keep_from=keep_from))
+            for v in rec.variants if v.quantisation is not None
+        ),
+    )
+    (repository / "fashion" / "1" / "metadata.json").write_text(json.dumps(rec.to_dict()))
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["names the default model", "older record, INT8 settings from the default model's folder"],
+)
+def test_serve_exports_the_shipped_model_again_when_the_repository_holds_an_earlier_one(
+    tmp_path, monkeypatch, how
+):
+    from orchestration import provision as provision_module
+    from orchestration.config import DEFAULT_CHECKPOINT, DEFAULT_MODEL_DIR
+    from orchestration.serve import ServeConfig, provision
+
+    fake_servable_version(tmp_path / "repo")
+    if how == "names the default model":
+        write_export_record(tmp_path / "repo", "0" * 64, path=str(DEFAULT_CHECKPOINT))
+    else:
+        settings = str(DEFAULT_MODEL_DIR / "export.yaml")
+        write_export_record(tmp_path / "repo", "0" * 64, path=None, keep_from=settings)
+    exported: list[Path] = []
+
+    def export(config, checkpoint):
+        exported.append(checkpoint)
+        return 2
+
+    monkeypatch.setattr(provision_module, "export_for_cpu", export)
+    said: list[str] = []
+    served = provision(ServeConfig(repository=tmp_path / "repo"), said.append)
+    assert exported == [DEFAULT_CHECKPOINT] and (served.version, served.origin) == (2, "exported")
+    assert any("fashion/1 was exported from an earlier" in line and "model.pt" in line for line in said), said
+
+
+def test_serve_keeps_serving_an_existing_model_of_the_users_own_or_the_current_default(tmp_path, monkeypatch):
+    from fashion.metadata import file_sha256
+    from orchestration import provision as provision_module
+    from orchestration.config import DEFAULT_CHECKPOINT
+    from orchestration.serve import ServeConfig, provision
+
+    monkeypatch.setattr(provision_module, "export_for_cpu", lambda *a: pytest.fail("nothing to export"))
+    current = file_sha256(DEFAULT_CHECKPOINT)
+    for sha, path in (("0" * 64, str(tmp_path / "mine.pt")), (current, str(DEFAULT_CHECKPOINT))):
+        repository = tmp_path / sha[:8] / "repo"
+        fake_servable_version(repository)
+        write_export_record(repository, sha, path=path)
+        served = provision(ServeConfig(repository=repository), print)
+        assert (served.version, served.origin) == (1, "existing")
+
+
 # ------------------------------------------------------------------------------------------ real stack
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> Iterator[tuple[Command, Path]]:
