@@ -165,11 +165,11 @@ def _older_default(config: ServeConfig, version: int) -> str | None:
         record = load_export_record(config.repository, config.model_name, version)
     except MetadataError:
         return None
-    default_settings = str(DEFAULT_MODEL_DIR / "export.yaml")
+    default_settings = str((DEFAULT_MODEL_DIR / "export.yaml").resolve())
     legacy = record.training.checkpoint_path is None and any(
         v.quantisation is not None and v.quantisation.keep_from == default_settings for v in record.variants
     )
-    if record.training.checkpoint_path != str(DEFAULT_CHECKPOINT) and not legacy:
+    if record.training.checkpoint_path != str(DEFAULT_CHECKPOINT.resolve()) and not legacy:
         return None
     if not DEFAULT_CHECKPOINT.is_file() or record.checkpoint_sha256 == file_sha256(DEFAULT_CHECKPOINT):
         return None

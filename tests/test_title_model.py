@@ -223,6 +223,29 @@ def test_prior_correction_moves_answers_towards_classes_the_training_mix_made_ra
     torch.testing.assert_close(p[0] / p[1], (priors[0][1] - priors[0][0]).exp())
 
 
+def test_prior_correction_also_shifts_the_title_only_heads_that_vote_in_a_titled_answer():
+    from training.priors import shift_biases
+
+    model = title_model()
+    colour_from_biases(model, [0.0, 0.0], [0.0, 0.0])
+    with torch.no_grad():
+        model.title_weight.fill_(1.0)
+    priors = log_priors(np.array([[0, 0]] * 9 + [[1, 1]]), SCHEMA)
+    x = images(1)
+    titled = torch.from_numpy(model.title.tokenizer.batch(["navy shirt"]))
+    shift_biases(model, priors, 1.0)
+    p, q = model.probabilities(x)["colour"][0], model.probabilities(x, titled)["colour"][0]
+    ratio = (priors[0][1] - priors[0][0]).exp()
+    torch.testing.assert_close(p[0] / p[1], ratio)  # the photo-only answer: corrected once
+    torch.testing.assert_close(q[0] / q[1], ratio**2)  # both experts corrected, so their product twice
+
+
+def test_a_title_blend_needs_trained_title_heads_and_a_title_model():
+    with pytest.raises(ConfigError, match="title_blend > 0 needs title_loss > 0"):
+        TrainConfig(data="d", out="o", title=True, title_loss=0.0)
+    TrainConfig(data="d", out="o", title=True, title_loss=0.0, title_blend=0.0)  # the fused heads alone
+
+
 def test_evaluate_scores_a_title_model_with_titles_without_and_with_wrong_ones(kaggle_dir, tmp_path, capsys):
     import json
 

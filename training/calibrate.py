@@ -177,12 +177,12 @@ def fit_title_temperatures(
     (``FashionNet.title_temperature``). Returns the temperatures set."""
     model = ckpt.model
     has = (titles != 0).any(axis=1)
-    weight = cast(torch.Tensor, model.title_weight)
-    weight.zero_()
+    cast(torch.Tensor, model.title_weight).zero_()
     logits = model_logits(model, images[has], device, titles=titles[has])
     temps = fit_temperatures_from_logits(ckpt.schema, logits, labels[has])
     if blend > 0:
         fused = [float(temps[a.name]) for a in model.schema.attributes]
+        weight = cast(torch.Tensor, model.title_weight)  # after model_logits: .to(device) swaps buffers
         weight.copy_(blend * torch.tensor(fused, dtype=weight.dtype))
         logits = model_logits(model, images[has], device, titles=titles[has])
         temps = fit_temperatures_from_logits(ckpt.schema, logits, labels[has])
@@ -387,6 +387,9 @@ def calibrate(
         kept = set(ckpt.config.get("always_uncertain") or ())
         ckpt.config = {**ckpt.config, "always_uncertain": sorted(kept | set(always_uncertain))}
     if title_blend is not None:
+        if title_blend < 0 or ckpt.model.title is None:
+            raise ValueError(f"--title-blend {title_blend}: needs a model trained with --title, and not "
+                             "a negative weight")
         ckpt.config = {**ckpt.config, "title_blend": title_blend}
     correct_priors(ckpt, prior_correction)
     samples = evaluation_samples(ckpt, data, format, split, "all" if data else "val")

@@ -137,6 +137,9 @@ class TrainConfig:
         if self.title_buckets < 2 or self.title_dim < 1 or self.title_loss < 0 or self.title_blend < 0:
             raise ConfigError("title_buckets must be at least 2, title_dim positive, title_loss and "
                               "title_blend not negative")
+        if self.title and self.title_loss == 0 and self.title_blend > 0:
+            raise ConfigError("title_blend > 0 needs title_loss > 0: the title-only heads it adds to every "
+                              "image + title answer would be untrained (set title_blend 0)")
         if self.logit_adjust < 0 or self.prior_correction < 0:
             raise ConfigError("logit_adjust and prior_correction must not be negative")
         if self.attributes is not None and not set(self.always_uncertain) <= set(self.attributes):

@@ -151,7 +151,7 @@ class FashionNet(nn.Module):
             }
         )
         # Title-only heads: what the title alone says, to flag a photo and a title that disagree
-        # (``conflict``); trained beside the others, never served as labels.
+        # (``conflict``), and the title's vote in an image + title answer (``served_logits``).
         self.title_heads = (
             nn.ModuleDict({a.tensor: nn.Linear(title.features, a.num_classes) for a in schema.attributes})
             if title is not None

@@ -24,11 +24,15 @@ from training.model import FashionNet
 
 
 def shift_biases(model: FashionNet, priors: list[torch.Tensor], tau: float) -> None:
-    """``bias -= tau * log prior`` on every head (in place)."""
+    """``bias -= tau * log prior`` on every head (in place), the title-only heads too: they vote in an
+    image + title answer (``FashionNet.served_logits``) and learnt the same training mix."""
     with torch.no_grad():
         for j, a in enumerate(model.schema.attributes):
-            linear = cast(nn.Linear, cast(nn.Sequential, model.heads[a.tensor])[1])
-            linear.bias.sub_(tau * priors[j].to(linear.bias.device, linear.bias.dtype))
+            linears = [cast(nn.Linear, cast(nn.Sequential, model.heads[a.tensor])[1])]
+            if model.title_heads is not None:
+                linears.append(cast(nn.Linear, model.title_heads[a.tensor]))
+            for linear in linears:
+                linear.bias.sub_(tau * priors[j].to(linear.bias.device, linear.bias.dtype))
 
 
 def training_priors(ckpt: Checkpoint, labels: np.ndarray | None = None) -> list[torch.Tensor]:

@@ -66,6 +66,8 @@ FIXED = {
     "prior_correction": "best.pt after training, which the reported validation score never sees "
     "(try it on a trained model with fashion evaluate --prior-correction)",
     "novelty_quantile": "the novelty gate, fitted after training (trials skip it, best.yaml keeps it)",
+    "title_blend": "the title-only heads' vote, set at calibration after training, which the reported "
+    "validation score never sees (try it with fashion calibrate --title-blend)",
 }
 # What every trial changes in the recipe: the novelty gate is fitted after training, never moves the
 # validation score, and cost the shipped recipe 21 minutes; the tuned recipe (best.yaml) keeps the recipe's.
