@@ -116,12 +116,12 @@ def provision(config: ServeConfig, say: Say) -> ServedModel:
             say(f"model: exporting {config.checkpoint}: {_where(config, version)} {reason}")
         work = functools.partial(export_for_cpu, config, config.checkpoint)
         return served(_timed(say, f"export {config.checkpoint}", work), "exported", config.checkpoint)
-    stale = None if version is None or config.demo else _older_default(config, version)
-    if version is not None and not config.rebuild and stale is None:
-        again = "retrains the demo model" if config.demo else "exports the default model again"
-        say(f"model: {_where(config, version)} (existing; --rebuild {again})")
-        return served(version, "existing")
-    if stale is not None and version is not None:
+    if version is not None and not config.rebuild:
+        stale = None if config.demo else _older_default(config, version)
+        if stale is None:
+            again = "retrains the demo model" if config.demo else "exports the default model again"
+            say(f"model: {_where(config, version)} (existing; --rebuild {again})")
+            return served(version, "existing")
         say(f"model: {_where(config, version)} {stale}: exporting the shipped one as a new version")
     if config.demo:
         return served(build_demo(config, say), "demo")

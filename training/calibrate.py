@@ -175,19 +175,28 @@ def fit_title_temperatures(
     (``FashionNet.title_weight`` = blend × T, so that the answer's argmax is that of the fused heads'
     calibrated logits plus blend × the title-only logits) and the temperature of that sum
     (``FashionNet.title_temperature``). Returns the temperatures set."""
-    model = ckpt.model
+    model = ckpt.model.eval().to(device)
     has = (titles != 0).any(axis=1)
-    cast(torch.Tensor, model.title_weight).zero_()
-    logits = model_logits(model, images[has], device, titles=titles[has])
-    temps = fit_temperatures_from_logits(ckpt.schema, logits, labels[has])
-    if blend > 0:
-        fused = [float(temps[a.name]) for a in model.schema.attributes]
-        weight = cast(torch.Tensor, model.title_weight)  # after model_logits: .to(device) swaps buffers
-        weight.copy_(blend * torch.tensor(fused, dtype=weight.dtype))
-        logits = model_logits(model, images[has], device, titles=titles[has])
-        temps = fit_temperatures_from_logits(ckpt.schema, logits, labels[has])
-    values = [float(temps[a.name]) for a in model.schema.attributes]
-    cast(torch.Tensor, model.title_temperature).copy_(torch.tensor(values, dtype=model.temperature.dtype))
+    names = [a.name for a in model.schema.attributes]
+
+    def step(batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        features = model.embed(*batch)[1]  # one pass: the fused heads' logits and the title-only heads'
+        text = model.title_logits(features)
+        return {**model.head_logits(features), **{f"title:{k}": v for k, v in text.items()}}
+
+    widths = head_widths(model.schema)
+    batches = zip(image_batches(images[has], 64, device), image_batches(titles[has], 64, device), strict=True)
+    out = collect(step, batches, {**widths, **{f"title:{k}": w for k, w in widths.items()}})
+    fused = {k: out[k] for k in names}
+    temps = fit_temperatures_from_logits(ckpt.schema, fused, labels[has])
+    weights = [blend * float(temps[k]) for k in names]
+    if blend > 0:  # the served sum (FashionNet.served_logits) and its own temperature
+        summed = {k: fused[k] + w * out[f"title:{k}"] for k, w in zip(names, weights, strict=True)}
+        temps = fit_temperatures_from_logits(ckpt.schema, summed, labels[has])
+    dtype = model.temperature.dtype
+    cast(torch.Tensor, model.title_weight).copy_(torch.tensor(weights, dtype=dtype))
+    values = [float(temps[k]) for k in names]
+    cast(torch.Tensor, model.title_temperature).copy_(torch.tensor(values, dtype=dtype))
     return temps
 
 

@@ -325,12 +325,6 @@ class FashionNet(nn.Module):
         pooled = b.forward_head(b.bn2(b.conv_head(h)), pre_logits=True)
         return pooled, self.join(pooled, grid if self.colour_width else None, title_ids)
 
-    def from_trunk(
-        self, h: torch.Tensor, grid: torch.Tensor, blocks: int, title_ids: torch.Tensor | None = None
-    ) -> dict[str, torch.Tensor]:
-        """Logits per attribute from ``trunk``'s output."""
-        return self.served_logits(self.embed_from_trunk(h, grid, blocks, title_ids)[1])
-
     # --- what is served ----------------------------------------------------------------------------
 
     def forward(self, images: torch.Tensor, title_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
