@@ -13,8 +13,9 @@ into every version folder next to ``model.py``, because Triton's python stub can
 
 from __future__ import annotations
 
+import queue
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,15 @@ class SessionSpec:
             if params.get(key, own) != own:
                 raise SessionSpecError(f"parameter {key}={params[key]!r} contradicts {spec.name} ({own!r})")
         return spec
+
+    def for_throughput(self, cores: int) -> SessionSpec:
+        """The same runtime, precision and file, tuned for bulk work rather than one request's latency:
+        OpenVINO runs one single-threaded stream per core, fed by as many callers (measured on 2 cores, Zen 5,
+        shipped model, BF16, batch 8: 448-460 images/s and 4.2-4.4 CPU ms/image against 402-432 and 4.6-4.9
+        for one two-threaded stream). ONNX Runtime sessions are returned as they are."""
+        if self.runtime != "openvino" or cores <= 1:
+            return self
+        return replace(self, threads=cores, performance_hint="THROUGHPUT", num_streams=cores)
 
     def runtime_settings(self) -> dict[str, str]:
         """What a session built from this spec must report (``Session.reported``)."""
@@ -226,15 +236,22 @@ def _openvino(spec: SessionSpec, path: Path) -> Session:
     import openvino as ov
 
     compiled = ov.Core().compile_model(str(path), "CPU", spec.openvino_properties())
-    request = compiled.create_infer_request()
+    # One infer request per stream: up to num_streams callers (threads) run at once, each on its own.
+    requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    for _ in range(spec.num_streams):
+        requests.put(compiled.create_infer_request())
     outputs = list(compiled.outputs)
     shapes = [
         [d.get_length() if d.is_static else None for d in i.get_partial_shape()] for i in compiled.inputs
     ]
 
     def run(arrays: list[np.ndarray]) -> list[np.ndarray]:
-        result = request.infer(dict(enumerate(arrays)))
-        return [np.asarray(result[o], dtype=np.float32) for o in outputs]
+        request = requests.get()
+        try:
+            result = request.infer(dict(enumerate(arrays)))
+            return [np.asarray(result[o], dtype=np.float32) for o in outputs]
+        finally:
+            requests.put(request)
 
     def reported() -> dict[str, str]:
         return {key: _text(compiled.get_property(key)) for key in spec.openvino_properties()}

@@ -5,8 +5,12 @@ Tags the same ``--images`` real photos with every engine (``local``, ``triton``,
 the whole path (this process, plus Triton and its model process, plus the gateway's workers, whichever
 the path runs through), CPU-hours per million images and what they cost at ``--price-per-vcpu-hour``.
 The engines are measured from the moment they are ready (the session built, the connection made), over
-the tagging alone; the export's ``raw_best`` (its chosen candidate's images/s, the candidates timed taking
-turns) is the ceiling the targets are stated against: ``local`` ≥ 0.8 ×, ``triton`` ≥ 0.6 ×.
+the tagging alone. The ceiling the targets are stated against (``local`` ≥ 0.8 ×, ``triton`` ≥ 0.6 ×) is
+``raw_best``, the export's chosen session timed bare on decoded photos at its best batch, as the export
+timed it — but timed again here, taking turns with ``rounds`` runs of the local engine: this VM's speed
+drifts by tens of percent within minutes, and the export's own figure is one moment's (a version exported
+while a training ran recorded 104 images/s for a session that runs 420). Both figures are printed; the
+local row is the median of its runs.
 
 The model: the newest version of ``--repository`` (exported first from ``--checkpoint`` or the shipped
 model when it has none, as ``fashion serve`` does); Triton and the gateway are started on free loopback
@@ -23,19 +27,23 @@ import platform
 import resource
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from export.runtimes import cpu_info
+import numpy as np
+
+from export.runtimes import cpu_info, time_runner
+from export.sessions import open_session
 from fashion.console import emit, table
 from fashion.metadata import file_sha256, load_export_record
 from orchestration.config import DEFAULT_CHECKPOINT, ServeConfig
 from orchestration.process import ROOT, children
 from orchestration.provision import provision
 from orchestration.serve import served
-from tagging.engines import EngineSpec
+from tagging.engines import EngineSpec, LocalEngine
 from tagging.errors import TagError
+from tagging.inputs import read_inputs
 from tagging.run import TagJob, TagSummary, tag
 
 log = logging.getLogger(__name__)
@@ -58,6 +66,8 @@ class CostOptions:
     checkpoint: Path | None = None  # default: the shipped model (the predict row; exported if needed)
     systems: tuple[str, ...] = SYSTEMS
     price_per_vcpu_hour: float = 0.04  # USD; a stated assumption, printed with the table
+    rounds: int = 3  # local engine runs, taking turns with the bare session's timing
+    turn_s: float = 2.0  # one timing turn of the bare session
     command: str = ""
 
     def __post_init__(self) -> None:
@@ -68,6 +78,8 @@ class CostOptions:
             raise TagError(f"--systems takes {', '.join(SYSTEMS)}; got {sorted(unknown) or 'none'}")
         if self.images < 1 or self.price_per_vcpu_hour < 0:
             raise TagError("--images must be positive and --price-per-vcpu-hour not negative")
+        if self.rounds < 1 or self.turn_s <= 0:
+            raise TagError("--rounds must be at least 1 and the timing turn positive")
 
 
 @dataclass(frozen=True)
@@ -108,19 +120,31 @@ class CostReport:
     options: CostOptions
     model: str
     raw_best: str
-    raw_best_ips: float
+    raw_best_ips: float  # the export's timing
     host: dict[str, Any]
     rows: list[CostRow] = field(default_factory=list)
+    raw_turns: list[float] = field(default_factory=list)  # this bench's timings of the same session
+
+    @property
+    def ceiling_ips(self) -> float:
+        """What the targets are stated against: the median of this bench's timings of the bare session,
+        the export's figure when the bench timed none (no local row)."""
+        return float(np.median(self.raw_turns)) if self.raw_turns else self.raw_best_ips
 
     def ratio(self, row: CostRow) -> float:
-        return row.images_per_s / self.raw_best_ips if self.raw_best_ips else 0.0
+        return row.images_per_s / self.ceiling_ips if self.ceiling_ips else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         price = self.options.price_per_vcpu_hour
         return {
             "command": self.options.command,
             "model": self.model,
-            "raw_best": {"candidate": self.raw_best, "images_per_s": self.raw_best_ips},
+            "raw_best": {
+                "candidate": self.raw_best,
+                "images_per_s": round(self.ceiling_ips, 1),
+                "timed_here": [round(v, 1) for v in self.raw_turns],
+                "export_images_per_s": self.raw_best_ips,
+            },
             "price_per_vcpu_hour_usd": price,
             "host": self.host,
             "rows": [{**r.to_dict(price), "over_raw_best": round(self.ratio(r), 3)} for r in self.rows],
@@ -157,9 +181,18 @@ class CostReport:
         ]
         return (
             f"{self.options.images} photos of {self.options.photos}; model {self.model}; raw_best = "
-            f"{self.raw_best} at {self.raw_best_ips:.1f} images/s (the export's timing); "
+            f"{self.raw_best} at {self.ceiling_ips:.1f} images/s ({self._ceiling_source()}); "
             f"${price:.3f} per vCPU-hour; {self.host['cpu']}, {self.host['cores']} cores, load average "
             f"{self.host['loadavg_start']} at the start\n\n" + table(head, lines)
+        )
+
+    def _ceiling_source(self) -> str:
+        if not self.raw_turns:
+            return "the export's timing"
+        turns = ", ".join(f"{v:.0f}" for v in self.raw_turns)
+        return (
+            f"the bare session timed here, median of {turns}, taking turns with the local runs; "
+            f"the export timed {self.raw_best_ips:.1f}"
         )
 
 
@@ -258,8 +291,8 @@ def run_bench(opts: CostOptions, say: Callable[[str], None] = emit) -> CostRepor
         report.rows.append(row)
         say(f"{row.system}: {row.images_per_s:.1f} images/s, {row.cpu_s_per_image * 1000:.1f} CPU ms/image")
 
-    def engine_row(system: str, engine: EngineSpec, servers: Sequence[int]) -> CostRow:
-        job = TagJob(photos, opts.out / f"tags-{system}", engine, progress=False)
+    def engine_row(system: str, engine: EngineSpec, servers: Sequence[int], out: str = "") -> CostRow:
+        job = TagJob(photos, opts.out / (out or f"tags-{system}"), engine, progress=False)
         if job.out.exists():
             raise TagError(f"{job.out} exists: give tag-bench a fresh --out")
         summary: TagSummary
@@ -267,7 +300,18 @@ def run_bench(opts: CostOptions, say: Callable[[str], None] = emit) -> CostRepor
         return CostRow(system, summary.tagged, row.seconds, row.cpu_s, summary.errors)
 
     if "local" in opts.systems:
-        add(engine_row("local", spec, []))
+        time_bare = bare_timer(spec, photos, opts.turn_s)
+        runs = []
+        for r in range(opts.rounds):
+            report.raw_turns.append(time_bare())
+            runs.append(engine_row("local", spec, [], f"tags-local-{r + 1}" if opts.rounds > 1 else ""))
+            log.info(
+                "round %d: bare session %.1f, local %.1f images/s",
+                r + 1,
+                report.raw_turns[-1],
+                runs[-1].images_per_s,
+            )
+        add(median_run(runs))
     if {"triton", "gateway"} & set(opts.systems):
         with served(config, say=log.info) as stack:
             ends = stack.endpoints
@@ -284,6 +328,31 @@ def run_bench(opts: CostOptions, say: Callable[[str], None] = emit) -> CostRepor
     (opts.out / "tag-bench.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     say(text)
     return report
+
+
+def bare_timer(spec: EngineSpec, photos: Path, seconds: float) -> Callable[[], float]:
+    """A function that times the export's chosen session bare (its own settings, decoded photos, the
+    local engine's batch size, one caller), the way the export timed it (``export.runtimes.time_runner``),
+    for ``seconds``."""
+    engine = LocalEngine(spec)
+    items = read_inputs(photos).items[:256]
+    arrays = [p.array for p in map(engine.prepare, items) if p.array is not None]
+    if not arrays:
+        raise TagError(f"none of the first photos of {photos} could be decoded")
+    images = np.stack(arrays)
+    session = open_session(*engine.export_session)
+    engine.close()
+    return lambda: time_runner(session, images, engine.batch_size, seconds)
+
+
+def median_run(runs: Sequence[CostRow]) -> CostRow:
+    """The run with the median images/s; its note gives the range when there were several."""
+    ordered = sorted(runs, key=lambda r: r.images_per_s)
+    row = ordered[(len(ordered) - 1) // 2]
+    if len(runs) == 1:
+        return row
+    rates = ", ".join(f"{r.images_per_s:.0f}" for r in runs)
+    return replace(row, note=f"median of {len(runs)} runs ({rates} images/s)")
 
 
 def predict_row(opts: CostOptions, photos: Path, exported_sha256: str) -> CostRow:

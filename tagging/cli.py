@@ -122,6 +122,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=0.04,
         help="USD per vCPU-hour for the dollar column (default 0.04)",
     )
+    b.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="local engine runs, taking turns with timings of its bare session; the median is reported "
+        "(default 3)",
+    )
     b.set_defaults(func=_bench)
 
 
@@ -174,6 +181,7 @@ def _bench(args: argparse.Namespace) -> int:
             checkpoint=args.checkpoint,
             systems=tuple(s.strip() for s in args.systems.split(",") if s.strip()),
             price_per_vcpu_hour=args.price_per_vcpu_hour,
+            rounds=args.rounds,
             command=" ".join(["fashion", *sys.argv[1:]]),
         )
     )

@@ -199,8 +199,13 @@ def test_photos_shipped_beside_a_checkpoint_gate_and_calibrate_int8_where_its_tr
     shutil.copytree(data, model_dir / "photos", ignore=shutil.ignore_patterns(MARKER))
     quick = dict(gate_images=16, eval_images=8, calibration_images=16, time_s=0.1)
     result = export_checkpoint(
-        ExportOptions(checkpoint=model_dir / "model.pt", repository=tmp_path / "repo", precisions="int8",
-                      force=True, **quick),
+        ExportOptions(
+            checkpoint=model_dir / "model.pt",
+            repository=tmp_path / "repo",
+            precisions="int8",
+            force=True,
+            **quick,
+        ),
         report=lambda text: None,
     )
     record = load_export_record(tmp_path / "repo", "fashion", result.version)
@@ -330,6 +335,36 @@ def test_the_timed_and_the_served_session_are_built_from_the_same_spec(exported,
         assert SessionSpec(**model.session.spec.__dict__) == timed
         assert model.session.reported() == timed.runtime_settings()  # as the runtime reports it, built
         assert model.outputs == [o.tensor for o in load_export_record_outputs(repo)]
+
+
+def test_the_bulk_session_runs_one_stream_per_core_and_answers_as_the_exports_own_from_two_threads(exported):
+    """``fashion tag --local`` runs the chosen OpenVINO file in throughput mode: each caller borrows its own
+    infer request, so two threads at once get what the export's (latency) session gives one at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from export.sessions import open_session
+    from tests.test_export import images
+
+    repo, _ = exported
+    own = SessionSpec("openvino", "fp32", threads=2)
+    bulk = own.for_throughput(2)
+    assert (bulk.num_streams, bulk.threads, bulk.performance_hint, bulk.file) == (
+        2,
+        2,
+        "THROUGHPUT",
+        own.file,
+    )
+    assert SessionSpec("onnxruntime", "fp32").for_throughput(2) == SessionSpec("onnxruntime", "fp32")
+    assert own.for_throughput(1) == own
+    path = repo / "fashion" / "1" / own.file
+    reference, session = open_session(own, path), open_session(bulk, path)
+    batches = [images(4, seed=s) for s in range(6)]
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(session, batches))
+    for batch, outputs in zip(batches, got, strict=True):
+        for a, b in zip(reference(batch), outputs, strict=True):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    assert session.reported()["NUM_STREAMS"] == "2"
 
 
 def load_export_record_outputs(repo: Path):

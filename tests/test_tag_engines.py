@@ -264,3 +264,34 @@ def test_ray_data_with_an_actor_pool_gives_the_rows_of_a_local_run(repo, photos,
     finally:
         ray.shutdown()
     assert_same_rows(rows, local_rows)
+
+
+def test_the_bench_times_the_bare_session_between_local_runs_and_states_the_target_against_it(
+    repo, photos, tmp_path
+):
+    """The ceiling is this run's own timing of the export's session (the export's figure is one moment's),
+    taken in turns with the local runs; the local row is their median."""
+    from tagging.bench import CostOptions, run_bench
+
+    opts = CostOptions(
+        tmp_path / "bench",
+        images=12,
+        photos=photos,
+        repository=repo,
+        systems=("local",),
+        rounds=2,
+        turn_s=0.1,
+    )
+    report = run_bench(opts, say=lambda text: None)
+    assert len(report.raw_turns) == 2 and all(v > 0 for v in report.raw_turns)
+    assert report.ceiling_ips == pytest.approx(float(np.median(report.raw_turns)))
+    (row,) = report.rows
+    assert row.system == "local" and row.images == 12 and row.note.startswith("median of 2 runs")
+    assert report.ratio(row) == pytest.approx(row.images_per_s / report.ceiling_ips)
+    saved = json.loads((tmp_path / "bench" / "tag-bench.json").read_text())
+    assert saved["raw_best"]["timed_here"] == [round(v, 1) for v in report.raw_turns]
+    assert saved["raw_best"]["export_images_per_s"] == load_export_record(repo, "fashion").chosen.best_ips
+    assert sorted(p.name for p in (tmp_path / "bench").glob("tags-local-*")) == [
+        "tags-local-1",
+        "tags-local-2",
+    ]
