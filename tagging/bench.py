@@ -127,9 +127,10 @@ class CostReport:
 
     @property
     def ceiling_ips(self) -> float:
-        """What the targets are stated against: the median of this bench's timings of the bare session,
-        the export's figure when the bench timed none (no local row)."""
-        return float(np.median(self.raw_turns)) if self.raw_turns else self.raw_best_ips
+        """What the targets are stated against: the median of this bench's timings of the bare session
+        (the lower middle one for an even count, as for the local row), the export's figure when the bench
+        timed none (no local row)."""
+        return lower_median(self.raw_turns) if self.raw_turns else self.raw_best_ips
 
     def ratio(self, row: CostRow) -> float:
         return row.images_per_s / self.ceiling_ips if self.ceiling_ips else 0.0
@@ -335,20 +336,25 @@ def bare_timer(spec: EngineSpec, photos: Path, seconds: float) -> Callable[[], f
     local engine's batch size, one caller), the way the export timed it (``export.runtimes.time_runner``),
     for ``seconds``."""
     engine = LocalEngine(spec)
-    items = read_inputs(photos).items[:256]
+    batch, export_session = engine.batch_size, engine.export_session
+    items = read_inputs(photos).items[: max(64, batch)]  # time_runner repeats the first batch of them
     arrays = [p.array for p in map(engine.prepare, items) if p.array is not None]
     if not arrays:
         raise TagError(f"none of the first photos of {photos} could be decoded")
     images = np.stack(arrays)
-    session = open_session(*engine.export_session)
-    engine.close()
-    return lambda: time_runner(session, images, engine.batch_size, seconds)
+    del engine  # its throughput session is not the one timed
+    session = open_session(*export_session)
+    return lambda: time_runner(session, images, batch, seconds)
+
+
+def lower_median(values: Sequence[float]) -> float:
+    """The middle value; of the two middle ones, the lower (a run that happened, not a mean of two)."""
+    return sorted(values)[(len(values) - 1) // 2]
 
 
 def median_run(runs: Sequence[CostRow]) -> CostRow:
     """The run with the median images/s; its note gives the range when there were several."""
-    ordered = sorted(runs, key=lambda r: r.images_per_s)
-    row = ordered[(len(ordered) - 1) // 2]
+    row = next(r for r in runs if r.images_per_s == lower_median([r.images_per_s for r in runs]))
     if len(runs) == 1:
         return row
     rates = ", ".join(f"{r.images_per_s:.0f}" for r in runs)

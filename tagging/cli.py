@@ -56,7 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--concurrency",
         type=int,
         default=0,
-        help="calls in flight (default: 1 for --local, 4 for the servers)",
+        help="calls in flight (default: --local one per usable core, each on its own OpenVINO stream; "
+        "4 for the servers)",
     )
     a("--decode-threads", type=int, default=2, help="threads reading and decoding images (default 2)")
     a(

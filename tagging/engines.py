@@ -7,9 +7,10 @@ that cannot be read or decoded becomes a row with an error, never an exception; 
 every input (a server that stays down) raises.
 
 - ``local``: no server. The export's chosen CPU candidate (``ExportRecord.chosen``) built by
-  ``export.sessions.open_session`` from the session spec in its Triton config — the session Triton would
-  serve — in this process, behind ``gateway.client.FashionClient`` (decoding and label decoding as the
-  gateway does them).
+  ``export.sessions.open_session`` from the session spec in its Triton config — the file and precision
+  Triton serves; OpenVINO in throughput mode, one stream per call in flight (``SessionSpec.for_throughput``)
+  — in this process, behind ``gateway.client.FashionClient`` (decoding and label decoding as the gateway
+  does them).
 - ``triton``: ``FashionClient`` over gRPC to Triton; preprocessing here, in the client.
 - ``gateway``: ``POST /v1/predict/batch`` to the shop's deployed gateway, which decodes.
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -277,14 +279,16 @@ class LocalEngine(_ClientEngine):
                 f"chose {chosen.name}: the model folder's configs are a newer export's; tag with that version"
             )
         version_dir = Path(meta.path).parent
-        # Tagging is bulk work: the export's session, same runtime and precision, in throughput mode
-        # (one stream per core, as many calls in flight); the bench times the export's own setting beside it.
+        # Tagging is bulk work: the export's session, same runtime and precision, in throughput mode (one
+        # single-threaded stream per call in flight, by default one per usable core; --concurrency 1, as each
+        # Ray actor runs, keeps the export's own setting); the bench times the export's setting beside it.
         self.export_session = (session_spec, version_dir / session_spec.file)  # what the bench times bare
-        session_spec = session_spec.for_throughput(usable_cores())
-        session = open_session(session_spec, version_dir / session_spec.file)
+        cores = usable_cores()
+        session_spec = session_spec.for_throughput(min(cores, spec.concurrency or cores))
+        self.session = open_session(session_spec, version_dir / session_spec.file)
         self.session_name = session_spec.name
         self.view = _view(meta)
-        self.client = FashionClient(meta, SessionBackend(session), timeout_s=spec.timeout_s, retry=None)
+        self.client = FashionClient(meta, SessionBackend(self.session), timeout_s=spec.timeout_s, retry=None)
         self.batch_size = spec.batch_size or chosen.best_batch or 8
         self.concurrency = spec.concurrency or session_spec.num_streams
 
@@ -292,12 +296,23 @@ class LocalEngine(_ClientEngine):
         return self.client.infer(batch, titles)
 
 
-def usable_cores() -> int:
-    """The CPUs this process may run on (its affinity, e.g. a container's cpuset), not the host's count."""
+CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
+
+
+def usable_cores(cpu_max: Path = CPU_MAX) -> int:
+    """The CPUs this process may use: its affinity (a cpuset), capped by a cgroup v2 CPU quota (a
+    container's ``--cpus``, a pod's CPU limit, rounded up), not the host's count."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota here
+    return cores
 
 
 def _triton_wait(error: Exception) -> float | None:

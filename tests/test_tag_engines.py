@@ -266,32 +266,88 @@ def test_ray_data_with_an_actor_pool_gives_the_rows_of_a_local_run(repo, photos,
     assert_same_rows(rows, local_rows)
 
 
-def test_the_bench_times_the_bare_session_between_local_runs_and_states_the_target_against_it(
-    repo, photos, tmp_path
+def test_the_bench_times_the_exports_own_session_in_turns_with_local_runs_and_states_the_target_against_it(
+    repo, photos, tmp_path, monkeypatch
 ):
     """The ceiling is this run's own timing of the export's session (the export's figure is one moment's),
-    taken in turns with the local runs; the local row is their median."""
-    from tagging.bench import CostOptions, run_bench
+    taken in turns with the local runs; the local row is their (lower) median run."""
+    import tagging.bench as bench
+    from export.repository import read_session_spec
 
-    opts = CostOptions(
+    calls: list[tuple[str, Any]] = []
+    timer, tag_job = bench.time_runner, bench.tag
+
+    def timed(session, images, batch, seconds):
+        calls.append(("bare", session.spec))
+        return timer(session, images, batch, seconds)
+
+    def tagged(job, **kwargs):
+        summary = tag_job(job, **kwargs)
+        calls.append(("local", summary))
+        return summary
+
+    given: list[Any] = []
+    median = bench.median_run
+
+    def median_of(runs):
+        given.extend(runs)
+        return median(runs)
+
+    monkeypatch.setattr(bench, "time_runner", timed)
+    monkeypatch.setattr(bench, "tag", tagged)
+    monkeypatch.setattr(bench, "median_run", median_of)
+    opts = bench.CostOptions(
         tmp_path / "bench",
         images=12,
         photos=photos,
         repository=repo,
         systems=("local",),
-        rounds=2,
+        rounds=3,
         turn_s=0.1,
     )
-    report = run_bench(opts, say=lambda text: None)
-    assert len(report.raw_turns) == 2 and all(v > 0 for v in report.raw_turns)
-    assert report.ceiling_ips == pytest.approx(float(np.median(report.raw_turns)))
+    report = bench.run_bench(opts, say=lambda text: None)
+    assert [kind for kind, _ in calls] == ["bare", "local"] * 3  # in turns
+    chosen = load_export_record(repo, "fashion").chosen
+    own = read_session_spec(repo / "fashion", chosen.config_name)
+    assert all(spec == own for kind, spec in calls if kind == "bare")  # not the throughput session
+    assert len(report.raw_turns) == 3 and report.ceiling_ips == sorted(report.raw_turns)[1]
     (row,) = report.rows
-    assert row.system == "local" and row.images == 12 and row.note.startswith("median of 2 runs")
+    assert len(given) == 3 and row.note.startswith("median of 3 runs")
+    middle = sorted(given, key=lambda r: r.images_per_s)[1]
+    assert (row.system, row.images, row.seconds, row.cpu_s) == ("local", 12, middle.seconds, middle.cpu_s)
     assert report.ratio(row) == pytest.approx(row.images_per_s / report.ceiling_ips)
     saved = json.loads((tmp_path / "bench" / "tag-bench.json").read_text())
     assert saved["raw_best"]["timed_here"] == [round(v, 1) for v in report.raw_turns]
-    assert saved["raw_best"]["export_images_per_s"] == load_export_record(repo, "fashion").chosen.best_ips
+    assert saved["raw_best"]["export_images_per_s"] == chosen.best_ips
     assert sorted(p.name for p in (tmp_path / "bench").glob("tags-local-*")) == [
         "tags-local-1",
         "tags-local-2",
+        "tags-local-3",
     ]
+
+
+def test_the_local_engine_runs_one_stream_per_call_in_flight_and_one_call_keeps_the_exports_session(repo):
+    from export.repository import read_session_spec
+    from tagging.engines import usable_cores
+
+    chosen = load_export_record(repo, "fashion").chosen
+    own = read_session_spec(repo / "fashion", chosen.config_name)
+    engine = LocalEngine(EngineSpec("local", repository=str(repo)))
+    assert engine.session.spec == own.for_throughput(usable_cores())
+    assert engine.concurrency == engine.session.spec.num_streams
+    single = LocalEngine(EngineSpec("local", repository=str(repo), concurrency=1))
+    assert single.session.spec == own and single.concurrency == 1  # as each Ray actor runs it
+
+
+def test_usable_cores_are_the_affinity_capped_by_a_cgroup_cpu_quota(tmp_path):
+    from tagging.engines import usable_cores
+
+    affinity = len(os.sched_getaffinity(0))
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("max 100000\n")
+    assert usable_cores(cpu_max) == affinity
+    cpu_max.write_text("50000 100000\n")  # half a CPU: one
+    assert usable_cores(cpu_max) == 1
+    cpu_max.write_text(f"{(affinity + 8) * 100000} 100000\n")  # a quota above the affinity
+    assert usable_cores(cpu_max) == affinity
+    assert usable_cores(tmp_path / "absent") == affinity
