@@ -35,6 +35,23 @@ def test_a_head_with_no_label_in_the_batch_is_skipped_not_nan():
     assert torch.isfinite(masked_loss(logits, targets, SCHEMA, [None, None], 0.1))
 
 
+def test_class_weights_scale_each_photos_loss_and_leave_label_smoothing_uniform():
+    """A rare class's large weight makes its photos count more; it must not pull the smoothing mass of
+    every other photo towards that class (``cross_entropy(weight=...)`` with smoothing does)."""
+    logits = {"colour": torch.tensor([[4.0, -4.0], [4.0, -4.0], [-4.0, 4.0]]), "kind": torch.zeros(3, 3)}
+    targets = torch.tensor([[0, MISSING], [0, MISSING], [1, MISSING]])
+    weights = [torch.tensor([0.5, 50.0]), None]
+    plain = torch.nn.functional.cross_entropy(
+        logits["colour"], targets[:, 0], label_smoothing=0.1, reduction="none"
+    )
+    got = masked_loss(logits, targets, SCHEMA, weights, 0.1)
+    torch.testing.assert_close(got, (plain * torch.tensor([0.5, 0.5, 50.0])).mean())
+    # the frequent class's confident, right photos cost what they cost unweighted, times their weight
+    right = {"colour": logits["colour"][:2], "kind": torch.zeros(2, 3)}
+    frequent = masked_loss(right, torch.tensor([[0, MISSING]] * 2), SCHEMA, weights, 0.1)
+    torch.testing.assert_close(frequent, 0.5 * plain[0])
+
+
 def test_mixup_mixes_every_head_with_the_same_weight():
     logits = {"colour": torch.randn(2, 2), "kind": torch.randn(2, 3)}
     targets = torch.tensor([[0, 1], [1, 2]])

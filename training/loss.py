@@ -94,6 +94,21 @@ def class_weights(labels: np.ndarray, schema: LabelSchema, mode: str) -> list[to
     return out
 
 
+def weighted_ce(
+    logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, smoothing: float
+) -> torch.Tensor:
+    """Per-sample cross-entropy (label-smoothed), times the weight of the sample's own class.
+
+    Not ``cross_entropy(weight=...)``: with label smoothing that also weighs each class's share of the
+    smoothing mass, so a rare (or absent) class with a large weight pulls every photo's probability towards
+    itself — with "effective" weights a tuning trial collapsed to 0.458. Cui et al.'s class-balanced loss
+    scales the sample's loss, which is what this does. Missing labels (``MISSING``) are masked by the
+    caller."""
+    target = y.clamp(min=0)
+    ce = nn.functional.cross_entropy(logits, target, label_smoothing=smoothing, reduction="none")
+    return ce if weight is None else ce * weight[target]
+
+
 def masked_loss(
     logits: dict[str, torch.Tensor],
     targets: torch.Tensor,
@@ -113,18 +128,14 @@ def masked_loss(
         y = targets[:, j]
         weight = weights[j]
         w = weight.to(y.device) if weight is not None else None
-        ce = nn.functional.cross_entropy(
-            logits[a.name], y.clamp(min=0), weight=w, label_smoothing=smoothing, reduction="none"
-        )
+        ce = weighted_ce(logits[a.name], y, w, smoothing)
         present = (y != MISSING).float()
         if mix is None:
             num, den = (ce * present).sum(), present.sum()
         else:
             perm, lam = mix
             y2 = y[perm]
-            ce2 = nn.functional.cross_entropy(
-                logits[a.name], y2.clamp(min=0), weight=w, label_smoothing=smoothing, reduction="none"
-            )
+            ce2 = weighted_ce(logits[a.name], y2, w, smoothing)
             present2 = (y2 != MISSING).float()
             num = (lam * ce * present + (1 - lam) * ce2 * present2).sum()
             den = (lam * present + (1 - lam) * present2).sum()
