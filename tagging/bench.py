@@ -36,12 +36,13 @@ import numpy as np
 from export.runtimes import cpu_info, time_runner
 from export.sessions import open_session
 from fashion.console import emit, table
+from fashion.contract import ImageError, preprocess_file
 from fashion.metadata import file_sha256, load_export_record
 from orchestration.config import DEFAULT_CHECKPOINT, ServeConfig
 from orchestration.process import ROOT, children
 from orchestration.provision import provision
 from orchestration.serve import served
-from tagging.engines import EngineSpec, LocalEngine
+from tagging.engines import EngineSpec, export_choice
 from tagging.errors import TagError
 from tagging.inputs import read_inputs
 from tagging.run import TagJob, TagSummary, tag
@@ -335,16 +336,18 @@ def bare_timer(spec: EngineSpec, photos: Path, seconds: float) -> Callable[[], f
     """A function that times the export's chosen session bare (its own settings, decoded photos, the
     local engine's batch size, one caller), the way the export timed it (``export.runtimes.time_runner``),
     for ``seconds``."""
-    engine = LocalEngine(spec)
-    batch, export_session = engine.batch_size, engine.export_session
-    items = read_inputs(photos).items[: max(64, batch)]  # time_runner repeats the first batch of them
-    arrays = [p.array for p in map(engine.prepare, items) if p.array is not None]
+    choice = export_choice(spec)
+    arrays = []
+    for item in read_inputs(photos).items[: choice.batch_size + 16]:  # time_runner repeats the first batch
+        try:
+            arrays.append(preprocess_file(item.path, choice.meta.preprocessing))
+        except (OSError, ImageError):
+            continue  # an unreadable file is the tagging's business, not the ceiling's
     if not arrays:
         raise TagError(f"none of the first photos of {photos} could be decoded")
     images = np.stack(arrays)
-    del engine  # its throughput session is not the one timed
-    session = open_session(*export_session)
-    return lambda: time_runner(session, images, batch, seconds)
+    session = open_session(choice.session_spec, choice.model_path)
+    return lambda: time_runner(session, images, choice.batch_size, seconds)
 
 
 def lower_median(values: Sequence[float]) -> float:

@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from export.repository import read_session_spec
-from export.sessions import Session, open_session
+from export.sessions import Session, SessionSpec, open_session
 from fashion.metadata import ModelMetadata, load_export_record, load_metadata, read_document, skew
 from fashion.text import has_title
 from gateway.client import POLITE, RETRIED, FashionClient, acceptable_title
@@ -266,30 +266,48 @@ class SessionBackend:
         return {}
 
 
+@dataclass(frozen=True)
+class ExportChoice:
+    """What the export chose for a version: its metadata, the chosen session as its Triton config runs it
+    (the spec the export timed), that session's model file and the batch it timed fastest."""
+
+    meta: ModelMetadata
+    session_spec: SessionSpec
+    model_path: Path
+    batch_size: int
+
+
+def export_choice(spec: EngineSpec) -> ExportChoice:
+    """The export's chosen CPU candidate of ``spec``'s version, read from the repository (nothing built)."""
+    meta = load_metadata(spec.repository, spec.model_name, spec.version)
+    chosen = load_export_record(spec.repository, spec.model_name, meta.version).chosen
+    session_spec = read_session_spec(Path(spec.repository) / spec.model_name, chosen.config_name)
+    if session_spec.name != chosen.name:
+        raise TagError(
+            f"configs/{chosen.config_name}.pbtxt runs {session_spec.name}, but version {meta.version} "
+            f"chose {chosen.name}: the model folder's configs are a newer export's; tag with that version"
+        )
+    path = Path(meta.path).parent / session_spec.file
+    return ExportChoice(meta, session_spec, path, spec.batch_size or chosen.best_batch or 8)
+
+
 class LocalEngine(_ClientEngine):
     """The export's chosen CPU candidate in this process (no servers)."""
 
     def __init__(self, spec: EngineSpec) -> None:
-        meta = load_metadata(spec.repository, spec.model_name, spec.version)
-        chosen = load_export_record(spec.repository, spec.model_name, meta.version).chosen
-        session_spec = read_session_spec(Path(spec.repository) / spec.model_name, chosen.config_name)
-        if session_spec.name != chosen.name:
-            raise TagError(
-                f"configs/{chosen.config_name}.pbtxt runs {session_spec.name}, but version {meta.version} "
-                f"chose {chosen.name}: the model folder's configs are a newer export's; tag with that version"
-            )
-        version_dir = Path(meta.path).parent
+        choice = export_choice(spec)
         # Tagging is bulk work: the export's session, same runtime and precision, in throughput mode (one
         # single-threaded stream per call in flight, by default one per usable core; --concurrency 1, as each
-        # Ray actor runs, keeps the export's own setting); the bench times the export's setting beside it.
-        self.export_session = (session_spec, version_dir / session_spec.file)  # what the bench times bare
+        # Ray actor runs, keeps the export's own setting); tag-bench times the export's setting beside it.
         cores = usable_cores()
-        session_spec = session_spec.for_throughput(min(cores, spec.concurrency or cores))
-        self.session = open_session(session_spec, version_dir / session_spec.file)
+        session_spec = choice.session_spec.for_throughput(min(cores, spec.concurrency or cores))
+        self.session = open_session(session_spec, choice.model_path)
         self.session_name = session_spec.name
-        self.view = _view(meta)
-        self.client = FashionClient(meta, SessionBackend(self.session), timeout_s=spec.timeout_s, retry=None)
-        self.batch_size = spec.batch_size or chosen.best_batch or 8
+        self.view = _view(choice.meta)
+        self.client = FashionClient(
+            choice.meta, SessionBackend(self.session), timeout_s=spec.timeout_s, retry=None
+        )
+        self.batch_size = choice.batch_size
         self.concurrency = spec.concurrency or session_spec.num_streams
 
     def _infer(self, batch: np.ndarray, titles: np.ndarray | None) -> dict[str, np.ndarray]:
