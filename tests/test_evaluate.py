@@ -38,7 +38,9 @@ from training.model import FashionNet, build_model
 
 METRIC_KEYS = {"accuracy", "top3_accuracy", "macro_f1", "micro_f1", "harmonic_f1", "ece", "support"}
 DOC_KEYS = METRIC_KEYS | {"uncertain_rate", "conflict_rate", "silent_error_rate",  # what a client sees
-                          "unseen_support", "unseen_uncertain_rate"}  # null unless --subset drift
+                          "unseen_support", "unseen_uncertain_rate",  # null unless --subset drift
+                          "known_type_accuracy", "known_type_support",
+                          "new_type_accuracy", "new_type_support"}
 
 
 def tiny_checkpoint(data, path, *, image_size=32, thresholds=None, split="train"):
@@ -492,6 +494,19 @@ def test_evaluate_drift_scores_only_the_later_period_and_only_classes_the_model_
     article = doc["attributes"]["articleType"]
     assert article["unseen_support"] >= 10 and article["unseen_uncertain_rate"] == 1.0
     assert article["support"] + article["unseen_support"] == 20
+    # Every other attribute's score splits into the photos of trained types and of the type never seen.
+    classes = {a.name: a.classes for a in schema.attributes}
+    new = [s for s in later if s.labels.get("articleType") not in (None, *classes["articleType"])]
+    assert sum(s.labels["articleType"] == "Sarees" for s in new) == 10
+    gender_classes = classes["gender"]
+    gender = doc["attributes"]["gender"]
+    assert gender["new_type_support"] == sum(s.labels.get("gender") in gender_classes for s in new) > 0
+    assert gender["known_type_support"] + gender["new_type_support"] == gender["support"]
+    assert (gender["known_type_accuracy"] * gender["known_type_support"]
+            + gender["new_type_accuracy"] * gender["new_type_support"]) == pytest.approx(
+        gender["accuracy"] * gender["support"])
+    assert article["new_type_support"] == 0 and article["known_type_support"] == article["support"]
+    assert "## By product type" in (out / "report.md").read_text()
 
     # `fashion novelty` on the same run puts the later period's photos into its candidate table, known types
     # and the type the run never saw apart, so that the quantile is chosen against the drift too.
