@@ -326,6 +326,51 @@ def test_the_bench_times_the_exports_own_session_in_turns_with_local_runs_and_st
     ]
 
 
+def test_a_bench_without_a_local_row_states_the_triton_target_against_its_own_timing_not_the_exports(
+    repo, photos, tmp_path, monkeypatch
+):
+    """A triton-only bench once compared its row with the export's recorded figure (one moment's timing:
+    104 images/s for a session that runs 420, so "2.6 x, met"). It times the bare session itself, just
+    before the triton row, against a real Triton."""
+    import tagging.bench as bench
+
+    calls: list[str] = []
+    timer, tag_job = bench.time_runner, bench.tag
+
+    def timed(session, images, batch, seconds):
+        calls.append("bare")
+        return timer(session, images, batch, seconds)
+
+    def tagged(job, **kwargs):
+        calls.append(job.engine.kind)
+        return tag_job(job, **kwargs)
+
+    monkeypatch.setattr(bench, "time_runner", timed)
+    monkeypatch.setattr(bench, "tag", tagged)
+    opts = bench.CostOptions(
+        tmp_path / "bench", images=12, photos=photos, repository=repo, systems=("triton",), turn_s=0.1
+    )
+    report = bench.run_bench(opts, say=lambda text: None)
+    assert calls == ["bare", "triton"]
+    (row,) = report.rows
+    assert row.system == "triton" and row.images == 12  # one of them a broken file: a row with its error
+    assert len(report.raw_turns) == 1 and report.ceiling_ips == report.raw_turns[0] != report.raw_best_ips
+    assert report.ratio(row) == pytest.approx(row.images_per_s / report.raw_turns[0])
+
+
+def test_an_even_number_of_bare_timings_states_the_targets_against_the_faster_middle_one(tmp_path):
+    """Local rounds and the triton turn make an even count: the lower middle one would flatter each ratio."""
+    import tagging.bench as bench
+
+    opts = bench.CostOptions(tmp_path / "bench", images=12, photos=tmp_path)
+    report = bench.CostReport(
+        opts, "fashion v1", "openvino-bf16", 104.5, {}, raw_turns=[420.0, 320.0, 380.0, 400.0]
+    )
+    assert report.ceiling_ips == 400.0
+    row = bench.CostRow("local", 100, 1.0, 1.0, 0)
+    assert report.ratio(row) == pytest.approx(100 / 400)
+
+
 def test_the_local_engine_runs_one_stream_per_call_in_flight_and_one_call_keeps_the_exports_session(repo):
     from export.repository import read_session_spec
     from tagging.engines import usable_cores
