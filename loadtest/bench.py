@@ -54,6 +54,7 @@ from export.runtimes import cpu_info
 from export.sessions import SessionSpec, open_session
 from fashion.console import emit, table
 from fashion.contract import preprocess
+from fashion.host import usable_cores
 from fashion.metadata import INPUT_NAME, CandidateRecord, ExportRecord, load_export_record, load_metadata
 from loadtest.errors import LoadtestError
 from loadtest.loadgen import Point, best, closed_loop, percentiles
@@ -170,7 +171,7 @@ def build_bench_model(work: Path, opts: BenchOptions) -> BenchModel:
             gate_images=opts.gate_images,
             calibration_images=min(300, 4 * opts.gate_images),
             time_s=0.5 if opts.quick else 2.0,
-            cpu_threads=os.cpu_count() or 2,
+            cpu_threads=usable_cores(),
         ),
         report=log.info,
     )
@@ -587,7 +588,7 @@ def cpu_budget(
         ),
     ]
     total = sum(ms for _, ms in rows)
-    cores = os.cpu_count() or 2
+    cores = usable_cores()
     return {
         "concurrency": concurrency,
         "throughput_ips": point.throughput_ips,

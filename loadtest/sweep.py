@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,6 +19,7 @@ from typing import Any, Protocol
 from export.repository import ServingConfig, model_config
 from export.sessions import SessionSpec
 from fashion.console import table
+from fashion.host import usable_cores
 from loadtest.errors import LoadtestError
 from loadtest.loadgen import best
 from loadtest.measure import MODEL_NAME, BenchModel, Timing, gateway_env, http_client_factory, sweep_points
@@ -86,7 +86,7 @@ def measure(model: BenchModel, opts: SweepOptions, work: Path, setting: Setting)
 
 def session_for(model: BenchModel, instances: int) -> SessionSpec:
     """The served session with the cores shared out between ``instances`` (intra-op threads each)."""
-    return replace(model.chosen, threads=max(1, (os.cpu_count() or 2) // instances))
+    return replace(model.chosen, threads=max(1, usable_cores() // instances))
 
 
 def run_sweep(model: BenchModel, opts: SweepOptions, work: Path) -> dict[str, Any]:

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +39,7 @@ import numpy as np
 
 from export.repository import read_session_spec
 from export.sessions import Session, SessionSpec, open_session
+from fashion.host import usable_cores
 from fashion.metadata import ModelMetadata, load_export_record, load_metadata, read_document, skew
 from fashion.text import has_title
 from gateway.client import POLITE, RETRIED, FashionClient, acceptable_title
@@ -312,25 +311,6 @@ class LocalEngine(_ClientEngine):
 
     def _infer(self, batch: np.ndarray, titles: np.ndarray | None) -> dict[str, np.ndarray]:
         return self.client.infer(batch, titles)
-
-
-CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
-
-
-def usable_cores(cpu_max: Path = CPU_MAX) -> int:
-    """The CPUs this process may use: its affinity (a cpuset), capped by a cgroup v2 CPU quota (a
-    container's ``--cpus``, a pod's CPU limit, rounded up), not the host's count."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    try:
-        quota, period = cpu_max.read_text().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass  # no cgroup v2 quota here
-    return cores
 
 
 def _triton_wait(error: Exception) -> float | None:

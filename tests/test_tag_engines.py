@@ -373,7 +373,7 @@ def test_an_even_number_of_bare_timings_states_the_targets_against_the_faster_mi
 
 def test_the_local_engine_runs_one_stream_per_call_in_flight_and_one_call_keeps_the_exports_session(repo):
     from export.repository import read_session_spec
-    from tagging.engines import usable_cores
+    from fashion.host import usable_cores
 
     chosen = load_export_record(repo, "fashion").chosen
     own = read_session_spec(repo / "fashion", chosen.config_name)
@@ -385,7 +385,7 @@ def test_the_local_engine_runs_one_stream_per_call_in_flight_and_one_call_keeps_
 
 
 def test_usable_cores_are_the_affinity_capped_by_a_cgroup_cpu_quota(tmp_path):
-    from tagging.engines import usable_cores
+    from fashion.host import usable_cores
 
     affinity = len(os.sched_getaffinity(0))
     cpu_max = tmp_path / "cpu.max"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import yaml
 
 from fashion.errors import UserError
+from fashion.host import usable_cores
 from training.data import FORMATS
 from training.model import BACKBONES
 
@@ -150,7 +150,7 @@ class TrainConfig:
 
     @property
     def resolved_workers(self) -> int:
-        return max(0, (os.cpu_count() or 1) - 1) if self.workers < 0 else self.workers
+        return max(0, usable_cores() - 1) if self.workers < 0 else self.workers
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
