@@ -901,7 +901,8 @@ def setup(opts: BenchOptions, model: BenchModel) -> dict[str, Any]:
         "served": f"{record.chosen.runtime} {record.chosen.precision} ({record.cpu.why})",
         "trim": model.preprocessing.trim,
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "host": f"{platform.node()}: {os.cpu_count()} CPUs, {platform.machine()}, {platform.platform()}",
+        "host": f"{platform.node()}: {os.cpu_count()} CPUs ({usable_cores()} usable), {platform.machine()}, "
+        f"{platform.platform()}",
         "cpu": cpu_info().to_dict(),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),

@@ -37,6 +37,7 @@ from export.runtimes import cpu_info, time_runner
 from export.sessions import open_session
 from fashion.console import emit, table
 from fashion.contract import ImageError, preprocess_file
+from fashion.host import usable_cores
 from fashion.metadata import file_sha256, load_export_record
 from orchestration.config import DEFAULT_CHECKPOINT, ServeConfig
 from orchestration.process import ROOT, children
@@ -193,8 +194,10 @@ class CostReport:
         if not self.raw_turns:
             return "the export's timing"
         turns = ", ".join(f"{v:.0f}" for v in self.raw_turns)
+        places = (("local", "each local run"), ("triton", "the triton row"))
+        before = [where for system, where in places if system in self.options.systems]
         return (
-            f"the bare session timed here, median of {turns}, before each local run and the triton row; "
+            f"the bare session timed here, median of {turns}, before {' and '.join(before)}; "
             f"the export timed {self.raw_best_ips:.1f}"
         )
 
@@ -278,7 +281,7 @@ def run_bench(opts: CostOptions, say: Callable[[str], None] = emit) -> CostRepor
     record = load_export_record(opts.repository, opts.model_name, model.version)
     host = {
         "cpu": cpu_info().model,
-        "cores": os.cpu_count(),
+        "cores": usable_cores(),  # what this process may use (a container's quota), not the host's count
         "python": platform.python_version(),
         "loadavg_start": [round(v, 2) for v in load_start],
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -324,11 +327,12 @@ def run_bench(opts: CostOptions, say: Callable[[str], None] = emit) -> CostRepor
             )
         add(median_run(runs))
     if {"triton", "gateway"} & set(opts.systems):
+        if "triton" in opts.systems:  # before the servers start: nothing of theirs shares the cores
+            log.info("bare session %.1f images/s before the triton row", bare_turn())
         with served(config, say=log.info) as stack:
             ends = stack.endpoints
             if "triton" in opts.systems:
                 triton = EngineSpec(**{**asdict(spec), "kind": "triton", "url": ends.triton_grpc})
-                log.info("bare session %.1f images/s before the triton row", bare_turn())
                 add(engine_row("triton", triton, [ends.triton_pid]))
             if "gateway" in opts.systems:
                 gateway = EngineSpec(**{**asdict(spec), "kind": "gateway", "url": ends.gateway})

@@ -449,6 +449,7 @@ def test_training_calibrates_best_pt_and_evaluate_on_its_validation_split_matche
     for name, m in result.val_metrics.items():  # same images, same model: the same numbers
         np.testing.assert_allclose(doc["attributes"][name]["accuracy"], m["accuracy"], atol=1e-9)
         assert doc["attributes"][name]["support"] == m["support"]
+    assert "## By product type" not in (out / "report.md").read_text()  # no new types in a random split
 
     calibrated = tmp_path / "cal.pt"
     args = ["calibrate", "--checkpoint", str(best), "--out", str(calibrated), "--target-precision", "0.8"]

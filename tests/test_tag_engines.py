@@ -352,6 +352,7 @@ def test_a_bench_without_a_local_row_states_the_triton_target_against_its_own_ti
     )
     report = bench.run_bench(opts, say=lambda text: None)
     assert calls == ["bare", "triton"]
+    assert "before the triton row" in report.markdown() and "each local run" not in report.markdown()
     (row,) = report.rows
     assert row.system == "triton" and row.images == 12  # one of them a broken file: a row with its error
     assert len(report.raw_turns) == 1 and report.ceiling_ips == report.raw_turns[0] != report.raw_best_ips

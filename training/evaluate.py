@@ -195,7 +195,7 @@ def write_report_md(
         table([*SUMMARY_HEADERS, "per class", "confusion"], rows),
         "",
     ]
-    if any(m.get("new_type_support", 0) for m in per.values()):
+    if has_new_types(per):
         lines += [
             "## By product type",
             "",
@@ -286,26 +286,32 @@ def accuracy_by_type(
 ) -> None:
     """Per attribute, accuracy apart on the photos of product types the model was trained on
     (``known_type_*``) and of types it never saw (``new_type_*``; the product type is the novelty gate's
-    reference head, articleType in the Kaggle layout). A later period's photos of new types carry known
-    genders and colours, so they count in those attributes' accuracy; this tells the drift that more
-    photos of the same types could fix from the types a model has never seen."""
+    reference head, articleType in the Kaggle layout; a photo without a product-type label is in neither
+    part). A later period's photos of new types carry known genders and colours, so they count in those
+    attributes' accuracy; this tells the drift that more photos of the same types could fix from the types
+    a model has never seen."""
     head = reference_head(ckpt.schema, None)[1]
     known = set(next(a for a in ckpt.schema.attributes if a.name == head).classes)
-    new = np.array([s.labels.get(head) is not None and s.labels[head] not in known for s in samples], bool)
+    types = [s.labels.get(head) for s in samples]
+    new = np.array([t is not None and t not in known for t in types], dtype=bool)
+    old = np.array([t is not None and t in known for t in types], dtype=bool)
     for j, a in enumerate(ckpt.schema.attributes):
         scored = labels[:, j] != MISSING
         right = preds.probs[a.name].argmax(axis=1) == labels[:, j]
-        for part, rows in (("known_type", scored & ~new), ("new_type", scored & new)):
+        for part, rows in (("known_type", scored & old), ("new_type", scored & new)):
             per[a.name][f"{part}_support"] = float(rows.sum())
             per[a.name][f"{part}_accuracy"] = float(np.mean(right[rows])) if rows.any() else float("nan")
 
 
+def has_new_types(per: Mapping[str, Mapping[str, float]]) -> bool:
+    return any(m.get("new_type_support", 0) for m in per.values())
+
+
 def by_type_rows(per: Mapping[str, Mapping[str, float]]) -> list[list[str]]:
-    return [
-        [name, *(cell for part in ("known_type", "new_type")
-                 for cell in (str(int(m[f"{part}_support"])), _fmt(m[f"{part}_accuracy"])))]
-        for name, m in per.items()
-    ]
+    def cells(m: Mapping[str, float], part: str) -> list[str]:
+        return [str(int(m.get(f"{part}_support", 0))), _fmt(m.get(f"{part}_accuracy", math.nan))]
+
+    return [[name, *cells(m, "known_type"), *cells(m, "new_type")] for name, m in per.items()]
 
 
 BY_TYPE_HEADERS = ["attribute", "n, known types", "accuracy", "n, new types", "accuracy"]
@@ -350,7 +356,7 @@ def evaluate(
     write_reports(out, ckpt, labels, preds, score, per, top_n,
                   checkpoint=str(checkpoint), data=str(data or ckpt.config.get("data")), images=len(samples))
     emit(table(SUMMARY_HEADERS, summary_rows(per)))
-    if subset == "drift":
+    if has_new_types(per):
         emit(table(BY_TYPE_HEADERS, by_type_rows(per)))
     emit(f"score {_fmt(score)} on {len(samples)} images; report {out / 'report.md'}")
     return EvalResult(out, score, per, len(samples))
