@@ -9,6 +9,7 @@ from typing import Any
 
 from fashion.console import emit, table
 from fashion.errors import UserError
+from fashion.host import keeping_freed_memory
 from training.tune_cli import register as register_tune
 
 EPILOG_TRAIN = """examples:
@@ -106,7 +107,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("--prior-correction", type=float, help="after training, divide this power of the training class mix "
       "out of best.pt's answers (training.priors; default 0)")
     a("--colour-hist", type=int, help="heads also read the product's colour histogram, N³ RGB bins (0 = off)")
-    t.set_defaults(func=_train)
+    t.set_defaults(func=keeping_freed_memory(_train))
     register_analysis(sub)
     register_tune(sub)
 
@@ -217,7 +218,7 @@ def register_analysis(sub: argparse._SubParsersAction) -> None:
                    "sample's stretched 224x224 photos back into 3:4 (224x299) shots (default 1)")
     e.add_argument("--top-classes", type=int, default=20,
                    help="classes shown in a confusion matrix; the rest are pooled (default 20)")
-    e.set_defaults(func=_evaluate)
+    e.set_defaults(func=keeping_freed_memory(_evaluate))
 
     p = sub.add_parser(
         "predict", help="batch predictions as CSV (Meesho: the competition's submission format)",
@@ -228,7 +229,7 @@ def register_analysis(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", help="Meesho table: test (default when test.csv exists) or train")
     p.add_argument("--no-abstain", action="store_true",
                    help="always write the most probable class, even below the threshold")
-    p.set_defaults(func=_predict)
+    p.set_defaults(func=keeping_freed_memory(_predict))
 
     x = sub.add_parser(
         "explain", help="Grad-CAM heatmaps over the images, one PNG per image and attribute",
@@ -240,7 +241,7 @@ def register_analysis(sub: argparse._SubParsersAction) -> None:
                    help="attribute to explain (repeat for several; default: all of them)")
     x.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
     x.add_argument("images", nargs="+", help="image files")
-    x.set_defaults(func=_explain)
+    x.set_defaults(func=keeping_freed_memory(_explain))
 
     c = sub.add_parser(
         "calibrate", help="fit per-attribute temperatures and abstain thresholds; report ECE before/after",
@@ -260,7 +261,7 @@ def register_analysis(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--title-blend", type=float, default=None,
                    help="a title model's weight of its title-only heads in image + title answers (default: "
                    "the checkpoint's own, 0 for one trained before the option existed)")
-    c.set_defaults(func=_calibrate)
+    c.set_defaults(func=keeping_freed_memory(_calibrate))
 
     n = sub.add_parser(
         "novelty", help="fit the gate that flags unseen product types uncertain; measure it",
@@ -277,7 +278,7 @@ def register_analysis(sub: argparse._SubParsersAction) -> None:
     n.add_argument("--heads", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
                    help="comma-separated heads to gate (default: the product-type head, e.g. articleType)")
     n.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
-    n.set_defaults(func=_novelty)
+    n.set_defaults(func=keeping_freed_memory(_novelty))
 
 
 def _novelty(args: argparse.Namespace) -> int:

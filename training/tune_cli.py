@@ -11,6 +11,7 @@ import yaml
 
 from fashion.console import emit
 from fashion.errors import UserError
+from fashion.host import keeping_freed_memory
 
 EPILOG = """examples:
   fashion tune --data ../shared/datasets/fashion-products-sample --out runs/tune --trials 40
@@ -72,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
       help="do not queue today's recipe as the first trial")
     a("--no-report", dest="report", action="store_false",
       help="run trials only (a worker among many); a later run with the same --trials writes the report")
-    t.set_defaults(func=_tune)
+    t.set_defaults(func=keeping_freed_memory(_tune))
 
 
 def _tune(args: argparse.Namespace) -> int:
