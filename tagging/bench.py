@@ -25,6 +25,7 @@ import logging
 import os
 import platform
 import resource
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -133,7 +134,7 @@ class CostReport:
         (the upper middle one for an even count: the local row takes the lower, so that an even count never
         flatters a ratio), the export's figure when the bench timed none (neither a local nor a triton
         row)."""
-        return upper_median(self.raw_turns) if self.raw_turns else self.raw_best_ips
+        return statistics.median_high(self.raw_turns) if self.raw_turns else self.raw_best_ips
 
     def ratio(self, row: CostRow) -> float:
         return row.images_per_s / self.ceiling_ips if self.ceiling_ips else 0.0
@@ -364,19 +365,10 @@ def bare_timer(spec: EngineSpec, photos: Path, seconds: float) -> Callable[[], f
     return lambda: time_runner(session, images, choice.batch_size, seconds)
 
 
-def lower_median(values: Sequence[float]) -> float:
-    """The middle value; of the two middle ones, the lower (a run that happened, not a mean of two)."""
-    return sorted(values)[(len(values) - 1) // 2]
-
-
-def upper_median(values: Sequence[float]) -> float:
-    """The middle value; of the two middle ones, the higher."""
-    return sorted(values)[len(values) // 2]
-
-
 def median_run(runs: Sequence[CostRow]) -> CostRow:
-    """The run with the median images/s; its note gives the range when there were several."""
-    row = next(r for r in runs if r.images_per_s == lower_median([r.images_per_s for r in runs]))
+    """The run with the median images/s (of the two middle ones, the slower: a run that happened, not a
+    mean of two); its note gives the range when there were several."""
+    row = next(r for r in runs if r.images_per_s == statistics.median_low([r.images_per_s for r in runs]))
     if len(runs) == 1:
         return row
     rates = ", ".join(f"{r.images_per_s:.0f}" for r in runs)

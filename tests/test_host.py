@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from fashion.host import KEEP_FREED_ENV
+from fashion.host import KEEP_FREED_ENV, usable_cores
 
 # A 64 MiB array (above glibc's largest mmap threshold, as a batch's activations are), freed: does the
 # process keep its pages for the next one, or hand them back to the kernel to be mapped and zeroed again?
@@ -46,3 +46,15 @@ def test_freed_activations_stay_with_the_process_instead_of_being_unmapped_and_z
     assert default["applied"] is False
     assert default["given_back_mib"] > 60  # unmapped at once
     assert kept["given_back_mib"] < 4
+
+
+def test_usable_cores_are_the_affinity_capped_by_a_cgroup_cpu_quota(tmp_path):
+    affinity = len(os.sched_getaffinity(0))
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("max 100000\n")
+    assert usable_cores(cpu_max) == affinity
+    cpu_max.write_text("50000 100000\n")  # half a CPU: one
+    assert usable_cores(cpu_max) == 1
+    cpu_max.write_text(f"{(affinity + 8) * 100000} 100000\n")  # a quota above the affinity
+    assert usable_cores(cpu_max) == affinity
+    assert usable_cores(tmp_path / "absent") == affinity

@@ -383,17 +383,3 @@ def test_the_local_engine_runs_one_stream_per_call_in_flight_and_one_call_keeps_
     assert engine.concurrency == engine.session.spec.num_streams
     single = LocalEngine(EngineSpec("local", repository=str(repo), concurrency=1))
     assert single.session.spec == own and single.concurrency == 1  # as each Ray actor runs it
-
-
-def test_usable_cores_are_the_affinity_capped_by_a_cgroup_cpu_quota(tmp_path):
-    from fashion.host import usable_cores
-
-    affinity = len(os.sched_getaffinity(0))
-    cpu_max = tmp_path / "cpu.max"
-    cpu_max.write_text("max 100000\n")
-    assert usable_cores(cpu_max) == affinity
-    cpu_max.write_text("50000 100000\n")  # half a CPU: one
-    assert usable_cores(cpu_max) == 1
-    cpu_max.write_text(f"{(affinity + 8) * 100000} 100000\n")  # a quota above the affinity
-    assert usable_cores(cpu_max) == affinity
-    assert usable_cores(tmp_path / "absent") == affinity
